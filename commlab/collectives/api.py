@@ -1,0 +1,298 @@
+"""The public collectives, shaped like torch.distributed's functions of the same names.
+
+Each call validates its arguments, turns its tensors into one flat contiguous buffer (a view where possible,
+a copy otherwise), picks the algorithm (`"auto"`: cheapest by cost formula) and runs the schedule on the
+group's Communicator. `group` is a torch.distributed ProcessGroup (None: the default group) or a
+Communicator. A ProcessGroup gets one Communicator, created on first use and kept in `_COMMUNICATORS`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from commlab.collectives.algorithms import ALGORITHMS, algorithms_for, get_algorithm
+from commlab.collectives.communicator import DTYPES, Call, Communicator, Work, encode_signature
+from commlab.collectives.cost import DEFAULT_COST_MODEL
+from commlab.collectives.executor import REDUCE_OPS
+from commlab.collectives.transport import TorchTransport
+from commlab.collectives.tuning import choose, segments_for
+from commlab.errors import InvalidArgumentError, invalid
+
+Group = dist.ProcessGroup | Communicator | None
+
+_COMMUNICATORS: dict[object, Communicator] = {}
+
+_TORCH_OPS = {
+    dist.ReduceOp.SUM: "sum",
+    dist.ReduceOp.AVG: "avg",
+    dist.ReduceOp.MAX: "max",
+    dist.ReduceOp.MIN: "min",
+    dist.ReduceOp.PRODUCT: "prod",
+}
+DTYPE_NAMES = tuple(str(d).replace("torch.", "") for d in DTYPES)
+
+
+def communicator(group: Group = None) -> Communicator:
+    """The Communicator of a ProcessGroup (None: the default group), created once and reused."""
+    if isinstance(group, Communicator):
+        return group
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise invalid("group", group, "None, a torch.distributed ProcessGroup or a commlab Communicator")
+    key = group if group is not None else "default"
+    comm = _COMMUNICATORS.get(key)
+    if comm is None or (group is None and comm.transport.group is not dist.group.WORLD):
+        comm = Communicator(TorchTransport(group))
+        _COMMUNICATORS[key] = comm
+    return comm
+
+
+def parse_op(op: object) -> str:
+    """A reduction name from a string ('sum', 'avg', 'max', 'min', 'prod') or a torch ReduceOp."""
+    if isinstance(op, str) and op.lower() in REDUCE_OPS:
+        return op.lower()
+    for torch_op, name in _TORCH_OPS.items():
+        try:
+            if op == torch_op:
+                return name
+        except (TypeError, RuntimeError):
+            break
+    raise invalid("op", op, f"{', '.join(REDUCE_OPS)} or torch.distributed.ReduceOp.SUM/AVG/MAX/MIN/PRODUCT")
+
+
+def _check_tensor(name: str, tensor: object, comm: Communicator) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise invalid(name, type(tensor).__name__, "a torch.Tensor")
+    if tensor.dtype not in DTYPES:
+        raise invalid(f"{name}.dtype", str(tensor.dtype).replace("torch.", ""), DTYPE_NAMES)
+    want = comm.transport.device_type
+    if tensor.device.type != want:
+        raise invalid(f"{name}.device", str(tensor.device), f"{want} tensors on this {comm.transport!r}")
+    return tensor
+
+
+def _check_reduce(op: object, dtype: torch.dtype) -> str:
+    name = parse_op(op)
+    if name == "avg" and not dtype.is_floating_point:
+        floats = [n for n, d in zip(DTYPE_NAMES, DTYPES, strict=True) if d.is_floating_point]
+        raise invalid("dtype", str(dtype).replace("torch.", ""), f"for op='avg': {', '.join(floats)}")
+    return name
+
+
+def _resolve_algorithm(algorithm: str, op: str, world_size: int, nbytes: int) -> tuple[str, int]:
+    if algorithm == "auto":
+        choice = choose(op, world_size, nbytes, DEFAULT_COST_MODEL)
+        return choice.algorithm, choice.segments
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise invalid("algorithm", algorithm, ["auto", *ALGORITHMS])
+    if op not in get_algorithm(algorithm).ops:
+        raise InvalidArgumentError(
+            f"algorithm={algorithm!r} does not implement {op}; accepted: 'auto', "
+            + ", ".join(repr(a) for a in algorithms_for(op))
+        )
+    return algorithm, segments_for(algorithm, op, world_size, nbytes, DEFAULT_COST_MODEL)
+
+
+def _group_rank(comm: Communicator, rank: int, name: str, group: Group) -> int:
+    """Translate a global rank (torch.distributed's convention for src/dst) into the group's rank."""
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise invalid(name, rank, "an integer rank")
+    transport = comm.transport
+    ranks = getattr(transport, "global_ranks", list(range(comm.size)))
+    if rank not in ranks:
+        raise invalid(name, rank, f"a rank of this group: {ranks}")
+    return ranks.index(rank)
+
+
+def _submit(
+    comm: Communicator,
+    label: str,
+    op: str,
+    reduce_op: str | None,
+    buffer: torch.Tensor,
+    algorithm: str,
+    root: int | None,
+    finish,
+    async_op: bool,
+    timeout: float | None,
+    check: bool | None,
+) -> Work | None:
+    nbytes = buffer.numel() * buffer.element_size()
+    name, segments = _resolve_algorithm(algorithm, op, comm.size, nbytes)
+    signature = encode_signature(
+        op, reduce_op, buffer.dtype, buffer.numel(), root, list(ALGORITHMS).index(name), segments
+    )
+    call = Call(op, reduce_op, buffer, name, segments, root, label, finish, signature)
+    return comm.run(call, async_op, timeout, check)
+
+
+def _flat_work(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A flat contiguous buffer over the tensor's elements: a view if possible (True), else a copy (False)."""
+    if tensor.is_contiguous():
+        return tensor.view(-1), True
+    return tensor.contiguous().view(-1), False
+
+
+def all_reduce(
+    tensor: torch.Tensor,
+    op: object = "sum",
+    group: Group = None,
+    algorithm: str = "auto",
+    async_op: bool = False,
+    timeout: float | None = None,
+    check: bool | None = None,
+) -> Work | None:
+    """Reduce `tensor` across the group in place on every rank (op: sum, avg, max, min, prod)."""
+    comm = communicator(group)
+    _check_tensor("tensor", tensor, comm)
+    reduce_op = _check_reduce(op, tensor.dtype)
+    buffer, is_view = _flat_work(tensor)
+
+    def finish() -> None:
+        if reduce_op == "avg":
+            buffer.div_(comm.size)
+        if not is_view:
+            tensor.copy_(buffer.view(tensor.shape))
+
+    return _submit(
+        comm, "all_reduce", "allreduce", reduce_op, buffer, algorithm, None, finish, async_op, timeout, check
+    )
+
+
+def reduce_scatter(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    op: object = "sum",
+    group: Group = None,
+    algorithm: str = "auto",
+    async_op: bool = False,
+    timeout: float | None = None,
+    check: bool | None = None,
+) -> Work | None:
+    """Reduce `input` (world_size x output's elements) across ranks; rank r's output gets block r."""
+    comm = communicator(group)
+    _check_tensor("output", output, comm)
+    _check_tensor("input", input, comm)
+    reduce_op = _check_reduce(op, input.dtype)
+    _check_pair(output, input, comm.size, "input", "output")
+    buffer = input.reshape(-1).clone()
+    n = output.numel()
+    block = buffer[comm.rank * n : (comm.rank + 1) * n]
+
+    def finish() -> None:
+        if reduce_op == "avg":
+            block.div_(comm.size)
+        output.copy_(block.view(output.shape))
+
+    return _submit(
+        comm,
+        "reduce_scatter",
+        "reduce_scatter",
+        reduce_op,
+        buffer,
+        algorithm,
+        None,
+        finish,
+        async_op,
+        timeout,
+        check,
+    )
+
+
+def all_gather(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    group: Group = None,
+    algorithm: str = "auto",
+    async_op: bool = False,
+    timeout: float | None = None,
+    check: bool | None = None,
+) -> Work | None:
+    """Gather every rank's `input` into `output` (world_size x input's elements), rank r's at block r."""
+    comm = communicator(group)
+    _check_tensor("output", output, comm)
+    _check_tensor("input", input, comm)
+    _check_pair(input, output, comm.size, "output", "input")
+    buffer, is_view = _flat_work(output)
+    n = input.numel()
+    buffer[comm.rank * n : (comm.rank + 1) * n].copy_(input.reshape(-1))
+
+    def finish() -> None:
+        if not is_view:
+            output.copy_(buffer.view(output.shape))
+
+    return _submit(
+        comm, "all_gather", "allgather", None, buffer, algorithm, None, finish, async_op, timeout, check
+    )
+
+
+def broadcast(
+    tensor: torch.Tensor,
+    src: int,
+    group: Group = None,
+    algorithm: str = "auto",
+    async_op: bool = False,
+    timeout: float | None = None,
+    check: bool | None = None,
+) -> Work | None:
+    """Copy `tensor` from rank `src` (a global rank, as in torch.distributed) to every rank, in place."""
+    comm = communicator(group)
+    _check_tensor("tensor", tensor, comm)
+    root = _group_rank(comm, src, "src", group)
+    buffer, is_view = _flat_work(tensor)
+
+    def finish() -> None:
+        if not is_view:
+            tensor.copy_(buffer.view(tensor.shape))
+
+    return _submit(
+        comm, "broadcast", "broadcast", None, buffer, algorithm, root, finish, async_op, timeout, check
+    )
+
+
+def reduce(
+    tensor: torch.Tensor,
+    dst: int,
+    op: object = "sum",
+    group: Group = None,
+    algorithm: str = "auto",
+    async_op: bool = False,
+    timeout: float | None = None,
+    check: bool | None = None,
+) -> Work | None:
+    """Reduce `tensor` across ranks into rank `dst` (a global rank) in place; other ranks keep their input."""
+    comm = communicator(group)
+    _check_tensor("tensor", tensor, comm)
+    reduce_op = _check_reduce(op, tensor.dtype)
+    root = _group_rank(comm, dst, "dst", group)
+    if comm.rank == root:
+        buffer, is_view = _flat_work(tensor)
+    else:  # partial sums pass through non-root ranks: work on a copy so their input stays intact
+        buffer, is_view = tensor.reshape(-1).clone(), True
+
+    def finish() -> None:
+        if comm.rank != root:
+            return
+        if reduce_op == "avg":
+            buffer.div_(comm.size)
+        if not is_view:
+            tensor.copy_(buffer.view(tensor.shape))
+
+    return _submit(
+        comm, "reduce", "reduce", reduce_op, buffer, algorithm, root, finish, async_op, timeout, check
+    )
+
+
+def _check_pair(
+    small: torch.Tensor, large: torch.Tensor, world_size: int, large_name: str, small_name: str
+) -> None:
+    """The larger tensor must hold world_size times the smaller one's elements, in the same dtype."""
+    if large.numel() != world_size * small.numel():
+        raise InvalidArgumentError(
+            f"{large_name} has {large.numel()} elements; accepted: world_size x {small_name}'s elements = "
+            f"{world_size} x {small.numel()} = {world_size * small.numel()}"
+        )
+    if large.dtype != small.dtype:
+        raise InvalidArgumentError(
+            f"{large_name}.dtype={large.dtype} differs from {small_name}.dtype={small.dtype}; they must match"
+        )

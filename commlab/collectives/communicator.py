@@ -1,0 +1,244 @@
+"""A group of ranks commlab runs collectives in: its transport, timeout, argument check and work queue.
+
+Collectives on one communicator run one at a time in the order they are called, as on a NCCL stream: a
+synchronous call on an idle communicator runs on the caller's thread; an asynchronous one (and anything
+called while one is pending) goes to the communicator's worker thread, and the caller gets a `Work`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import torch
+
+from commlab.collectives.algorithms import ALGORITHMS, build_schedule
+from commlab.collectives.executor import REDUCERS, compile_plan, execute
+from commlab.collectives.schedule import OPS
+from commlab.collectives.transport import Transport
+from commlab.errors import CollectiveMismatchError, CollectiveTimeoutError, invalid
+
+# Tags: each call gets a window of _TAG_WINDOW tags; the argument check uses the first few of it.
+_TAG_WINDOW = 1 << 20
+_TAG_CALLS = 1024
+_CHECK_TAGS = 64
+
+
+@dataclass
+class Call:
+    """One collective call, resolved: the flat buffer to run on and what to do before and after."""
+
+    op: str  # one of schedule.OPS
+    reduce_op: str | None
+    buffer: torch.Tensor  # flat and contiguous; the schedule runs on it in place
+    algorithm: str
+    segments: int
+    root: int | None
+    label: str  # the public name, e.g. "all_reduce", for messages
+    finish: Callable[[], None]
+    signature: tuple[int, ...]  # what must agree across ranks (see Communicator.check_signature)
+
+
+class Work:
+    """Handle of an asynchronous collective, shaped like torch.distributed's Work."""
+
+    def __init__(self, future: Future, label: str) -> None:
+        self._future = future
+        self._label = label
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the collective is done (its own timeout applies); re-raise its error, if any."""
+        try:
+            self._future.result(timeout)
+        except FutureTimeout:
+            raise CollectiveTimeoutError(f"{self._label} not complete after waiting {timeout} s") from None
+        return True
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+    def exception(self) -> BaseException | None:
+        return self._future.exception() if self._future.done() else None
+
+
+class Communicator:
+    """Ranks of one transport, with a default timeout (seconds) and the cross-rank argument check.
+
+    `check=True` (the default) exchanges a few integers describing each call (op, reduction, dtype, size,
+    root, algorithm) before running it, so ranks that disagree all get a CollectiveMismatchError instead of
+    wrong data or a hang. It costs one small allgather (ceil(lg p) latency-bound rounds) per call; turn it
+    off per communicator or per call (`check=False`) once a program is known to be consistent.
+    """
+
+    def __init__(self, transport: Transport, timeout: float | None = None, check: bool = True) -> None:
+        if timeout is not None and not timeout > 0:
+            raise invalid("timeout", timeout, "a positive number of seconds, or None for the group's own")
+        self.transport = transport
+        self.rank = transport.rank
+        self.size = transport.size
+        self.timeout = float(timeout) if timeout is not None else transport.default_timeout
+        self.check = check
+        self._calls = 0
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._queue: queue.Queue | None = None
+
+    def run(self, call: Call, async_op: bool, timeout: float | None, check: bool | None) -> Work | None:
+        """Run (or queue) a call; return a Work when async_op, else None after completion."""
+        timeout = self.timeout if timeout is None else timeout
+        if not timeout > 0:
+            raise invalid("timeout", timeout, "a positive number of seconds")
+        check = self.check if check is None else check
+        with self._lock:
+            sequence = self._calls
+            self._calls += 1
+            inline = not async_op and self._pending == 0
+            self._pending += 1
+        job = _Job(self, call, sequence, timeout, check)
+        if inline:
+            try:
+                job()
+            finally:
+                with self._lock:
+                    self._pending -= 1
+            return None
+        future: Future = Future()
+        self._worker_queue().put((job, future))
+        work = Work(future, call.label)
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def _worker_queue(self) -> queue.Queue:
+        with self._lock:
+            if self._queue is None:
+                self._queue = queue.Queue()
+                name = f"commlab-comm-rank{self.rank}"
+                threading.Thread(target=self._serve, args=(self._queue,), name=name, daemon=True).start()
+            return self._queue
+
+    def _serve(self, jobs: queue.Queue) -> None:
+        while True:
+            job, future = jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                job()
+            except BaseException as error:
+                future.set_exception(error)
+            else:
+                future.set_result(None)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def check_signature(self, call: Call, deadline: float, tag_base: int) -> None:
+        """Allgather every rank's call signature; any difference raises CollectiveMismatchError."""
+        width = len(call.signature)
+        table = torch.zeros(self.size * width, dtype=torch.int64, device=call.buffer.device)
+        table[self.rank * width : (self.rank + 1) * width] = torch.tensor(call.signature, dtype=torch.int64)
+        schedule = build_schedule("allgather", "bruck", self.size)
+        plan = compile_plan(schedule, self.rank, table.numel())
+        execute(
+            plan, table, self.transport, REDUCERS["sum"], deadline, tag_base, f"{call.label} argument check"
+        )
+        rows = table.view(self.size, width).tolist()
+        if any(row != rows[0] for row in rows):
+            raise CollectiveMismatchError(f"{call.label}: ranks disagree: " + describe_signatures(rows))
+
+    def __repr__(self) -> str:
+        return f"Communicator({self.transport!r}, timeout={self.timeout} s, check={self.check})"
+
+
+@dataclass
+class _Job:
+    comm: Communicator
+    call: Call
+    sequence: int
+    timeout: float
+    check: bool
+
+    def __call__(self) -> None:
+        comm, call = self.comm, self.call
+        deadline = time.monotonic() + self.timeout
+        tag_base = (self.sequence % _TAG_CALLS) * _TAG_WINDOW
+        try:
+            if self.check and comm.size > 1:
+                comm.check_signature(call, deadline, tag_base)
+            schedule = build_schedule(call.op, call.algorithm, comm.size, call.root, call.segments)
+            plan = compile_plan(schedule, comm.rank, call.buffer.numel())
+            reducer = REDUCERS[call.reduce_op or "sum"]
+            label = f"{call.label} ({call.algorithm}, {call.buffer.numel()} x {call.buffer.dtype})"
+            execute(plan, call.buffer, comm.transport, reducer, deadline, tag_base + _CHECK_TAGS, label)
+        except CollectiveTimeoutError as error:
+            raise CollectiveTimeoutError(f"{error} [timeout {self.timeout:g} s]") from error
+        call.finish()
+
+
+# Signature fields, in order; codes index these tuples so every rank encodes alike.
+SIGNATURE_FIELDS = ("collective", "reduce op", "dtype", "elements", "root", "algorithm", "segments")
+DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.int8,
+)
+
+
+def encode_signature(
+    op: str,
+    reduce_op: str | None,
+    dtype: torch.dtype,
+    numel: int,
+    root: int | None,
+    algorithm_index: int,
+    segments: int,
+) -> tuple[int, ...]:
+    """The integers every rank must agree on for one call."""
+    reduce_code = -1 if reduce_op is None else REDUCE_CODES.index(reduce_op)
+    return (
+        OPS.index(op),
+        reduce_code,
+        DTYPES.index(dtype),
+        numel,
+        -1 if root is None else root,
+        algorithm_index,
+        segments,
+    )
+
+
+REDUCE_CODES = tuple(REDUCERS)
+
+
+def describe_signatures(rows: list[list[int]]) -> str:
+    """Name each field that differs and what every rank passed, e.g. 'elements: rank 0: 10, rank 1: 12'."""
+    names = {
+        0: OPS,
+        1: REDUCE_CODES,
+        2: tuple(str(d).replace("torch.", "") for d in DTYPES),
+        5: tuple(ALGORITHMS),
+    }
+
+    def show(field: int, value: int) -> str:
+        table = names.get(field)
+        if table is not None and 0 <= value < len(table):
+            return table[value]
+        return "none" if value == -1 and field in (1, 4) else str(value)
+
+    parts = []
+    for field, name in enumerate(SIGNATURE_FIELDS):
+        values = [row[field] for row in rows]
+        if len(set(values)) > 1:
+            ranks = ", ".join(f"rank {r}: {show(field, v)}" for r, v in enumerate(values))
+            parts.append(f"{name}: {ranks}")
+    return "; ".join(parts)

@@ -1,0 +1,82 @@
+"""The alpha-beta-gamma cost model: what a message, a byte moved and a byte reduced cost.
+
+Every algorithm family states its time as a closed formula in this model (in its module's docstring and in
+its `cost` function), so tuning can rank algorithms without running the simulator.
+
+How the formulas count, the same way for every family:
+- A schedule runs in steps; a step costs, for its busiest rank, alpha per message it sends or receives
+  (whichever count is larger: concurrent messages of one rank are not free), beta per byte it sends or
+  receives (the larger), and gamma per byte it reduces. The time is the sum over the steps on the critical
+  path, a bulk-synchronous bound.
+- n is the bytes per rank for allreduce, broadcast and reduce; for reduce-scatter and allgather it is the
+  total size (p blocks of n/p bytes), as nccl-tests counts it.
+- Pipelined algorithms split the buffer into k segments and trade alpha (more steps) for overlap;
+  `best_segment_count` picks k by evaluating the formula.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from commlab.errors import invalid
+
+MAX_SEGMENTS = 64  # the largest pipeline depth the tuner considers
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per message (alpha), per byte sent or received (beta) and per byte reduced (gamma)."""
+
+    alpha: float
+    beta: float
+    gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+                raise invalid(name, value, "a finite number of seconds >= 0")
+
+    @classmethod
+    def from_rates(cls, latency: float, bandwidth: float, reduce_bandwidth: float = math.inf) -> CostModel:
+        """A model from a message latency (s) and bandwidths in bytes/s (reduction free by default)."""
+        for name, rate in (("bandwidth", bandwidth), ("reduce_bandwidth", reduce_bandwidth)):
+            if not isinstance(rate, numbers.Real) or not rate > 0:
+                raise invalid(name, rate, "bytes per second > 0")
+        return cls(latency, 1.0 / bandwidth, 1.0 / reduce_bandwidth)
+
+    def time(self, messages: float, moved: float, reduced: float = 0.0) -> float:
+        """Seconds for `messages` messages moving `moved` bytes, of which `reduced` bytes are reduced."""
+        return messages * self.alpha + moved * self.beta + reduced * self.gamma
+
+
+DEFAULT_COST_MODEL = CostModel(alpha=40e-6, beta=1 / 2.5e9, gamma=1 / 4e9)
+"""Loopback gloo on one CPU host: 40 us per message, 2.5 GB/s per rank, 4 GB/s reduction.
+
+Rough placeholder constants, to be replaced by a calibrated profile of the live transport.
+"""
+
+
+def best_segment_count(cost_of: Callable[[int], float], max_segments: int = MAX_SEGMENTS) -> int:
+    """The segment count k in 1..max_segments whose cost is lowest (the smallest k on a tie)."""
+    if max_segments < 1:
+        raise invalid("max_segments", max_segments, "an integer >= 1")
+    best, best_time = 1, cost_of(1)
+    for k in range(2, max_segments + 1):
+        time = cost_of(k)
+        if time < best_time:
+            best, best_time = k, time
+    return best
+
+
+def ceil_log2(world_size: int) -> int:
+    """ceil(lg p): the rounds of a doubling algorithm on p ranks (0 for one rank)."""
+    return (world_size - 1).bit_length()
+
+
+def floor_pow2(world_size: int) -> int:
+    """The largest power of two <= p."""
+    return 1 << (world_size.bit_length() - 1)

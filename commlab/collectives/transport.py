@@ -1,0 +1,120 @@
+"""The point-to-point interface the executor needs, and its implementation over torch.distributed.
+
+A transport posts nonblocking sends and receives of contiguous tensors to and from peers (ranks of its own
+group), tagged so concurrent messages between one pair cannot be confused, and waits for them with a
+deadline. Gloo takes CPU tensors message by message; NCCL takes CUDA tensors as one batched group per step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError
+
+
+@dataclass(frozen=True)
+class Message:
+    """One posted transfer: a contiguous tensor, the peer's rank in the group, and the tag."""
+
+    tensor: torch.Tensor
+    peer: int
+    tag: int
+
+
+class Request(Protocol):
+    def wait(self, timeout: float) -> None: ...
+
+
+class Transport(Protocol):
+    """What the executor runs on: ranks of one group exchanging tensors, with a default timeout."""
+
+    rank: int
+    size: int
+    device_type: str
+    default_timeout: float
+
+    def post(self, sends: list[Message], recvs: list[Message]) -> list[Request]:
+        """Post the receives and sends of one step; the requests come back receives first."""
+        ...
+
+
+class TorchRequest:
+    """A torch.distributed Work with a wait that honours a timeout in seconds."""
+
+    def __init__(self, work: dist.Work) -> None:
+        self._work = work
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self._work.wait(timedelta(seconds=max(timeout, 1e-3)))
+        except RuntimeError as error:
+            text = str(error)
+            if "imed out" in text or "timeout" in text.lower():
+                raise CollectiveTimeoutError(text) from error
+            raise TransportError(text) from error
+
+
+class TorchTransport:
+    """Point-to-point over a torch.distributed ProcessGroup (gloo: CPU tensors; NCCL: CUDA tensors)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise CommlabError(
+                "torch.distributed is not initialized: call torch.distributed.init_process_group() first "
+                "(or launch with torchrun)"
+            )
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+        if self.rank < 0:
+            raise CommlabError("this process is not a member of the group it was asked to communicate in")
+        self.global_ranks = [dist.get_global_rank(self.group, r) for r in range(self.size)]
+        self.backend = str(dist.get_backend(self.group)).lower()
+        self.device_type = "cuda" if self.backend == "nccl" else "cpu"
+        self.default_timeout = _group_timeout(self.group, self.device_type)
+
+    def post(self, sends: list[Message], recvs: list[Message]) -> list[TorchRequest]:
+        if self.backend == "nccl":
+            ops = [dist.P2POp(dist.irecv, m.tensor, self.global_ranks[m.peer], self.group) for m in recvs]
+            ops += [dist.P2POp(dist.isend, m.tensor, self.global_ranks[m.peer], self.group) for m in sends]
+            works = dist.batch_isend_irecv(ops) if ops else []
+            return [TorchRequest(w) for w in works]
+        requests = [
+            TorchRequest(dist.irecv(m.tensor, self.global_ranks[m.peer], self.group, tag=m.tag))
+            for m in recvs
+        ]
+        requests += [
+            TorchRequest(dist.isend(m.tensor, self.global_ranks[m.peer], self.group, tag=m.tag))
+            for m in sends
+        ]
+        return requests
+
+    def __repr__(self) -> str:
+        return f"TorchTransport({self.backend}, rank {self.rank} of {self.size})"
+
+
+def _group_timeout(group: dist.ProcessGroup, device_type: str) -> float:
+    """The process group's own timeout in seconds (what init_process_group(timeout=...) set)."""
+    try:
+        backend = group._get_backend(torch.device(device_type))
+        return backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return dist.default_pg_timeout.total_seconds()
+
+
+def wait_all(requests: list[Request], deadline: float, describe: Callable[[int], str]) -> None:
+    """Wait for every request until `deadline` (time.monotonic()); name the stuck transfer on failure."""
+    for index, request in enumerate(requests):
+        try:
+            request.wait(deadline - time.monotonic())
+        except CollectiveTimeoutError as error:
+            raise CollectiveTimeoutError(f"{describe(index)} timed out ({error})") from error
+        except TransportError as error:
+            raise TransportError(f"{describe(index)} failed: {error}") from error
