@@ -10,34 +10,52 @@ from commlab import __version__
 
 
 def _algorithms(args: argparse.Namespace) -> int:
-    """Print every op with the algorithms that implement it and their cost formulas."""
+    """Print every op with the algorithms that implement it and their predicted time at one example size."""
     from commlab.collectives.algorithms import ALGORITHMS
+    from commlab.collectives.cost import DEFAULT_COST_MODEL
     from commlab.collectives.schedule import OPS
 
     rows = []
     for op in OPS:
         for name, algorithm in ALGORITHMS.items():
-            if op in algorithm.ops:
+            if algorithm.supports(op):
+                seconds = algorithm.cost(op, args.ranks, args.bytes, DEFAULT_COST_MODEL)
                 rows.append(
                     {
                         "op": op,
                         "algorithm": name,
-                        "pipelined": algorithm.pipelined,
-                        "cost": algorithm.formula(op),
+                        "pipelined": op in algorithm.pipelined_ops,
+                        "summary": algorithm.summary,
+                        "predicted_us": round(seconds * 1e6, 3),
                     }
                 )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(r["algorithm"]) for r in rows)
+    model = DEFAULT_COST_MODEL
+    print(
+        f"predicted time: {args.ranks} ranks, {args.bytes} bytes, alpha={model.alpha * 1e6:g} us, "
+        f"{1 / model.beta / 1e9:g} GB/s links (commlab.collectives.cost.DEFAULT_COST_MODEL)"
+    )
     current = None
     for row in rows:
         if row["op"] != current:
             current = row["op"]
-            print(f"{current}")
-        pipelined = " (pipelined)" if row["pipelined"] else ""
-        print(f"  {row['algorithm']:<{width}}  {row['cost']}{pipelined}")
+            print(current)
+        pipelined = "  pipelined over segments" if row["pipelined"] else ""
+        print(f"  {row['algorithm']:<{width}}  {row['predicted_us']:>10.1f} us{pipelined}")
+    print("algorithms")
+    for name, algorithm in ALGORITHMS.items():
+        print(f"  {name:<{width}}  {algorithm.summary}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; accepted: an integer >= 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         "algorithms", help="list every collective op and the algorithms that implement it"
     )
     algorithms.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    algorithms.add_argument("--ranks", type=_positive_int, default=8, help="world size of the example")
+    algorithms.add_argument(
+        "--bytes", type=_positive_int, default=1 << 20, help="message size of the example (bytes per rank)"
+    )
     algorithms.set_defaults(run=_algorithms)
     return parser
 

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import queue
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -75,14 +76,22 @@ class RankPool:
         self._collect(self.start_timeout, "start")
 
     def _collect(self, timeout: float, what: str) -> list[Any]:
+        """Gather one answer per rank; a rank process that dies or stays silent past `timeout` fails fast."""
         out: dict[int, tuple[str, Any]] = {}
+        deadline = time.monotonic() + timeout
         while len(out) < self.world_size:
             try:
-                rank, status, value = self._results.get(timeout=timeout)
+                rank, status, value = self._results.get(timeout=0.5)
             except queue.Empty:
-                missing = sorted(set(range(self.world_size)) - set(out))
-                self.close()
-                raise RankError(f"ranks {missing} gave no answer to {what} within {timeout} s") from None
+                dead = {r: p.exitcode for r, p in enumerate(self._procs) if r not in out and not p.is_alive()}
+                if dead:
+                    self.close()
+                    raise RankError(f"rank process(es) died during {what}: exit codes {dead}") from None
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(self.world_size)) - set(out))
+                    self.close()
+                    raise RankError(f"ranks {missing} gave no answer to {what} within {timeout} s") from None
+                continue
             out[rank] = (status, value)
         errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(out.items()) if s == "error"]
         if errors:
