@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from commlab.errors import InvalidArgumentError
+from commlab.errors import CollectiveMismatchError, InvalidArgumentError
 from commlab.models import GPT, GPTConfig, ViT, ViTConfig
 from commlab.parallel import DataParallel, ZeroOptimizer
 from commlab.parallel.data import build_buckets
@@ -237,3 +237,17 @@ def test_bad_arguments_are_clear_errors(rank_pools):
     assert "torch.nn.Module" in messages[0]
     assert "bucket_mb" in messages[1] and "positive" in messages[1]
     assert "optimizer_class" in messages[4]
+
+
+def wrap_linear(out_features: int) -> str:
+    try:
+        DataParallel(nn.Linear(4, out_features))
+    except CollectiveMismatchError as error:
+        return str(error)
+    return "no error"
+
+
+def test_ranks_wrapping_different_models_get_a_clear_error(rank_pools):
+    messages = rank_pools(2).run(wrap_linear, per_rank_kwargs=[{"out_features": 4}, {"out_features": 5}])
+    for message in messages:
+        assert "broadcast" in message and "20" in message and "25" in message, message

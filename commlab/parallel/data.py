@@ -104,6 +104,9 @@ class DataParallel(nn.Module):
         }
         self._next_launch = 0
         self._in_backward = False
+        # The bucket layout is the same on every rank by construction, so the cross-rank argument check
+        # runs on the first synced backward only (it would catch a rank wrapping a different model).
+        self._checked = False
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
     def forward(self, *args, **kwargs):
@@ -155,6 +158,7 @@ class DataParallel(nn.Module):
             algorithm=self.algorithm,
             async_op=True,
             timeout=self.timeout,
+            check=not self._checked,
         )
         self._next_launch += 1
 
@@ -173,6 +177,7 @@ class DataParallel(nn.Module):
                         param.grad = bucket.slot(i).clone()
                     else:
                         param.grad.copy_(bucket.slot(i))
+            self._checked = True
         finally:
             for bucket in self.buckets:
                 bucket.ready.clear()
