@@ -102,3 +102,50 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         CheckpointManager(tmp_path, keep=0)
+
+
+def train_and_resume(directory: str, zero: bool) -> tuple[list, list]:
+    """4 steps straight vs 2 steps, save, fresh model and optimizer, load, 2 more: returns both results."""
+    from commlab.models import GPT, GPTConfig
+    from commlab.parallel import DataParallel, ZeroOptimizer
+    from commlab.parallel.checkpoint import load_training, save_training
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, 256, (4, 17), generator=g) for _ in range(4)]
+
+    def build():
+        torch.manual_seed(rank)
+        module = GPT(GPTConfig.preset("tiny"))
+        if zero:
+            return module, ZeroOptimizer(module.parameters(), torch.optim.AdamW, lr=1e-2)
+        model = DataParallel(module)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def train(model, opt, steps):
+        for step in steps:
+            tokens = batches[step][rank * 2 : (rank + 1) * 2]
+            model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = build()
+    train(model, opt, range(4))
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    manager = CheckpointManager(directory)
+    model, opt = build()
+    train(model, opt, range(2))
+    save_training(manager, 2, model, opt, {"dp": world}, extra={"position": 2})
+    model, opt = build()
+    step, extra = load_training(manager, model, opt, {"dp": world})
+    assert (step, extra) == (2, {"position": 2})
+    train(model, opt, range(2, 4))
+    return straight, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_resumed_training_is_bitwise_equal_to_uninterrupted(rank_pools, tmp_path, zero):
+    for straight, resumed in rank_pools(2).run(train_and_resume, str(tmp_path), zero):
+        for a, b in zip(straight, resumed, strict=True):
+            assert torch.equal(a, b)

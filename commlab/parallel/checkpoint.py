@@ -204,3 +204,54 @@ class CheckpointManager:
                 )
             out[name] = torch.load(io.BytesIO(data), weights_only=True)
         return out
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def save_training(
+    manager: CheckpointManager,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    layout: dict[str, int],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save a data-parallel training state: model and optimizer (rank 0; ZeRO: a shard per rank), each
+    rank's RNG states, and `extra` (step-level state such as the data position and LR schedule)."""
+    rank = manager.comm.rank
+    shards: dict[str, dict[str, Any]] = {f"rng-rank{rank}": rng_state()}
+    sharded = hasattr(optimizer, "local_state_bytes")  # ZeroOptimizer: every rank owns a shard
+    if sharded:
+        shards[f"optimizer-dp{rank}"] = optimizer.state_dict()
+    if rank == 0:
+        shards["model"] = _unwrap(model).state_dict()
+        shards["trainer"] = {"step": step, "extra": extra or {}}
+        if not sharded:
+            shards["optimizer"] = optimizer.state_dict()
+    return manager.save(step, shards, {**layout, "zero": int(sharded)})
+
+
+def load_training(
+    manager: CheckpointManager, model: torch.nn.Module, optimizer: Any, layout: dict[str, int]
+) -> tuple[int, dict[str, Any]] | None:
+    """Restore the newest complete checkpoint into `model` and `optimizer` (and this rank's RNG).
+
+    Returns (step, extra) or None when there is no checkpoint. A plain optimizer resumes under any dp
+    size; a ZeRO-sharded one needs the same dp size (CheckpointError otherwise).
+    """
+    step = manager.latest()
+    if step is None:
+        return None
+    rank = manager.comm.rank
+    sharded = hasattr(optimizer, "local_state_bytes")
+    names = ["model", "trainer", f"optimizer-dp{rank}" if sharded else "optimizer"]
+    must_match = ("zero", "dp") if sharded else ("zero",)
+    state = manager.load(step, names, {**layout, "zero": int(sharded)}, must_match)
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state[names[2]])
+    rng_name = f"rng-rank{rank}"
+    if rng_name in manager.manifest(step)["files"]:
+        set_rng_state(manager.load(step, [rng_name], layout)[rng_name])
+    return state["trainer"]["step"], state["trainer"]["extra"]
