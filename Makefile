@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format env clean
+.PHONY: demo demo-allreduce test lint format env clean
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml requirements.txt
 
 env: $(STAMP)
 
+# The demo: a GPT trained on the standard library's bytes by commlab's DataParallel on 4 gloo ranks.
 demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 examples/ddp.py
+
+demo-allreduce: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 examples/allreduce.py
 
 test: $(STAMP)
