@@ -221,6 +221,8 @@ def bad_wrapping() -> list[str]:
         lambda: DataParallel(nn.Linear(2, 2), bucket_mb="big"),
         lambda: ZeroOptimizer([], torch.optim.SGD, lr=0.1),
         lambda: ZeroOptimizer(nn.Linear(2, 2).parameters(), "adam", lr=0.1),
+        lambda: DataParallel(nn.Linear(2, 2), algorithm="bruck"),
+        lambda: ZeroOptimizer(nn.Linear(2, 2).parameters(), torch.optim.SGD, algorithm="tree", lr=0.1),
     ):
         try:
             call()
@@ -237,6 +239,8 @@ def test_bad_arguments_are_clear_errors(rank_pools):
     assert "torch.nn.Module" in messages[0]
     assert "bucket_mb" in messages[1] and "positive" in messages[1]
     assert "optimizer_class" in messages[4]
+    assert "'bruck'" in messages[5] and "'ring'" in messages[5]
+    assert "'tree'" in messages[6] and "'halving_doubling'" in messages[6]
 
 
 def wrap_linear(out_features: int) -> str:

@@ -23,7 +23,7 @@ from torch import nn
 from commlab.collectives.api import Group, all_reduce, communicator
 from commlab.collectives.communicator import Work
 from commlab.errors import invalid
-from commlab.parallel.flat import broadcast_tensors
+from commlab.parallel.flat import broadcast_tensors, check_algorithm
 
 
 @dataclass
@@ -97,7 +97,8 @@ class DataParallel(nn.Module):
         self.comm = communicator(group)
         self.require_backward_grad_sync = True
         params = [p for p in module.parameters() if p.requires_grad]
-        broadcast_tensors([*module.parameters(), *module.buffers()], group, algorithm)
+        check_algorithm(algorithm, ("allreduce",))
+        broadcast_tensors([*module.parameters(), *module.buffers()], group)
         self.buckets = build_buckets(list(reversed(params)), int(bucket_mb * (1 << 20)))
         self._slot_of = {
             id(p): (b, i) for b, bucket in enumerate(self.buckets) for i, p in enumerate(bucket.params)

@@ -6,7 +6,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from commlab.collectives.algorithms import ALGORITHMS
 from commlab.collectives.api import Group, broadcast, communicator
+from commlab.errors import invalid
 
 
 def group_by_dtype(tensors: Iterable[torch.Tensor]) -> dict[tuple[torch.dtype, torch.device], list]:
@@ -37,6 +39,13 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         offset += tensor.numel()
 
 
+def check_algorithm(algorithm: str, ops: tuple[str, ...]) -> None:
+    """Raise unless `algorithm` is "auto" or implements every op in `ops` (the collectives a wrapper uses)."""
+    accepted = ["auto", *(n for n, a in ALGORITHMS.items() if all(a.supports(op) for op in ops))]
+    if algorithm not in accepted:
+        raise invalid("algorithm", algorithm, accepted)
+
+
 def group_root(group: Group) -> int:
     """The global rank of the group's rank 0 (torch.distributed names broadcast sources globally)."""
     comm = communicator(group)
@@ -44,10 +53,10 @@ def group_root(group: Group) -> int:
 
 
 @torch.no_grad()
-def broadcast_tensors(tensors: Iterable[torch.Tensor], group: Group = None, algorithm: str = "auto") -> None:
+def broadcast_tensors(tensors: Iterable[torch.Tensor], group: Group = None) -> None:
     """Make every rank's `tensors` equal to rank 0's, one flat broadcast per dtype."""
     root = group_root(group)
     for chunk in group_by_dtype(tensors).values():
         flat = flatten(chunk)
-        broadcast(flat, root, group=group, algorithm=algorithm)
+        broadcast(flat, root, group=group)
         unflatten_into(flat, chunk)

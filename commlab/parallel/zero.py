@@ -21,7 +21,7 @@ from torch import nn
 
 from commlab.collectives.api import Group, all_gather, all_reduce, communicator, reduce_scatter
 from commlab.errors import invalid
-from commlab.parallel.flat import broadcast_tensors, flatten, group_by_dtype
+from commlab.parallel.flat import broadcast_tensors, check_algorithm, flatten, group_by_dtype
 
 
 class _Shard:
@@ -68,7 +68,8 @@ class _Shard:
 class ZeroOptimizer:
     """Wraps `optimizer_class` (any torch optimizer) so each rank holds 1/p of its state (ZeRO-1).
 
-    Use with a module that is not wrapped in DataParallel: `loss.backward()` leaves local gradients
+    `algorithm` names the reduce-scatter and allgather algorithm (or "auto"). Use with a module that is
+    not wrapped in DataParallel: `loss.backward()` leaves local gradients
     (repeated backwards accumulate, for gradient accumulation), `step()` averages and applies them.
     """
 
@@ -88,7 +89,8 @@ class ZeroOptimizer:
         self.comm = communicator(group)
         self.algorithm = algorithm
         params = [p for p in params if p.requires_grad]
-        broadcast_tensors(params, self.comm, algorithm)
+        check_algorithm(algorithm, ("reduce_scatter", "allgather"))
+        broadcast_tensors(params, self.comm)
         self.shards = [
             _Shard(group_params, self.comm.size, self.comm.rank)
             for group_params in group_by_dtype(params).values()
@@ -127,7 +129,7 @@ class ZeroOptimizer:
         squares = torch.zeros(1, dtype=torch.float64, device=self.shards[0].master.device)
         for shard in self.shards:
             squares += shard.master.grad.double().pow(2).sum()
-        all_reduce(squares, group=self.comm, algorithm=self.algorithm)
+        all_reduce(squares, group=self.comm)
         norm = math.sqrt(squares.item())
         if norm > max_norm:
             for shard in self.shards:
