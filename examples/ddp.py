@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--algorithm",
         default="auto",
         help="commlab algorithm of the gradient collectives: auto (cheapest by cost model) or a name from "
-        "`commlab algorithms` that runs every collective used (DataParallel: allreduce and broadcast)",
+        "`commlab algorithms` that runs the gradient collectives (DataParallel: allreduce; ZeRO-1: "
+        "reduce-scatter and allgather)",
     )
     add("--backend", default="gloo", choices=["gloo", "nccl"], help="torch.distributed backend")
     add("--seed", type=int, default=0, help="seed of the weights and the data stream")
@@ -125,13 +126,11 @@ def parse_args(argv: list[str] | None, world: int, rank: int) -> argparse.Namesp
         fail("--weight-decay and --clip must be >= 0")
     if not args.bucket_mb > 0:
         fail(f"--bucket-mb {args.bucket_mb} must be a positive number of MiB")
-    # DataParallel runs allreduce (and a broadcast at the start); ZeRO-1 also reduce-scatter and allgather.
-    ops = (
-        ("broadcast", "allreduce", "reduce_scatter", "allgather") if args.zero else ("allreduce", "broadcast")
-    )
+    # The algorithm runs DataParallel's gradient allreduce, or ZeRO-1's reduce-scatter and allgather.
+    ops = ("reduce_scatter", "allgather") if args.zero else ("allreduce",)
     usable = [a for a in algorithms_for(ops[0]) if all(a in algorithms_for(op) for op in ops[1:])]
     if args.algorithm != "auto" and args.algorithm not in usable:
-        what = "ZeRO-1's collectives" if args.zero else "DataParallel's allreduce and broadcast"
+        what = "ZeRO-1's reduce-scatter and allgather" if args.zero else "DataParallel's allreduce"
         fail(f"--algorithm {args.algorithm!r} cannot run {what}; accepted: {', '.join(['auto', *usable])}")
     if args.batch_size % (world * args.grad_accum):
         fail(
