@@ -41,6 +41,7 @@ from commlab.models import (
 )
 from commlab.models.gpt import CHECKPOINT_MODES
 from commlab.parallel import DataParallel, ZeroOptimizer
+from commlab.parallel.checkpoint import CheckpointManager, load_training, save_training
 
 # Per-model defaults, tuned so `make demo` (4 ranks, 2 cores) ends well within 2 minutes.
 DEFAULTS = {
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-every", type=int, help="progress line every this many steps (default: steps/10)")
     add("--sample-tokens", type=int, default=300, help="bytes of text to sample at the end (gpt), 0: none")
     add("--json", metavar="PATH", help="write the run's configuration and results to PATH (rank 0)")
+    add(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="save training checkpoints here and resume from the newest complete one on start",
+    )
+    add("--save-every", type=int, default=0, help="checkpoint every this many steps (with --checkpoint-dir)")
+    add("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir (default: 3)")
+    add("--save-model", metavar="PATH", help="write the final model state_dict to PATH (rank 0)")
     return parser
 
 
@@ -124,6 +133,10 @@ def parse_args(argv: list[str] | None, world: int, rank: int) -> argparse.Namesp
         fail(f"--lr {args.lr} must be a positive number")
     if args.weight_decay < 0 or args.clip < 0:
         fail("--weight-decay and --clip must be >= 0")
+    if args.save_every < 0 or args.keep < 1:
+        fail(f"--save-every {args.save_every} must be >= 0 and --keep {args.keep} >= 1")
+    if args.save_every and not args.checkpoint_dir:
+        fail("--save-every needs --checkpoint-dir")
     if not args.bucket_mb > 0:
         fail(f"--bucket-mb {args.bucket_mb} must be a positive number of MiB")
     # The algorithm runs DataParallel's gradient allreduce, or ZeRO-1's reduce-scatter and allgather.
@@ -186,6 +199,24 @@ class Trainer:
             self.model = DataParallel(module, bucket_mb=args.bucket_mb, algorithm=args.algorithm)
             self.optimizer = torch.optim.AdamW(self.model.parameters(), **hyper)
 
+    def resume(self) -> int:
+        """With --checkpoint-dir: load the newest complete checkpoint; returns the step to start from.
+
+        The data stream is a pure function of the step and every rank's RNG state is restored, so a
+        resumed run continues bit for bit where the saved one was (after a crash: from the last save).
+        """
+        self.checkpoints = None
+        if not self.args.checkpoint_dir:
+            return 0
+        self.checkpoints = CheckpointManager(self.args.checkpoint_dir, keep=self.args.keep)
+        resumed = load_training(self.checkpoints, self.model, self.optimizer, {"dp": self.world})
+        if resumed is None:
+            return 0
+        step, _ = resumed
+        if self.rank == 0:
+            print(f"resumed from {self.checkpoints.step_dir(step)} (step {step})", flush=True)
+        return step
+
     def step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step over this rank's share of the global batch; returns its mean loss."""
         for group in self.optimizer.param_groups:
@@ -214,10 +245,11 @@ class Trainer:
         Throughput counts training time only: evaluations are left out of the intervals.
         """
         args = self.args
+        first = self.resume()
         log_loss = torch.zeros((), device=self.device)
-        logged_steps, train_time, rates, history = 0, 0.0, [], []
+        logged_steps, train_time, rates, history = 0, 1e-9, [], []
         interval_start, eval_time = time.perf_counter(), 0.0
-        for step in range(args.steps):
+        for step in range(first, args.steps):
             inputs, targets = batch_at(step)
             log_loss += self.step(step, inputs, targets)
             logged_steps += 1
@@ -237,14 +269,20 @@ class Trainer:
                 log_loss.zero_()
                 logged_steps = 0
                 interval_start, eval_time = time.perf_counter(), 0.0
+            if self.checkpoints and args.save_every and done % args.save_every == 0:
+                save_training(self.checkpoints, done, self.model, self.optimizer, {"dp": self.world})
             if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
                 eval_start = time.perf_counter()
                 history.append({"step": done, **evaluate(done)})
                 eval_time += time.perf_counter() - eval_start
+        if not history:  # resumed from a checkpoint of the last step: nothing left to train
+            history.append({"step": args.steps, **evaluate(args.steps)})
+        extra = {"model_state": self.module.state_dict()} if args.save_model else {}
         return {
+            **extra,
             "train_seconds": train_time,
-            "rate_per_s": args.steps * args.batch_size * per_sample / train_time,
-            "rate_median_per_s": sorted(rates)[len(rates) // 2],
+            "rate_per_s": (args.steps - first) * args.batch_size * per_sample / train_time,
+            "rate_median_per_s": sorted(rates)[len(rates) // 2] if rates else 0.0,
             "evals": history,
         }
 
@@ -386,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"final test accuracy {result['test_accuracy']:.1%}; {result['rate_per_s']:,.0f} images/s"
                 )
             print(f"done in {wall:.1f}s: {summary}", flush=True)
+            if args.save_model:
+                torch.save(result.pop("model_state"), args.save_model)
             if args.json:
                 record = {
                     "args": vars(args),
