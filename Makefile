@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet -c requirements.txt -e ".[dev,mpi,vision]"
+	$(BIN)/python -m pip install --quiet -c requirements.txt -e ".[dev,mpi,vision,plot]"
 	touch $(STAMP)
 
 env: $(STAMP)

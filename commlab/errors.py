@@ -29,6 +29,10 @@ class TransportError(CommlabError):
     """The transport failed under a collective (a peer closed its connection, a send failed)."""
 
 
+class TopologyError(CommlabError, ValueError):
+    """A simulated network is malformed: a bad link attribute, a disconnected pair, an unreadable file."""
+
+
 def invalid(name: str, value: object, accepted: Iterable[object] | str) -> InvalidArgumentError:
     """Build the standard 'bad argument' error: the argument, its value and what is accepted."""
     if not isinstance(accepted, str):

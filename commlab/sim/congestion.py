@@ -1,0 +1,99 @@
+"""Congestion fidelity: the schedule in rendezvous rounds, each as long as its busiest link needs.
+
+Rounds come from the same rule as the symbolic checker: a rank starts its step k+1 in the round after all
+messages of step k moved, and a message moves in the first round in which both of its ends are at the
+steps that hold it. A round then lasts
+    max over its messages (alpha x posting position + route latency)
+  + max over links (bytes of all the round's messages on the link / (bandwidth x efficiency))
+  + max over the steps ending in it (gamma x bytes reduced),
+and the collective lasts the sum of its rounds. Everything is vectorized over the messages of a round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from commlab.errors import ScheduleError
+from commlab.sim.network import RoutedPlan, Timing
+from commlab.sim.profile import Profile
+from commlab.sim.routing import _expand, unique_ints
+from commlab.sim.topology import Topology
+
+_BLOCK = 1 << 22  # (rounds x links) entries per bincount block
+
+
+def rendezvous_rounds(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(round of each message, start round of each step, end round of each step)."""
+    steps, messages = plan.num_steps, plan.num_messages
+    total = np.diff(plan.step_msg_ptr)
+    left = total.copy()
+    ends = np.zeros(messages, np.int8)
+    msg_round = np.full(messages, -1, np.int64)
+    start = np.full(steps, -1, np.int64)
+    end = np.full(steps, -1, np.int64)
+    following = plan.step_next()
+    counts = np.diff(plan.step_ptr)
+    current = plan.step_ptr[:-1][counts > 0]
+    t = 0
+    while len(current):
+        start[current] = t
+        _, pos = _expand(plan.step_msg_ptr, current)
+        msgs = plan.step_msgs[pos]
+        np.add.at(ends, msgs, 1)
+        moved = unique_ints(msgs[ends[msgs] == 2])
+        msg_round[moved] = t
+        touched = np.concatenate([plan.msg_src_step[moved], plan.msg_dst_step[moved]])
+        np.subtract.at(left, touched, 1)
+        touched = unique_ints(np.concatenate([touched, current[total[current] == 0]]))
+        done = touched[left[touched] == 0]
+        end[done] = t
+        nxt = following[done]
+        current = nxt[nxt >= 0]
+        t += 1
+    if np.any(end < 0):
+        stuck = int(np.flatnonzero(end < 0)[0])
+        rank = int(plan.step_rank[stuck])
+        raise ScheduleError(
+            f"deadlock: rank {rank} never finishes its step {stuck - int(plan.step_ptr[rank])} "
+            "(a message it waits for is never posted by its peer)"
+        )
+    return msg_round, start, end
+
+
+def run_congestion(routed: RoutedPlan, msg_bytes: np.ndarray, topology: Topology, profile: Profile) -> Timing:
+    """Time of every round and step of the routed plan (see the module docstring)."""
+    plan, routes = routed.plan, routed.routes
+    msg_round, start, end = rendezvous_rounds(plan)
+    rounds = int(end.max()) + 1 if len(end) else 0
+    capacity = topology.compiled.bandwidth * profile.efficiency
+    links = len(capacity)
+
+    posting = np.maximum(plan.msg_send_pos, plan.msg_recv_pos) + 1
+    msg_latency = routes.latency[routed.msg_pair] + profile.alpha * posting
+    round_latency = np.zeros(rounds)
+    np.maximum.at(round_latency, msg_round, msg_latency)
+
+    round_bandwidth = np.zeros(rounds)
+    order = np.argsort(msg_round, kind="stable")
+    sorted_rounds = msg_round[order]
+    per_block = max(1, _BLOCK // max(links, 1))
+    for first in range(0, rounds, per_block):
+        last = min(rounds, first + per_block)
+        lo, hi = np.searchsorted(sorted_rounds, [first, last])
+        msgs = order[lo:hi]
+        owner, pos = _expand(routes.ptr, routed.msg_pair[msgs])
+        key = (msg_round[msgs][owner] - first) * links + routes.links[pos]
+        load = np.bincount(key, weights=msg_bytes[msgs][owner], minlength=(last - first) * links)
+        round_bandwidth[first:last] = (load.reshape(last - first, links) / capacity).max(axis=1)
+
+    reduced = np.bincount(
+        plan.msg_dst_step[plan.msg_reduce], weights=msg_bytes[plan.msg_reduce], minlength=plan.num_steps
+    )
+    round_reduce = np.zeros(rounds)
+    np.maximum.at(round_reduce, end, profile.gamma * reduced)
+
+    duration = round_latency + round_bandwidth + round_reduce
+    clock = np.concatenate([[0.0], np.cumsum(duration)])
+    msg_start = clock[msg_round] + msg_latency
+    msg_end = clock[msg_round] + round_latency[msg_round] + round_bandwidth[msg_round]
+    return Timing(float(clock[-1]), clock[start], clock[end + 1], msg_start, msg_end, rounds)

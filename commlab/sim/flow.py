@@ -1,0 +1,344 @@
+"""Flow fidelity: an event-driven run where messages are flows sharing links max-min fairly.
+
+Events, processed in time order and in batches of (nearly) equal times:
+- a step starts: its messages whose other end has started too become ready; each is activated once both
+  ends have posted it (the k-th message of a step is posted k x alpha after the step starts);
+- a flow activates: it takes its route; alone on its links it runs at its route's bottleneck bandwidth,
+  else the rates of all flows on shared links are recomputed max-min fairly;
+- a flow's last byte leaves: the links it used are freed (rates of flows that shared them recomputed),
+  and the message arrives one route latency later;
+- a message arrives: the steps at both ends count it; a step whose messages all arrived ends after its
+  reduction (gamma per reduced byte) and the rank starts its next step.
+Batches are vectorized with numpy; a flow keeps its predicted end time until its rate changes, so only
+flows on contended links are ever revisited.
+
+Fast path: when no two flows ever use one link at the same time, every flow runs at its route's bandwidth
+and the event order is just the rendezvous-round order, so the whole timeline is computed round by round
+(vectorized, as many iterations as rounds). `run_flow` computes that timeline, then checks it: if two
+routes share a link and their flows overlap in time there, it runs the event-driven engine instead. The
+result is the same either way; only the cost differs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+import numpy as np
+
+from commlab.errors import ScheduleError
+from commlab.sim.congestion import rendezvous_rounds
+from commlab.sim.maxmin import max_min_rates
+from commlab.sim.network import RoutedPlan, Timing
+from commlab.sim.profile import Profile
+from commlab.sim.routing import _expand, unique_ints
+from commlab.sim.topology import Topology
+
+_DONE, _ARRIVE, _START, _ACTIVATE = 0, 1, 2, 3
+_MERGE = 1e-12  # events closer than this (relative) are one batch
+
+
+class _FlowRun:
+    """State of one flow-level run (arrays indexed by message or step id)."""
+
+    def __init__(self, routed: RoutedPlan, msg_bytes: np.ndarray, topology: Topology, profile: Profile):
+        plan, routes = routed.plan, routed.routes
+        self.plan, self.routes, self.pair = plan, routes, routed.msg_pair
+        self.bytes = msg_bytes
+        self.alpha, self.gamma = profile.alpha, profile.gamma
+        self.capacity = topology.compiled.bandwidth * profile.efficiency
+        self.solo = routes.bandwidth[self.pair] * profile.efficiency
+        self.latency = routes.latency[self.pair]
+        m, s = plan.num_messages, plan.num_steps
+        self.left = np.diff(plan.step_msg_ptr).copy()
+        self.following = plan.step_next()
+        self.reduced = np.bincount(
+            plan.msg_dst_step[plan.msg_reduce], weights=msg_bytes[plan.msg_reduce], minlength=s
+        )
+        self.step_start = np.full(s, np.nan)
+        self.step_end = np.full(s, np.nan)
+        self.ends = np.zeros(m, np.int8)
+        self.msg_start = np.full(m, np.nan)
+        self.msg_end = np.full(m, np.nan)
+        self.rate = np.zeros(m)
+        self.remaining = np.zeros(m)
+        self.updated = np.zeros(m)
+        self.finish = np.full(m, np.inf)
+        self.is_active = np.zeros(m, bool)
+        self.active = np.zeros(0, np.int64)
+        self.link_users = np.zeros(len(self.capacity), np.int64)
+        self.heap: list = []
+        self.counter = itertools.count()
+        self.batches = 0
+        self.events = 0
+
+    # -- event queue
+    def push(self, times: np.ndarray, ids: np.ndarray, kind: int) -> np.ndarray:
+        """Queue `ids` at `times`, one entry per group of nearly equal times; returns the times used."""
+        if len(ids) == 0:
+            return times
+        order = np.argsort(times, kind="stable")
+        t = times[order]
+        cut = np.flatnonzero(np.diff(t) > _MERGE * np.maximum(t[1:], 1e-9)) + 1
+        bounds = np.concatenate([[0], cut, [len(t)]])
+        snapped = np.empty_like(t)
+        for a, b in itertools.pairwise(bounds):
+            when = float(t[b - 1])
+            snapped[a:b] = when
+            heapq.heappush(self.heap, (when, next(self.counter), kind, ids[order[a:b]]))
+        result = np.empty_like(times)
+        result[order] = snapped
+        return result
+
+    # -- steps
+    def start_steps(self, steps: np.ndarray, now: float, activate_now: list) -> None:
+        plan = self.plan
+        self.step_start[steps] = now
+        _, pos = _expand(plan.step_msg_ptr, steps)
+        msgs = plan.step_msgs[pos]
+        np.add.at(self.ends, msgs, 1)
+        ready = unique_ints(msgs[self.ends[msgs] == 2])
+        empty = steps[self.left[steps] == 0]
+        if len(empty):
+            self.end_steps(empty, now, activate_now)
+        if len(ready) == 0:
+            return
+        at = np.maximum(
+            self.step_start[plan.msg_src_step[ready]] + self.alpha * (plan.msg_send_pos[ready] + 1),
+            self.step_start[plan.msg_dst_step[ready]] + self.alpha * (plan.msg_recv_pos[ready] + 1),
+        )
+        due = at <= now
+        activate_now.append(ready[due])
+        self.push(at[~due], ready[~due], _ACTIVATE)
+
+    def end_steps(self, steps: np.ndarray, now: float, activate_now: list) -> None:
+        finish = now + self.gamma * self.reduced[steps]
+        self.step_end[steps] = finish
+        nxt = self.following[steps]
+        keep = nxt >= 0
+        nxt, finish = nxt[keep], finish[keep]
+        later = finish > now
+        if np.any(~later):
+            self.start_steps(nxt[~later], now, activate_now)
+        self.push(finish[later], nxt[later], _START)
+
+    # -- flows
+    def links_of(self, flows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        owner, pos = _expand(self.routes.ptr, self.pair[flows])
+        return owner, self.routes.links[pos]
+
+    def set_rates(self, flows: np.ndarray, rates: np.ndarray, now: float) -> None:
+        """Give `flows` new rates from `now`; re-queue their ends."""
+        changed = rates != self.rate[flows]
+        flows, rates = flows[changed], rates[changed]
+        if len(flows) == 0:
+            return
+        self.remaining[flows] -= self.rate[flows] * (now - self.updated[flows])
+        self.remaining[flows] = np.maximum(self.remaining[flows], 0.0)
+        self.updated[flows] = now
+        self.rate[flows] = rates
+        self.finish[flows] = self.push(now + self.remaining[flows] / rates, flows, _DONE)
+
+    def activate(self, flows: np.ndarray, now: float) -> bool:
+        """Start flows; returns whether some now share a link (rates must be recomputed)."""
+        self.msg_start[flows] = now
+        empty = self.bytes[flows] == 0
+        if np.any(empty):
+            idle = flows[empty]
+            self.msg_end[idle] = now
+            self.push(now + self.latency[idle], idle, _ARRIVE)
+            flows = flows[~empty]
+        if len(flows) == 0:
+            return False
+        self.is_active[flows] = True
+        self.active = np.concatenate([self.active, flows])
+        self.remaining[flows] = self.bytes[flows]
+        self.updated[flows] = now
+        self.rate[flows] = 0.0
+        _, links = self.links_of(flows)
+        np.add.at(self.link_users, links, 1)
+        if self.link_users[links].max() > 1:
+            return True
+        self.set_rates(flows, self.solo[flows], now)
+        return False
+
+    def complete(self, flows: np.ndarray, now: float) -> bool:
+        """Flows whose last byte left at `now`; returns whether others shared their links."""
+        self.is_active[flows] = False
+        self.active = self.active[self.is_active[self.active]]
+        self.rate[flows] = 0.0
+        self.finish[flows] = np.inf
+        self.msg_end[flows] = now
+        _, links = self.links_of(flows)
+        np.subtract.at(self.link_users, links, 1)
+        self.push(now + self.latency[flows], flows, _ARRIVE)
+        return bool(self.link_users[links].max() > 0)
+
+    def rebalance(self, now: float) -> None:
+        """Recompute rates: flows alone on their links get their route bandwidth, the rest max-min fair."""
+        flows = self.active
+        if len(flows) == 0:
+            return
+        owner, links = self.links_of(flows)
+        shared = np.zeros(len(flows), bool)
+        shared[owner[self.link_users[links] > 1]] = True
+        alone = flows[~shared]
+        self.set_rates(alone, self.solo[alone], now)
+        if shared.any():
+            contended = flows[shared]
+            keep = shared[owner]
+            local = np.cumsum(shared) - 1
+            rates = max_min_rates(local[owner[keep]], links[keep], self.capacity, len(contended))
+            self.set_rates(contended, rates, now)
+
+    def arrive(self, msgs: np.ndarray, now: float, activate_now: list) -> None:
+        plan = self.plan
+        touched = np.concatenate([plan.msg_src_step[msgs], plan.msg_dst_step[msgs]])
+        np.subtract.at(self.left, touched, 1)
+        touched = unique_ints(touched)
+        done = touched[self.left[touched] == 0]
+        if len(done):
+            self.end_steps(done, now, activate_now)
+
+    # -- main loop
+    def run(self) -> Timing:
+        plan = self.plan
+        counts = np.diff(plan.step_ptr)
+        activate_now: list = []
+        self.start_steps(plan.step_ptr[:-1][counts > 0], 0.0, activate_now)
+        now = 0.0
+        while True:
+            batch: dict[int, list] = {}
+            if self.heap:
+                limit = self.heap[0][0] * (1 + _MERGE) + 1e-18
+                while self.heap and self.heap[0][0] <= limit:
+                    when, _, kind, ids = heapq.heappop(self.heap)
+                    if kind == _DONE:
+                        ids = ids[self.finish[ids] == when]
+                    now = max(now, when)
+                    batch.setdefault(kind, []).append(ids)
+            elif not activate_now:
+                break
+            self.batches += 1
+            dirty = False
+            if _DONE in batch:
+                flows = np.concatenate(batch[_DONE])
+                self.events += len(flows)
+                if len(flows):
+                    dirty |= self.complete(flows, now)
+            if _ARRIVE in batch:
+                self.events += sum(len(ids) for ids in batch[_ARRIVE])
+                self.arrive(np.concatenate(batch[_ARRIVE]), now, activate_now)
+            if _START in batch:
+                self.start_steps(np.concatenate(batch[_START]), now, activate_now)
+            starting = batch.get(_ACTIVATE, []) + activate_now
+            activate_now = []
+            if starting:
+                flows = np.concatenate(starting)
+                self.events += len(flows)
+                if len(flows):
+                    dirty |= self.activate(flows, now)
+            if dirty:
+                self.rebalance(now)
+        if np.any(np.isnan(self.step_end)):
+            stuck = int(np.flatnonzero(np.isnan(self.step_end))[0])
+            rank = int(plan.step_rank[stuck])
+            raise ScheduleError(
+                f"deadlock: rank {rank} never finishes its step {stuck - int(plan.step_ptr[rank])} "
+                "(a message it waits for is never posted by its peer)"
+            )
+        total = float(self.step_end.max()) if len(self.step_end) else 0.0
+        return Timing(total, self.step_start, self.step_end, self.msg_start, self.msg_end, self.events)
+
+
+def solo_timeline(routed: RoutedPlan, msg_bytes: np.ndarray, profile: Profile) -> tuple:
+    """The timeline if every flow ran alone at its route's bandwidth, computed in rendezvous-round order.
+
+    Returns (step_start, step_end, msg_start, msg_end, rounds); msg_start/msg_end bound each message's
+    bandwidth phase.
+    """
+    plan, routes = routed.plan, routed.routes
+    msg_round, _, end_round = rendezvous_rounds(plan)
+    rounds = int(end_round.max()) + 1 if len(end_round) else 0
+    solo = routes.bandwidth[routed.msg_pair] * profile.efficiency
+    duration = np.divide(msg_bytes, solo, out=np.zeros(len(msg_bytes)), where=msg_bytes > 0)
+    latency = routes.latency[routed.msg_pair]
+    reduced = np.bincount(
+        plan.msg_dst_step[plan.msg_reduce], weights=msg_bytes[plan.msg_reduce], minlength=plan.num_steps
+    )
+    following = plan.step_next()
+    step_start = np.full(plan.num_steps, np.nan)
+    step_start[plan.step_ptr[:-1][np.diff(plan.step_ptr) > 0]] = 0.0
+    step_end = np.full(plan.num_steps, np.nan)
+    msg_start = np.zeros(len(msg_bytes))
+    arrival = np.zeros(len(msg_bytes))
+    m_order = np.argsort(msg_round, kind="stable")
+    m_bounds = np.searchsorted(msg_round[m_order], np.arange(rounds + 1))
+    s_order = np.argsort(end_round, kind="stable")
+    s_bounds = np.searchsorted(end_round[s_order], np.arange(rounds + 1))
+    alpha = profile.alpha
+    send_post = alpha * (plan.msg_send_pos + 1)
+    recv_post = alpha * (plan.msg_recv_pos + 1)
+    ptr = plan.step_msg_ptr
+    for t in range(rounds):
+        ms = m_order[m_bounds[t] : m_bounds[t + 1]]
+        if len(ms):
+            act = np.maximum(
+                step_start[plan.msg_src_step[ms]] + send_post[ms],
+                step_start[plan.msg_dst_step[ms]] + recv_post[ms],
+            )
+            msg_start[ms] = act
+            arrival[ms] = act + duration[ms] + latency[ms]
+        ss = s_order[s_bounds[t] : s_bounds[t + 1]]
+        if len(ss):
+            counts = ptr[ss + 1] - ptr[ss]
+            ends = np.full(len(ss), np.nan)
+            busy = counts > 0
+            _, pos = _expand(ptr, ss[busy])
+            if len(pos):
+                offsets = np.concatenate([[0], np.cumsum(counts[busy])[:-1]])
+                ends[busy] = np.maximum.reduceat(arrival[plan.step_msgs[pos]], offsets)
+            ends[~busy] = step_start[ss[~busy]]
+            ends += profile.gamma * reduced[ss]
+            step_end[ss] = ends
+            nxt = following[ss]
+            keep = nxt >= 0
+            step_start[nxt[keep]] = ends[keep]
+    return step_start, step_end, msg_start, msg_start + duration, rounds
+
+
+def overlaps_on_shared_links(routed: RoutedPlan, start: np.ndarray, end: np.ndarray) -> bool:
+    """Whether two flows use one link at overlapping times (intervals [start, end) per message)."""
+    plan, routes = routed.plan, routed.routes
+    busy = end > start
+    # Two messages of one pair posted in one step run together on every link of the route.
+    same = np.sort(routed.msg_pair[busy] * plan.num_steps + plan.msg_src_step[busy])
+    if np.any(same[1:] == same[:-1]):
+        return True
+    # Otherwise only links on the routes of two or more pairs can be shared.
+    shared = np.bincount(routes.links, minlength=int(routes.links.max(initial=0)) + 1) > 1
+    if not shared.any():
+        return False
+    msgs = np.flatnonzero(busy)
+    owner, pos = _expand(routes.ptr, routed.msg_pair[msgs])
+    link = routes.links[pos]
+    on_shared = shared[link]
+    msgs, link = msgs[owner[on_shared]], link[on_shared]
+    order = np.lexsort((start[msgs], link))
+    link, msgs = link[order], msgs[order]
+    same_link = link[1:] == link[:-1]
+    tolerance = 1e-12 * np.maximum(end[msgs[:-1]], 1e-9)
+    return bool(np.any(same_link & (start[msgs[1:]] < end[msgs[:-1]] - tolerance)))
+
+
+def run_flow(
+    routed: RoutedPlan, msg_bytes: np.ndarray, topology: Topology, profile: Profile, events: bool = False
+) -> Timing:
+    """Max-min fair flow-level run of the routed plan (see the module docstring); `events=True` skips the
+    contention-free fast path."""
+    if not events:
+        step_start, step_end, msg_start, msg_end, _ = solo_timeline(routed, msg_bytes, profile)
+        if not overlaps_on_shared_links(routed, msg_start, msg_end):
+            total = float(np.nanmax(step_end)) if len(step_end) else 0.0
+            return Timing(total, step_start, step_end, msg_start, msg_end, 3 * len(msg_bytes))
+    return _FlowRun(routed, msg_bytes, topology, profile).run()

@@ -1,0 +1,348 @@
+"""The network engine: runs a collective's Schedule on a Topology and predicts its time.
+
+One interface, three fidelities:
+- `analytic`: the algorithm's closed-form alpha-beta-gamma cost (`Algorithm.cost`) with beta from the
+  bottleneck bandwidth of the ring through the ranks and alpha from the profile plus that ring's longest
+  route latency. O(1) in the number of ranks: no schedule is built.
+- `congestion`: the schedule runs in rendezvous rounds (a message moves in the first round both its ends
+  have reached the steps that hold it, as in the symbolic checker); every round lasts as long as its
+  busiest link needs for the bytes all its messages put on it, plus the longest message latency and the
+  largest reduction.
+- `flow`: event-driven; every message is a flow along its route from the moment both ends have posted it;
+  flows share each link max-min fairly, and rates are recomputed whenever a flow starts or ends.
+
+In all three a message costs `profile.alpha` to post (a rank posts a step's messages one after another),
+its route's latency, and its bytes over the bandwidth it gets (links x `profile.efficiency`); a step that
+reduces costs `profile.gamma` per reduced byte at its end; the collective costs `profile.launch` once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from commlab.collectives.algorithms import build_schedule, get_algorithm
+from commlab.collectives.cost import CostModel
+from commlab.collectives.schedule import OPS, Schedule
+from commlab.errors import invalid
+from commlab.sim.plan import Plan, compile_schedule, usable_bytes
+from commlab.sim.profile import IDEAL, Profile
+from commlab.sim.routing import Routes
+from commlab.sim.topology import Topology, as_topology
+
+FIDELITIES = ("analytic", "congestion", "flow")
+DTYPES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int8": 1,
+    "uint8": 1,
+}
+_PLAN_CACHE_SIZE = 16
+
+
+def bus_factor(op: str, world_size: int) -> float:
+    """nccl-tests' busbw / algbw: 2(p-1)/p for allreduce, (p-1)/p for reduce-scatter/allgather, else 1."""
+    p = world_size
+    if op == "allreduce":
+        return 2 * (p - 1) / p
+    if op in ("reduce_scatter", "allgather"):
+        return (p - 1) / p
+    if op in OPS:
+        return 1.0
+    raise invalid("op", op, OPS)
+
+
+def itemsize_of(dtype: str) -> int:
+    """Bytes per element of a dtype name."""
+    if dtype not in DTYPES:
+        raise invalid("dtype", dtype, list(DTYPES))
+    return DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class RoutedPlan:
+    """A compiled schedule on one topology: the distinct (sender, receiver) pairs and their routes."""
+
+    plan: Plan
+    msg_pair: np.ndarray  # index into the routes, per message
+    routes: Routes
+
+
+def routed_plan(schedule: Schedule, topology: Topology) -> RoutedPlan:
+    """Compile `schedule` and route its messages on `topology` (memoized on the topology)."""
+    topology.check_world_size(schedule.world_size)
+    cache: OrderedDict = topology.__dict__.setdefault("_plans", OrderedDict())
+    key = id(schedule)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is schedule:
+        cache.move_to_end(key)
+        return hit[1]
+    plan = compile_schedule(schedule)
+    p = schedule.world_size
+    pairs, msg_pair = _distinct(plan.msg_src * p + plan.msg_dst, p * p)
+    routes = topology.routes(pairs // p, pairs % p)
+    result = RoutedPlan(plan, msg_pair.astype(np.int64), routes)
+    cache[key] = (schedule, result)
+    if len(cache) > _PLAN_CACHE_SIZE:
+        cache.popitem(last=False)
+    return result
+
+
+def _distinct(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct keys in [0, bound) and each key's index among them (a marking pass when bound is
+    small enough, numpy's unique otherwise)."""
+    if bound > 1 << 26:
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        return distinct, inverse.astype(np.int64)
+    present = np.zeros(bound, bool)
+    present[keys] = True
+    distinct = np.flatnonzero(present)
+    index = np.cumsum(present) - 1
+    return distinct, index[keys]
+
+
+@dataclass
+class SimResult:
+    """A simulated collective: its time, bandwidths, per-step timeline and per-link load."""
+
+    op: str
+    algorithm: str
+    fidelity: str
+    world_size: int
+    nbytes: int
+    dtype: str
+    time: float
+    topology: Topology = field(repr=False)
+    routed: RoutedPlan | None = field(default=None, repr=False)
+    step_start: np.ndarray | None = field(default=None, repr=False)
+    step_end: np.ndarray | None = field(default=None, repr=False)
+    msg_bytes: np.ndarray | None = field(default=None, repr=False)
+    msg_start: np.ndarray | None = field(default=None, repr=False)  # bandwidth phase of each message
+    msg_end: np.ndarray | None = field(default=None, repr=False)
+    link_bytes: np.ndarray | None = field(default=None, repr=False)
+    events: int = 0  # rounds (congestion) or event batches (flow) processed
+    bottleneck_link: int = -1  # analytic: the link that set the bandwidth
+    segments: int = 1
+
+    @property
+    def algbw(self) -> float:
+        """nbytes / time (bytes/s), as nccl-tests defines it."""
+        return self.nbytes / self.time if self.time > 0 else math.inf
+
+    @property
+    def busbw(self) -> float:
+        """algbw x the op's bus factor (bytes/s), comparable across world sizes."""
+        return self.algbw * bus_factor(self.op, self.world_size)
+
+    def link_utilization(self) -> np.ndarray | None:
+        """Per link: bytes carried / (bandwidth x total time)."""
+        if self.link_bytes is None or self.time <= 0:
+            return None
+        return self.link_bytes / (self.topology.compiled.bandwidth * self.time)
+
+    def busiest_link(self) -> tuple[tuple[object, object] | None, float | None]:
+        """The most utilized link (from, to) and its utilization; analytic: the bottleneck, no utilization."""
+        util = self.link_utilization()
+        if util is None or len(util) == 0:
+            if self.bottleneck_link >= 0:
+                return self.topology.link_label(self.bottleneck_link), None
+            return None, None
+        link = int(np.argmax(util))
+        return self.topology.link_label(link), float(util[link])
+
+    def to_dict(self) -> dict:
+        """A JSON-ready summary (no per-step arrays)."""
+        link, util = self.busiest_link()
+        return {
+            "op": self.op,
+            "algorithm": self.algorithm,
+            "fidelity": self.fidelity,
+            "world_size": self.world_size,
+            "nbytes": self.nbytes,
+            "dtype": self.dtype,
+            "segments": self.segments,
+            "time_us": self.time * 1e6,
+            "algbw_GBps": self.algbw / 1e9,
+            "busbw_GBps": self.busbw / 1e9,
+            "busiest_link": None if link is None else [str(link[0]), str(link[1])],
+            "busiest_link_utilization": util,
+            "events": self.events,
+        }
+
+
+def analytic_time(
+    op: str,
+    algorithm: str,
+    world_size: int,
+    nbytes: float,
+    bandwidth: float,
+    latency: float,
+    profile: Profile = IDEAL,
+    segments: int | None = None,
+) -> float:
+    """The closed-form time on links of `bandwidth` (bytes/s) and route `latency` (s), plus the launch."""
+    if world_size == 1:
+        return profile.launch
+    model = CostModel(profile.alpha + latency, 1.0 / (bandwidth * profile.efficiency), profile.gamma)
+    return profile.launch + get_algorithm(algorithm).cost(op, world_size, nbytes, model, segments)
+
+
+def link_model(topology: Topology, world_size: int, profile: Profile = IDEAL) -> CostModel:
+    """The alpha-beta-gamma model the analytic fidelity uses on `topology` (also picks segment counts)."""
+    bandwidth, latency, _ = topology.ring_bottleneck(world_size)
+    if world_size == 1:
+        return CostModel(profile.alpha, 0.0, profile.gamma)
+    return CostModel(profile.alpha + latency, 1.0 / (bandwidth * profile.efficiency), profile.gamma)
+
+
+def _check_fidelity(fidelity: str) -> None:
+    if fidelity not in FIDELITIES:
+        raise invalid("fidelity", fidelity, FIDELITIES)
+
+
+def _segments_of(schedule: Schedule) -> int:
+    """The pipeline depth a registry schedule was built with (tree allreduce has two chunks per segment)."""
+    entry = get_algorithm(schedule.algorithm)
+    if schedule.op not in entry.pipelined_ops:
+        return 1
+    if schedule.algorithm == "tree" and schedule.op == "allreduce":
+        return max(1, schedule.num_chunks // 2)
+    return schedule.num_chunks
+
+
+def simulate(
+    schedule: Schedule,
+    topology: Topology | nx.DiGraph,
+    nbytes: int,
+    *,
+    dtype: str = "float32",
+    fidelity: str = "flow",
+    profile: Profile = IDEAL,
+) -> SimResult:
+    """Run `schedule` on `topology` for a buffer of `nbytes` (per rank; the total for reduce-scatter and
+    allgather) of `dtype`, at `fidelity`; ranks 0..p-1 sit on the topology's first p placed endpoints."""
+    from commlab.sim.congestion import run_congestion
+    from commlab.sim.flow import run_flow
+
+    _check_fidelity(fidelity)
+    topology = as_topology(topology)
+    if not isinstance(schedule, Schedule):
+        raise invalid("schedule", type(schedule).__name__, "a commlab.collectives.schedule.Schedule")
+    if not isinstance(profile, Profile):
+        raise invalid("profile", type(profile).__name__, "a commlab.sim.profile.Profile")
+    itemsize = itemsize_of(dtype)
+    nbytes = usable_bytes(schedule, int(nbytes), itemsize)
+    p = schedule.world_size
+    topology.check_world_size(p)
+    if fidelity == "analytic":
+        bandwidth, latency, link = topology.ring_bottleneck(p)
+        segments = _segments_of(schedule)
+        time = analytic_time(
+            schedule.op, schedule.algorithm, p, nbytes, bandwidth, latency, profile, segments
+        )
+        return SimResult(
+            schedule.op, schedule.algorithm, fidelity, p, nbytes, dtype, time, topology,
+            bottleneck_link=link, segments=segments,
+        )  # fmt: skip
+    routed = routed_plan(schedule, topology)
+    plan = routed.plan
+    msg_bytes = plan.message_bytes(plan.chunk_bytes(nbytes, itemsize)).astype(float)
+    run = run_congestion if fidelity == "congestion" else run_flow
+    timing = run(routed, msg_bytes, topology, profile)
+    return SimResult(
+        schedule.op,
+        schedule.algorithm,
+        fidelity,
+        p,
+        nbytes,
+        dtype,
+        profile.launch + timing.time,
+        topology,
+        routed,
+        timing.step_start + profile.launch,
+        timing.step_end + profile.launch,
+        msg_bytes,
+        timing.msg_start + profile.launch,
+        timing.msg_end + profile.launch,
+        link_bytes(routed, msg_bytes, topology.compiled.num_links),
+        timing.events,
+        segments=_segments_of(schedule) if schedule.algorithm in _registry_names() else 1,
+    )
+
+
+def _registry_names() -> tuple[str, ...]:
+    from commlab.collectives.algorithms import ALGORITHMS
+
+    return tuple(ALGORITHMS)
+
+
+def simulate_collective(
+    op: str,
+    algorithm: str,
+    topology: Topology | nx.DiGraph,
+    nbytes: int,
+    *,
+    world_size: int | None = None,
+    root: int | None = None,
+    segments: int | None = None,
+    dtype: str = "float32",
+    fidelity: str = "flow",
+    profile: Profile = IDEAL,
+) -> SimResult:
+    """Simulate `algorithm`'s `op` on the topology's ranks (all of them unless `world_size` says fewer).
+
+    Rooted ops default to root 0. Pipelined algorithms take `segments`, or by default the count their cost
+    formula finds best under the analytic link model of this topology.
+    """
+    _check_fidelity(fidelity)
+    topology = as_topology(topology)
+    p = topology.num_ranks if world_size is None else world_size
+    topology.check_world_size(p)
+    entry = get_algorithm(algorithm)
+    if op in ("broadcast", "reduce") and root is None:
+        root = 0
+    itemsize = itemsize_of(dtype)
+    if segments is None:
+        segments = entry.best_segments(op, p, nbytes, link_model(topology, p, profile))
+    if fidelity == "analytic":
+        entry.cost(op, p, nbytes, link_model(topology, p, profile), segments)  # validates op and segments
+        numel = int(nbytes) // itemsize
+        if op in ("reduce_scatter", "allgather"):
+            numel -= numel % p
+        bandwidth, latency, link = topology.ring_bottleneck(p)
+        nb = numel * itemsize
+        time = analytic_time(op, entry.name, p, nb, bandwidth, latency, profile, segments)
+        seg = segments if op in entry.pipelined_ops else 1
+        return SimResult(
+            op, entry.name, fidelity, p, nb, dtype, time, topology, bottleneck_link=link, segments=seg
+        )
+    schedule = build_schedule(op, entry.name, p, root, segments)
+    return simulate(schedule, topology, nbytes, dtype=dtype, fidelity=fidelity, profile=profile)
+
+
+def link_bytes(routed: RoutedPlan, msg_bytes: np.ndarray, num_links: int) -> np.ndarray:
+    """Bytes every link carries over the whole collective."""
+    routes = routed.routes
+    pair_bytes = np.bincount(routed.msg_pair, weights=msg_bytes, minlength=len(routes.ptr) - 1)
+    owner = np.repeat(np.arange(len(pair_bytes)), routes.hops)
+    return np.bincount(routes.links, weights=pair_bytes[owner], minlength=num_links)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What an engine returns: total time, each step's start and end, each message's bandwidth phase."""
+
+    time: float
+    step_start: np.ndarray
+    step_end: np.ndarray
+    msg_start: np.ndarray
+    msg_end: np.ndarray
+    events: int

@@ -1,0 +1,284 @@
+"""Routing on a compiled graph: hop distances by vectorized breadth-first search, and shortest or ECMP routes.
+
+The graph is compiled once into integer arrays (links sorted by source, with CSR indexes by source and by
+destination). Routes are computed for many (source, destination) node pairs at once, hop by hop, in numpy:
+at every hop a flow may move to any out-neighbour one hop closer to its destination; `shortest` takes the
+first such neighbour, `ecmp` picks among them by a hash of (source, destination, current node), as a switch
+hashing a flow's header would, so one flow keeps one path and different flows spread over equal paths.
+
+Two rules keep this fast on large fabrics:
+- a destination whose every in-link comes from one node u (a host under its switch) is routed to u and
+  then over the last link, so the breadth-first searches run once per switch, not once per host;
+- nodes that do not forward traffic (endpoints, when the graph says so) may start or end a route but are
+  never crossed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from commlab.errors import TopologyError, invalid
+
+ROUTINGS = ("ecmp", "shortest")
+_UNSET = -1
+_MAX_MATRIX = 1 << 25  # entries of one distance block (targets x nodes, int16): 64 MiB
+
+
+@dataclass(frozen=True)
+class CompiledGraph:
+    """A directed graph as arrays: node labels, links (sorted by source) with bandwidth and latency, CSRs."""
+
+    labels: tuple
+    link_src: np.ndarray
+    link_dst: np.ndarray
+    bandwidth: np.ndarray
+    latency: np.ndarray
+    out_ptr: np.ndarray  # links of node u: out_ptr[u]:out_ptr[u+1] (links are sorted by source)
+    in_ptr: np.ndarray  # in_links[in_ptr[v]:in_ptr[v+1]] are the links into v
+    in_links: np.ndarray
+    forwarding: np.ndarray  # bool per node: may carry traffic between two other nodes
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_links(self) -> int:
+        return len(self.link_src)
+
+    @classmethod
+    def build(
+        cls,
+        labels: tuple,
+        src: np.ndarray,
+        dst: np.ndarray,
+        bandwidth: np.ndarray,
+        latency: np.ndarray,
+        forwarding: np.ndarray,
+    ) -> CompiledGraph:
+        """Sort links by (source, destination) and index them both ways."""
+        n = len(labels)
+        order = np.lexsort((dst, src))
+        src, dst = src[order].astype(np.int64), dst[order].astype(np.int64)
+        out_ptr = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(src, minlength=n), out=out_ptr[1:])
+        in_links = np.argsort(dst, kind="stable").astype(np.int64)
+        in_ptr = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(dst, minlength=n), out=in_ptr[1:])
+        return cls(
+            labels,
+            src,
+            dst,
+            np.asarray(bandwidth, float)[order],
+            np.asarray(latency, float)[order],
+            out_ptr,
+            in_ptr,
+            in_links,
+            np.asarray(forwarding, bool),
+        )
+
+    def link_index(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """The link id of each (src, dst) node pair, or -1 where there is no direct link."""
+        keys = self.link_src * self.num_nodes + self.link_dst  # sorted, as links are
+        want = np.asarray(src, np.int64) * self.num_nodes + np.asarray(dst, np.int64)
+        pos = np.searchsorted(keys, want)
+        pos = np.minimum(pos, len(keys) - 1)
+        found = keys[pos] == want if len(keys) else np.zeros(len(want), bool)
+        return np.where(found, pos, -1)
+
+
+def _expand(ptr: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each node, the positions ptr[node]:ptr[node+1]; returns (owner index per position, positions)."""
+    starts = ptr[nodes]
+    counts = ptr[nodes + 1] - starts
+    owner = np.repeat(np.arange(len(nodes)), counts)
+    if len(owner) == 0:
+        return owner, owner
+    offsets = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, starts[owner] + offsets
+
+
+def distances_to(graph: CompiledGraph, targets: np.ndarray) -> np.ndarray:
+    """Hops from every node to each target (rows: targets; -1 where unreachable), crossing only forwarders."""
+    targets = np.asarray(targets, np.int64)
+    n = graph.num_nodes
+    dist = np.full((len(targets), n), _UNSET, np.int16)
+    rows = np.arange(len(targets))
+    dist[rows, targets] = 0
+    frontier_row, frontier_node = rows, targets
+    level = 0
+    claim = np.zeros((len(targets), n), np.int64)  # which entry claimed a node this level (deduplication)
+    while len(frontier_row):
+        level += 1
+        owner, pos = _expand(graph.in_ptr, frontier_node)
+        row = frontier_row[owner]
+        node = graph.link_src[graph.in_links[pos]]
+        fresh = dist[row, node] == _UNSET
+        row, node = row[fresh], node[fresh]
+        dist[row, node] = level
+        keep = graph.forwarding[node]
+        row, node = row[keep], node[keep]
+        entry = np.arange(1, len(row) + 1)
+        claim[row, node] = entry
+        first = claim[row, node] == entry
+        frontier_row, frontier_node = row[first], node[first]
+    return dist
+
+
+def unique_ints(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a small integer array (a sort beats numpy's hashing unique there)."""
+    if len(values) < 2:
+        return values
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]]
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer: a well-spread 64-bit hash of each value."""
+    x = values.astype(np.uint64)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Routes of many node pairs as a CSR of link ids, with each route's bottleneck bandwidth and latency."""
+
+    ptr: np.ndarray
+    links: np.ndarray
+    bandwidth: np.ndarray  # the smallest link bandwidth on each route
+    latency: np.ndarray  # the sum of link latencies on each route
+
+    @property
+    def hops(self) -> np.ndarray:
+        return np.diff(self.ptr)
+
+    def links_of(self, pair: int) -> np.ndarray:
+        return self.links[self.ptr[pair] : self.ptr[pair + 1]]
+
+
+class Router:
+    """Computes routes on one compiled graph; caches the distance rows of the targets it has seen."""
+
+    def __init__(self, graph: CompiledGraph, routing: str = "ecmp", seed: int = 0) -> None:
+        if routing not in ROUTINGS:
+            raise invalid("routing", routing, ROUTINGS)
+        self.graph = graph
+        self.routing = routing
+        self.seed = seed
+        self._row_of: dict[int, int] = {}
+        self._rows: list[np.ndarray] = []
+        # A node all of whose in-links come from one other node is reached through that node.
+        g = graph
+        first = np.full(g.num_nodes, -1, np.int64)
+        single = np.zeros(g.num_nodes, bool)
+        counts = np.diff(g.in_ptr)
+        has = counts > 0
+        first[has] = g.link_src[g.in_links[g.in_ptr[:-1][has]]]
+        src_of_in = g.link_src[g.in_links]
+        owner = np.repeat(np.arange(g.num_nodes), counts)
+        same = src_of_in == first[owner]
+        single[has] = np.bincount(owner, weights=same, minlength=g.num_nodes)[has] == counts[has]
+        self._attach = np.where(single, first, -1)
+
+    def _distance_rows(self, targets: np.ndarray) -> np.ndarray:
+        """Row index (into the cached distance blocks) for each target node, computing missing ones."""
+        missing = [t for t in np.unique(targets).tolist() if t not in self._row_of]
+        if missing:
+            per_block = max(1, _MAX_MATRIX // max(self.graph.num_nodes, 1))
+            for start in range(0, len(missing), per_block):
+                chunk = np.asarray(missing[start : start + per_block], np.int64)
+                block = distances_to(self.graph, chunk)
+                for i, t in enumerate(chunk.tolist()):
+                    self._row_of[t] = len(self._rows)
+                    self._rows.append(block[i])
+        return np.fromiter((self._row_of[t] for t in targets.tolist()), np.int64, len(targets))
+
+    def _matrix(self) -> np.ndarray:
+        return np.stack(self._rows) if self._rows else np.zeros((0, self.graph.num_nodes), np.int16)
+
+    def routes(self, src: np.ndarray, dst: np.ndarray) -> Routes:
+        """Routes from each src node to the matching dst node (arrays of node ids; src != dst)."""
+        g = self.graph
+        src = np.asarray(src, np.int64)
+        dst = np.asarray(dst, np.int64)
+        count = len(src)
+        if np.any(src == dst):
+            i = int(np.flatnonzero(src == dst)[0])
+            raise TopologyError(f"a route from node {g.labels[src[i]]!r} to itself was asked for")
+        hops: list[list[np.ndarray]] = []  # per hop: (flow ids, link ids)
+        direct = g.link_index(src, dst)
+        done = direct >= 0
+        first_flows = np.flatnonzero(done)
+        hops.append([first_flows, direct[done]])
+        # The rest: route to the attachment node of dst when it has one, then take the last link.
+        todo = np.flatnonzero(~done)
+        target = dst[todo].copy()
+        attach = self._attach[target]
+        # (src can never be that node: it would have a direct link to dst, handled above.)
+        collapse = attach >= 0
+        collapse[collapse] = g.forwarding[attach[collapse]]
+        target[collapse] = attach[collapse]
+        last_link = np.full(len(todo), -1, np.int64)
+        if np.any(collapse):
+            last_link[collapse] = g.link_index(attach[collapse], dst[todo][collapse])
+        if len(todo):
+            rows = self._distance_rows(target)
+            matrix = self._matrix()
+            cur = src[todo].copy()
+            remaining = matrix[rows, cur].astype(np.int64)
+            if np.any(remaining < 0):
+                i = int(np.flatnonzero(remaining < 0)[0])
+                raise TopologyError(
+                    f"no path from {g.labels[src[todo[i]]]!r} to {g.labels[dst[todo[i]]]!r}: "
+                    "the graph is disconnected between them (or only through endpoints that do not forward)"
+                )
+            active = np.arange(len(todo))
+            salt = _mix(src[todo] * np.int64(1_000_003) + dst[todo] * np.int64(7919) + self.seed)
+            while len(active):
+                owner, pos = _expand(g.out_ptr, cur[active])
+                cand = g.link_dst[pos]
+                flow = active[owner]
+                ok = matrix[rows[flow], cand] == (remaining[flow] - 1)
+                ok &= g.forwarding[cand] | (cand == target[flow])
+                n_ok = np.bincount(owner, weights=ok, minlength=len(active)).astype(np.int64)
+                if np.any(n_ok == 0):  # pragma: no cover - distances guarantee a next hop
+                    raise TopologyError("routing found no next hop; the distance table is inconsistent")
+                if self.routing == "ecmp":
+                    h = _mix(salt[active] ^ (cur[active].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
+                    pick = (h % n_ok.astype(np.uint64)).astype(np.int64)
+                else:
+                    pick = np.zeros(len(active), np.int64)
+                csum = np.cumsum(ok)
+                before = np.zeros(len(active), np.int64)
+                group_start = np.searchsorted(owner, np.arange(len(active)))
+                nz = group_start > 0
+                before[nz] = csum[group_start[nz] - 1]
+                rank_in_group = csum - before[owner] - 1
+                chosen = ok & (rank_in_group == pick[owner])
+                link = pos[chosen]
+                hops.append([todo[active], link])
+                cur[active] = g.link_dst[link]
+                remaining[active] -= 1
+                active = active[remaining[active] > 0]
+            if np.any(collapse):
+                hops.append([todo[collapse], last_link[collapse]])
+        # Assemble the CSR in flow order, hops in order.
+        flows = np.concatenate([h[0] for h in hops])
+        links = np.concatenate([h[1] for h in hops])
+        order = np.argsort(flows, kind="stable")
+        flows, links = flows[order], links[order]
+        ptr = np.zeros(count + 1, np.int64)
+        np.cumsum(np.bincount(flows, minlength=count), out=ptr[1:])
+        if count and np.any(np.diff(ptr) == 0):  # pragma: no cover - every pair gets at least one hop
+            raise TopologyError("a route came out empty")
+        starts = ptr[:-1]
+        bandwidth = np.minimum.reduceat(g.bandwidth[links], starts) if count else np.zeros(0)
+        latency = np.add.reduceat(g.latency[links], starts) if count else np.zeros(0)
+        return Routes(ptr, links, bandwidth, latency)
