@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml requirements.txt
 
 env: $(STAMP)
 
-# The demo: a GPT trained on the standard library's bytes by commlab's DataParallel on 4 gloo ranks.
+# The demo: a GPT trained on the standard library's bytes by commlab's DataParallel on 4 gloo ranks,
+# then the simulated allreduce algorithms on two 8-GPU H100 nodes.
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 examples/ddp.py
+	$(BIN)/commlab sim collective --topology cluster:nodes=2,gpu=h100,nic=ndr --op allreduce --size 1M,64M,1G
 
 demo-allreduce: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 examples/allreduce.py
