@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -157,7 +158,23 @@ def parse_args(argv: list[str] | None, world: int, rank: int) -> argparse.Namesp
 
 def init_distributed(backend: str) -> torch.device:
     """Join the torchrun group, or make a one-rank group when started as a plain script."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and restart != "0":
+        # After a torchrun restart the rendezvous store still holds the dead workers' gloo addresses
+        # (pytorch/pytorch#167288: "Connection refused" on every retry); a per-attempt key prefix avoids them.
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=60),
+        )
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"commlab-attempt-{restart}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
