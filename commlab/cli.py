@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--bytes", type=_positive_int, default=1 << 20, help="message size of the example (bytes per rank)"
     )
     algorithms.set_defaults(run=_algorithms)
+    from commlab.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     from commlab.sim.cli import add_sim_parser
 
     add_sim_parser(sub)

@@ -186,9 +186,9 @@ def test_a_leaf_of_one_tree_is_inner_in_the_other(world_size: int) -> None:
 
 
 def test_registry_names_and_ops() -> None:
-    assert set(ALGORITHMS) == {"ring", "tree", "halving_doubling", "bruck", "direct"}
+    assert set(ALGORITHMS) == {"ring", "tree", "halving_doubling", "bruck", "recursive_doubling", "direct"}
     assert algorithms_for("allgather") == ("ring", "halving_doubling", "bruck", "direct")
-    assert algorithms_for("allreduce") == ("ring", "tree", "halving_doubling", "direct")
+    assert algorithms_for("allreduce") == ("ring", "tree", "halving_doubling", "recursive_doubling", "direct")
     assert get_algorithm("tree").pipelined and get_algorithm("ring").pipelined
     assert not get_algorithm("halving_doubling").pipelined and not get_algorithm("bruck").pipelined
     for op in OPS:

@@ -2,24 +2,31 @@
 
 Each call validates its arguments, turns its tensors into one flat contiguous buffer (a view where possible,
 a copy otherwise), picks the algorithm (`"auto"`: cheapest by cost formula) and runs the schedule on the
-group's Communicator. `group` is a torch.distributed ProcessGroup (None: the default group) or a
-Communicator. A ProcessGroup gets one Communicator, created on first use and kept in `_COMMUNICATORS`.
+group's Communicator. `group` is a torch.distributed ProcessGroup, an mpi4py communicator or a
+Communicator; None is torch.distributed's default group, or MPI.COMM_WORLD when torch.distributed is not
+initialized and the program runs on MPI (it imported mpi4py.MPI). A ProcessGroup or MPI communicator gets
+one Communicator, created on first use and kept in `_COMMUNICATORS`. Tensors may also be numpy arrays
+(used in place through `torch.from_numpy`).
 """
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from commlab.collectives.algorithms import ALGORITHMS, algorithms_for, get_algorithm
+from commlab.collectives.algorithms import ALGORITHMS
 from commlab.collectives.communicator import DTYPES, Call, Communicator, Work, encode_signature
-from commlab.collectives.cost import DEFAULT_COST_MODEL
 from commlab.collectives.executor import REDUCE_OPS
+from commlab.collectives.mpi import MPITransport, comm_key, is_mpi_comm
 from commlab.collectives.transport import TorchTransport
-from commlab.collectives.tuning import choose, segments_for
+from commlab.collectives.tuning import Choice, resolve
 from commlab.errors import InvalidArgumentError, invalid
 
-Group = dist.ProcessGroup | Communicator | None
+Group = dist.ProcessGroup | Communicator | Any | None  # Any: an mpi4py communicator
 
 _COMMUNICATORS: dict[object, Communicator] = {}
 
@@ -34,17 +41,42 @@ DTYPE_NAMES = tuple(str(d).replace("torch.", "") for d in DTYPES)
 
 
 def communicator(group: Group = None) -> Communicator:
-    """The Communicator of a ProcessGroup (None: the default group), created once and reused."""
+    """The Communicator of a ProcessGroup or MPI communicator (None: the default), created once and reused."""
     if isinstance(group, Communicator):
         return group
+    if group is None and _runs_on_mpi():
+        group = sys.modules["mpi4py.MPI"].COMM_WORLD
+    if is_mpi_comm(group):
+        key = comm_key(group)
+        comm = _COMMUNICATORS.get(key)
+        if comm is None or _freed_and_reused(comm, group):
+            comm = Communicator(MPITransport(group))
+            _COMMUNICATORS[key] = comm
+        return comm
     if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise invalid("group", group, "None, a torch.distributed ProcessGroup or a commlab Communicator")
+        raise invalid(
+            "group", group, "None, a torch.distributed ProcessGroup, an mpi4py communicator or a Communicator"
+        )
     key = group if group is not None else "default"
     comm = _COMMUNICATORS.get(key)
     if comm is None or (group is None and comm.transport.group is not dist.group.WORLD):
         comm = Communicator(TorchTransport(group))
         _COMMUNICATORS[key] = comm
     return comm
+
+
+def _freed_and_reused(comm: Communicator, group: Any) -> bool:
+    """True if the cached communicator's MPI communicator was freed and its handle now names `group`."""
+    cached = getattr(comm.transport, "user_comm", None)
+    return cached is not group and cached == sys.modules["mpi4py.MPI"].COMM_NULL
+
+
+def _runs_on_mpi() -> bool:
+    """True when torch.distributed is not initialized but the program has initialized MPI (mpi4py)."""
+    if dist.is_available() and dist.is_initialized():
+        return False
+    MPI = sys.modules.get("mpi4py.MPI")
+    return MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
 
 
 def parse_op(op: object) -> str:
@@ -61,8 +93,16 @@ def parse_op(op: object) -> str:
 
 
 def _check_tensor(name: str, tensor: object, comm: Communicator) -> torch.Tensor:
+    """The tensor (a numpy array becomes a tensor sharing its memory), checked for dtype and device."""
+    if isinstance(tensor, np.ndarray):
+        if not tensor.flags.writeable:
+            raise invalid(name, "a read-only numpy array", "a writeable numpy array or a torch.Tensor")
+        try:
+            tensor = torch.from_numpy(tensor)
+        except TypeError:
+            raise invalid(f"{name}.dtype", str(tensor.dtype), DTYPE_NAMES) from None
     if not isinstance(tensor, torch.Tensor):
-        raise invalid(name, type(tensor).__name__, "a torch.Tensor")
+        raise invalid(name, type(tensor).__name__, "a torch.Tensor or a numpy array")
     if tensor.dtype not in DTYPES:
         raise invalid(f"{name}.dtype", str(tensor.dtype).replace("torch.", ""), DTYPE_NAMES)
     want = comm.transport.device_type
@@ -79,18 +119,11 @@ def _check_reduce(op: object, dtype: torch.dtype) -> str:
     return name
 
 
-def _resolve_algorithm(algorithm: str, op: str, world_size: int, nbytes: int) -> tuple[str, int]:
-    if algorithm == "auto":
-        choice = choose(op, world_size, nbytes, DEFAULT_COST_MODEL)
-        return choice.algorithm, choice.segments
-    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+def _resolve_algorithm(comm: Communicator, algorithm: str, op: str, nbytes: int) -> Choice:
+    """The algorithm, segments and pieces of a call, by the communicator's cost model and settings."""
+    if not isinstance(algorithm, str):
         raise invalid("algorithm", algorithm, ["auto", *ALGORITHMS])
-    if op not in get_algorithm(algorithm).ops:
-        raise InvalidArgumentError(
-            f"algorithm={algorithm!r} does not implement {op}; accepted: 'auto', "
-            + ", ".join(repr(a) for a in algorithms_for(op))
-        )
-    return algorithm, segments_for(algorithm, op, world_size, nbytes, DEFAULT_COST_MODEL)
+    return resolve(op, algorithm, comm.size, nbytes, comm.cost_model, comm.piece_bytes)
 
 
 def _group_rank(comm: Communicator, rank: int, name: str, group: Group) -> int:
@@ -118,12 +151,16 @@ def _submit(
     check: bool | None,
 ) -> Work | None:
     nbytes = buffer.numel() * buffer.element_size()
-    name, segments = _resolve_algorithm(algorithm, op, comm.size, nbytes)
+    choice = _resolve_algorithm(comm, algorithm, op, nbytes)
+    name, segments, pieces = choice.algorithm, choice.segments, choice.pieces
     signature = encode_signature(
-        op, reduce_op, buffer.dtype, buffer.numel(), root, list(ALGORITHMS).index(name), segments
+        op, reduce_op, buffer.dtype, buffer.numel(), root, _ALGORITHM_INDEX[name], segments, pieces
     )
-    call = Call(op, reduce_op, buffer, name, segments, root, label, finish, signature)
+    call = Call(op, reduce_op, buffer, name, segments, root, label, finish, signature, pieces)
     return comm.run(call, async_op, timeout, check)
+
+
+_ALGORITHM_INDEX = {name: index for index, name in enumerate(ALGORITHMS)}
 
 
 def _flat_work(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -144,7 +181,7 @@ def all_reduce(
 ) -> Work | None:
     """Reduce `tensor` across the group in place on every rank (op: sum, avg, max, min, prod)."""
     comm = communicator(group)
-    _check_tensor("tensor", tensor, comm)
+    tensor = _check_tensor("tensor", tensor, comm)
     reduce_op = _check_reduce(op, tensor.dtype)
     buffer, is_view = _flat_work(tensor)
 
@@ -171,8 +208,8 @@ def reduce_scatter(
 ) -> Work | None:
     """Reduce `input` (world_size x output's elements) across ranks; rank r's output gets block r."""
     comm = communicator(group)
-    _check_tensor("output", output, comm)
-    _check_tensor("input", input, comm)
+    output = _check_tensor("output", output, comm)
+    input = _check_tensor("input", input, comm)
     reduce_op = _check_reduce(op, input.dtype)
     _check_pair(output, input, comm.size, "input", "output")
     buffer = input.reshape(-1).clone()
@@ -210,8 +247,8 @@ def all_gather(
 ) -> Work | None:
     """Gather every rank's `input` into `output` (world_size x input's elements), rank r's at block r."""
     comm = communicator(group)
-    _check_tensor("output", output, comm)
-    _check_tensor("input", input, comm)
+    output = _check_tensor("output", output, comm)
+    input = _check_tensor("input", input, comm)
     _check_pair(input, output, comm.size, "output", "input")
     buffer, is_view = _flat_work(output)
     n = input.numel()
@@ -237,7 +274,7 @@ def broadcast(
 ) -> Work | None:
     """Copy `tensor` from rank `src` (a global rank, as in torch.distributed) to every rank, in place."""
     comm = communicator(group)
-    _check_tensor("tensor", tensor, comm)
+    tensor = _check_tensor("tensor", tensor, comm)
     root = _group_rank(comm, src, "src", group)
     buffer, is_view = _flat_work(tensor)
 
@@ -262,7 +299,7 @@ def reduce(
 ) -> Work | None:
     """Reduce `tensor` across ranks into rank `dst` (a global rank) in place; other ranks keep their input."""
     comm = communicator(group)
-    _check_tensor("tensor", tensor, comm)
+    tensor = _check_tensor("tensor", tensor, comm)
     reduce_op = _check_reduce(op, tensor.dtype)
     root = _group_rank(comm, dst, "dst", group)
     if comm.rank == root:

@@ -10,23 +10,29 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule
-from commlab.collectives.executor import REDUCERS, compile_plan, execute
-from commlab.collectives.schedule import OPS
+from commlab.collectives.cost import DEFAULT_COST_MODEL, CostModel
+from commlab.collectives.executor import DEFAULT_WINDOW, REDUCERS, Plan, compile_plan, execute
+from commlab.collectives.schedule import OPS, subdivide
 from commlab.collectives.transport import Transport
-from commlab.errors import CollectiveMismatchError, CollectiveTimeoutError, invalid
+from commlab.collectives.tuning import DEFAULT_PIECE_BYTES
+from commlab.errors import CollectiveMismatchError, CollectiveTimeoutError, TransportError, invalid
 
-# Tags: each call gets a window of _TAG_WINDOW tags; the argument check uses the first few of it.
+# Tags: each call gets a window of _TAG_WINDOW tags; the argument check uses the first few of it. The
+# number of windows is what fits below the transport's largest tag (MPI's TAG_UB may be 2^29 - 1 or less).
 _TAG_WINDOW = 1 << 20
 _TAG_CALLS = 1024
 _CHECK_TAGS = 64
+_PLAN_CACHE = 256  # compiled plans kept per communicator
 
 
 @dataclass
@@ -42,6 +48,11 @@ class Call:
     label: str  # the public name, e.g. "all_reduce", for messages
     finish: Callable[[], None]
     signature: tuple[int, ...]  # what must agree across ranks (see Communicator.check_signature)
+    pieces: int = 1  # slices per chunk (schedule.subdivide), for overlap of transfer and reduction
+
+    def describe(self) -> str:
+        """The call for error messages, e.g. 'all_reduce (ring, 1000 x torch.float32)'."""
+        return f"{self.label} ({self.algorithm}, {self.buffer.numel()} x {self.buffer.dtype})"
 
 
 class Work:
@@ -73,20 +84,78 @@ class Communicator:
     root, algorithm) before running it, so ranks that disagree all get a CollectiveMismatchError instead of
     wrong data or a hang. It costs one small allgather (ceil(lg p) latency-bound rounds) per call; turn it
     off per communicator or per call (`check=False`) once a program is known to be consistent.
+
+    Tuning: `cost_model` ranks the algorithms for `algorithm="auto"` (default: the transport's
+    `cost_model` if it has one, else `cost.DEFAULT_COST_MODEL`); chunks larger than `piece_bytes` are
+    sliced so transfers overlap reductions (default: the transport's `piece_bytes`, else
+    `tuning.DEFAULT_PIECE_BYTES`; 0 turns slicing off); `window` is how many steps the executor keeps in
+    flight. Scratch space is kept per dtype and reused across calls (`release_scratch()` frees it).
     """
 
-    def __init__(self, transport: Transport, timeout: float | None = None, check: bool = True) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        timeout: float | None = None,
+        check: bool = True,
+        cost_model: CostModel | None = None,
+        piece_bytes: int | None = None,
+        window: int = DEFAULT_WINDOW,
+    ) -> None:
         if timeout is not None and not timeout > 0:
             raise invalid("timeout", timeout, "a positive number of seconds, or None for the group's own")
+        if cost_model is not None and not isinstance(cost_model, CostModel):
+            raise invalid("cost_model", type(cost_model).__name__, "a commlab CostModel or None")
+        if piece_bytes is not None and (not isinstance(piece_bytes, int) or piece_bytes < 0):
+            raise invalid("piece_bytes", piece_bytes, "an integer >= 0 (0: no slicing) or None")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise invalid("window", window, "an integer >= 1")
         self.transport = transport
         self.rank = transport.rank
         self.size = transport.size
         self.timeout = float(timeout) if timeout is not None else transport.default_timeout
         self.check = check
+        self.cost_model = cost_model or getattr(transport, "cost_model", None) or DEFAULT_COST_MODEL
+        default_pieces = getattr(transport, "piece_bytes", DEFAULT_PIECE_BYTES)
+        self.piece_bytes = default_pieces if piece_bytes is None else piece_bytes
+        self.window = window
+        max_tag = getattr(transport, "max_tag", (1 << 31) - 1)
+        self.tag_calls = max(1, min(_TAG_CALLS, (max_tag + 1) // _TAG_WINDOW))
         self._calls = 0
         self._pending = 0
         self._lock = threading.Lock()
         self._queue: queue.Queue | None = None
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._scratch: dict[tuple, Any] = {}  # scratch per (dtype, device); argument-check buffers
+
+    def plan(self, call: Call) -> Plan:
+        """The compiled plan of a call on this rank, built once per (op, algorithm, root, size, ...)."""
+        key = (call.op, call.algorithm, call.root, call.segments, call.pieces, call.buffer.numel())
+        plan = self._plans.get(key)
+        if plan is None:
+            schedule = build_schedule(call.op, call.algorithm, self.size, call.root, call.segments)
+            plan = compile_plan(subdivide(schedule, call.pieces), self.rank, key[-1], self.window)
+            self._plans[key] = plan
+            if len(self._plans) > _PLAN_CACHE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def scratch(self, like: torch.Tensor, numel: int) -> torch.Tensor:
+        """A scratch tensor of at least `numel` elements of `like`'s dtype and device, reused across calls.
+
+        Collectives on a communicator run one at a time, so one buffer per dtype and device suffices.
+        """
+        key = (like.dtype, like.device)
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.numel() < numel:
+            scratch = like.new_empty(max(numel, 1))
+            self._scratch[key] = scratch
+        return scratch
+
+    def release_scratch(self) -> None:
+        """Free the cached scratch buffers (they are reallocated on the next call that needs them)."""
+        self._scratch.clear()
 
     def run(self, call: Call, async_op: bool, timeout: float | None, check: bool | None) -> Work | None:
         """Run (or queue) a call; return a Work when async_op, else None after completion."""
@@ -140,17 +209,45 @@ class Communicator:
 
     def check_signature(self, call: Call, deadline: float, tag_base: int) -> None:
         """Allgather every rank's call signature; any difference raises CollectiveMismatchError."""
-        width = len(call.signature)
-        table = torch.zeros(self.size * width, dtype=torch.int64, device=call.buffer.device)
-        table[self.rank * width : (self.rank + 1) * width] = torch.tensor(call.signature, dtype=torch.int64)
-        schedule = build_schedule("allgather", "bruck", self.size)
-        plan = compile_plan(schedule, self.rank, table.numel())
-        execute(
-            plan, table, self.transport, REDUCERS["sum"], deadline, tag_base, f"{call.label} argument check"
-        )
-        rows = table.view(self.size, width).tolist()
+        send, table = self._check_buffers(len(call.signature), call.buffer.device)
+        if send.device.type == "cpu":
+            send.numpy()[:] = call.signature
+        else:
+            send.copy_(torch.tensor(call.signature, dtype=torch.int64))
+        native = getattr(self.transport, "allgather_int64", None)
+        if native is not None:  # one native call instead of ceil(lg p) point-to-point rounds
+            try:
+                native(send, table, deadline)
+            except (CollectiveTimeoutError, TransportError) as error:
+                peers = ", ".join(f"rank {r}" for r in range(self.size) if r != self.rank)
+                where = f"{call.label} argument check (an allgather with {peers}), rank {self.rank}"
+                raise type(error)(f"{where}: {error}") from error
+        else:
+            width = send.numel()
+            table[self.rank * width : (self.rank + 1) * width] = send
+            key = ("check", width)
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = compile_plan(build_schedule("allgather", "bruck", self.size), self.rank, table.numel())
+                self._plans[key] = plan
+            scratch = self.scratch(table, plan.scratch_numel)
+            label = f"{call.label} argument check"
+            execute(plan, table, self.transport, REDUCERS["sum"], deadline, tag_base, label, scratch)
+        rows = table.view(self.size, -1).tolist()
         if any(row != rows[0] for row in rows):
             raise CollectiveMismatchError(f"{call.label}: ranks disagree: " + describe_signatures(rows))
+
+    def _check_buffers(self, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's signature and the table of all ranks' (int64), kept per (width, device)."""
+        key = ("check buffers", width, device)
+        buffers = self._scratch.get(key)
+        if buffers is None:
+            buffers = (
+                torch.zeros(width, dtype=torch.int64, device=device),
+                torch.zeros(self.size * width, dtype=torch.int64, device=device),
+            )
+            self._scratch[key] = buffers
+        return buffers
 
     def __repr__(self) -> str:
         return f"Communicator({self.transport!r}, timeout={self.timeout} s, check={self.check})"
@@ -167,22 +264,31 @@ class _Job:
     def __call__(self) -> None:
         comm, call = self.comm, self.call
         deadline = time.monotonic() + self.timeout
-        tag_base = (self.sequence % _TAG_CALLS) * _TAG_WINDOW
+        tag_base = (self.sequence % comm.tag_calls) * _TAG_WINDOW
         try:
             if self.check and comm.size > 1:
                 comm.check_signature(call, deadline, tag_base)
-            schedule = build_schedule(call.op, call.algorithm, comm.size, call.root, call.segments)
-            plan = compile_plan(schedule, comm.rank, call.buffer.numel())
+            plan = comm.plan(call)
             reducer = REDUCERS[call.reduce_op or "sum"]
-            label = f"{call.label} ({call.algorithm}, {call.buffer.numel()} x {call.buffer.dtype})"
-            execute(plan, call.buffer, comm.transport, reducer, deadline, tag_base + _CHECK_TAGS, label)
+            scratch = comm.scratch(call.buffer, plan.scratch_numel)
+            tags = tag_base + _CHECK_TAGS
+            execute(plan, call.buffer, comm.transport, reducer, deadline, tags, call.describe, scratch)
         except CollectiveTimeoutError as error:
             raise CollectiveTimeoutError(f"{error} [timeout {self.timeout:g} s]") from error
         call.finish()
 
 
 # Signature fields, in order; codes index these tuples so every rank encodes alike.
-SIGNATURE_FIELDS = ("collective", "reduce op", "dtype", "elements", "root", "algorithm", "segments")
+SIGNATURE_FIELDS = (
+    "collective",
+    "reduce op",
+    "dtype",
+    "elements",
+    "root",
+    "algorithm",
+    "segments",
+    "pieces",
+)
 DTYPES = (
     torch.float32,
     torch.float64,
@@ -203,6 +309,7 @@ def encode_signature(
     root: int | None,
     algorithm_index: int,
     segments: int,
+    pieces: int = 1,
 ) -> tuple[int, ...]:
     """The integers every rank must agree on for one call."""
     reduce_code = -1 if reduce_op is None else REDUCE_CODES.index(reduce_op)
@@ -214,6 +321,7 @@ def encode_signature(
         -1 if root is None else root,
         algorithm_index,
         segments,
+        pieces,
     )
 
 

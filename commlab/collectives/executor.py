@@ -1,15 +1,24 @@
-"""Runs a schedule on a transport over a flat tensor: chunk slicing, scratch space and reductions.
+"""Runs a schedule on a transport over a flat tensor: chunk slicing, scratch space, reductions, lookahead.
 
-A schedule is compiled once per (schedule, rank, element count) into a `Plan`: per step, the element ranges
-each message covers, its tag, and where it lands (straight into the buffer for a contiguous overwrite, into
-scratch for a reduction or a scattered chunk list). Executing a plan allocates one scratch buffer, posts each
-step's transfers, waits with the collective's deadline, then applies the step's reductions.
+A schedule is compiled once per (schedule, rank, element count, window) into a `Plan`: per step, the
+element ranges each message covers, its tag, where it lands (straight into the buffer for a contiguous
+overwrite, into scratch for a reduction or a scattered chunk list) and `after`, the last earlier step whose
+completion it needs (it sends or overwrites chunks that step writes, or overwrites chunks that step sends).
+
+Execution waits for the steps in order, applying each step's reductions when all its transfers are done,
+and posts later steps as soon as their `after` step is complete, up to `window` steps ahead of the one
+waited for. So the transfer of one step (or slice, see `schedule.subdivide`) overlaps the reduction of the
+previous one. Posting earlier never breaks a schedule the checker accepted: messages match by tag, and
+every step is still posted no later than when its predecessor completes.
+
+The posting order does not depend on timing, so compilation also lays out scratch: each step's region is
+live from its posting to its completion and regions live at once never overlap. The caller passes a
+scratch tensor of at least `plan.scratch_numel` elements (the communicator keeps one and reuses it).
 """
 
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,9 +26,10 @@ import torch
 
 from commlab.collectives.schedule import Schedule, chunk_bounds
 from commlab.collectives.transport import Message, Transport, wait_all
-from commlab.errors import CollectiveTimeoutError, TransportError
+from commlab.errors import CollectiveTimeoutError, TransportError, invalid
 
 REDUCE_OPS = ("sum", "avg", "max", "min", "prod")
+DEFAULT_WINDOW = 3  # steps in flight at most: the one waited for and two posted ahead
 
 Reducer = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -60,8 +70,12 @@ class TransferPlan:
 
 @dataclass(frozen=True)
 class StepPlan:
+    """A step's messages (empty ones dropped), the step it must wait for before posting, and its scratch."""
+
     sends: tuple[TransferPlan, ...]
     recvs: tuple[TransferPlan, ...]
+    after: int = -1  # the last earlier step that must be complete before this one is posted
+    scratch_numel: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ class Plan:
     steps: tuple[StepPlan, ...]
     scratch_numel: int
     tags_used: int  # the largest per-pair ordinal + 1: a collective needs this many tags
+    window: int = DEFAULT_WINDOW
 
 
 def _merge(bounds: list[tuple[int, int]], chunks: tuple[int, ...]) -> Ranges:
@@ -90,49 +105,144 @@ def _merge(bounds: list[tuple[int, int]], chunks: tuple[int, ...]) -> Ranges:
 
 
 @functools.lru_cache(maxsize=512)
-def compile_plan(schedule: Schedule, rank: int, numel: int) -> Plan:
-    """Turn rank `rank`'s steps into element ranges, tags and scratch offsets for a `numel` buffer."""
+def compile_plan(schedule: Schedule, rank: int, numel: int, window: int = DEFAULT_WINDOW) -> Plan:
+    """Turn rank `rank`'s steps into element ranges, tags, dependencies and scratch for a `numel` buffer."""
+    if not isinstance(window, int) or window < 1:
+        raise invalid("window", window, "an integer >= 1")
     bounds = chunk_bounds(numel, schedule.num_chunks, schedule.num_blocks)
-    sent: dict[int, int] = defaultdict(int)
-    received: dict[int, int] = defaultdict(int)
+    sent: dict[int, int] = {}
+    received: dict[int, int] = {}
+    last_write: dict[int, int] = {}  # chunk -> last step that receives into it
+    last_read: dict[int, int] = {}  # chunk -> last step that sends it
     steps = []
-    scratch_numel = 0
-    for step in schedule.steps[rank]:
+    for index, step in enumerate(schedule.steps[rank]):
         offset = 0
         sends, recvs = [], []
+        reads, writes, direct_writes = set(), set(), set()
         for recv in step.recvs:
+            ordinal = received.get(recv.peer, 0)
+            received[recv.peer] = ordinal + 1
+            writes.update(recv.chunks)
             ranges = _merge(bounds, recv.chunks)
             size = sum(e - s for s, e in ranges)
             direct = not recv.reduce and len(ranges) <= 1
-            recvs.append(
-                TransferPlan(
-                    recv.peer, received[recv.peer], ranges, size, recv.reduce, -1 if direct else offset
-                )
-            )
-            received[recv.peer] += 1
-            offset += 0 if direct else size
+            if direct:
+                direct_writes.update(recv.chunks)
+            if size:
+                where = -1 if direct else offset
+                recvs.append(TransferPlan(recv.peer, ordinal, ranges, size, recv.reduce, where))
+                offset += 0 if direct else size
         for send in step.sends:
+            ordinal = sent.get(send.peer, 0)
+            sent[send.peer] = ordinal + 1
+            reads.update(send.chunks)
             ranges = _merge(bounds, send.chunks)
             size = sum(e - s for s, e in ranges)
             direct = len(ranges) <= 1
-            sends.append(
-                TransferPlan(send.peer, sent[send.peer], ranges, size, False, -1 if direct else offset)
-            )
-            sent[send.peer] += 1
-            offset += 0 if direct else size
-        scratch_numel = max(scratch_numel, offset)
-        steps.append(StepPlan(tuple(sends), tuple(recvs)))
+            if size:
+                sends.append(TransferPlan(send.peer, ordinal, ranges, size, False, -1 if direct else offset))
+                offset += 0 if direct else size
+        after = max(
+            [last_write.get(c, -1) for c in reads | direct_writes]
+            + [last_read.get(c, -1) for c in direct_writes]
+            + [-1]
+        )
+        for chunk in writes:
+            last_write[chunk] = index
+        for chunk in reads:
+            last_read[chunk] = index
+        steps.append(StepPlan(tuple(sends), tuple(recvs), after, offset))
+    steps, scratch_numel = _lay_out_scratch(steps, window)
     tags = max([*sent.values(), *received.values(), 0])
-    return Plan(rank, numel, tuple(steps), scratch_numel, tags)
+    return Plan(rank, numel, tuple(steps), scratch_numel, tags, window)
 
 
-def _region(buffer: torch.Tensor, scratch: torch.Tensor | None, transfer: TransferPlan) -> torch.Tensor:
+def posting_order(steps: list[StepPlan] | tuple[StepPlan, ...], window: int) -> list[int]:
+    """For each step, the index of the step being waited for when `execute` posts it (timing-independent)."""
+    posted_at = [0] * len(steps)
+    posted = 0
+    for k in range(len(steps)):
+        while posted < len(steps) and posted - k < window and steps[posted].after < k:
+            posted_at[posted] = k
+            posted += 1
+    return posted_at
+
+
+def _lay_out_scratch(steps: list[StepPlan], window: int) -> tuple[list[StepPlan], int]:
+    """Give each step's scratch a base offset, disjoint from every step in flight with it (first fit)."""
+    posted_at = posting_order(steps, window)
+    live: list[tuple[int, int, int]] = []  # (start, end, last step index) of regions in use
+    bases = []
+    total = 0
+    for index, step in enumerate(steps):
+        live = [region for region in live if region[2] >= posted_at[index]]
+        base = 0
+        for start, end, _ in sorted(live):
+            if base + step.scratch_numel <= start:
+                break
+            base = max(base, end)
+        if step.scratch_numel:
+            live.append((base, base + step.scratch_numel, index))
+        bases.append(base)
+        total = max(total, base + step.scratch_numel)
+    laid_out = []
+    for step, base in zip(steps, bases, strict=True):
+        if base:
+            step = StepPlan(
+                tuple(_shift(t, base) for t in step.sends),
+                tuple(_shift(t, base) for t in step.recvs),
+                step.after,
+                step.scratch_numel,
+            )
+        laid_out.append(step)
+    return laid_out, total
+
+
+def _shift(transfer: TransferPlan, base: int) -> TransferPlan:
+    if transfer.scratch_offset < 0:
+        return transfer
+    return TransferPlan(
+        transfer.peer,
+        transfer.ordinal,
+        transfer.ranges,
+        transfer.numel,
+        transfer.reduce,
+        transfer.scratch_offset + base,
+    )
+
+
+def _region(buffer: torch.Tensor, scratch: torch.Tensor, transfer: TransferPlan) -> torch.Tensor:
     if transfer.scratch_offset >= 0:
         return scratch[transfer.scratch_offset : transfer.scratch_offset + transfer.numel]
-    if not transfer.ranges:
-        return buffer[:0]
     start, end = transfer.ranges[0]
     return buffer[start:end]
+
+
+def _post(step: StepPlan, buffer: torch.Tensor, scratch: torch.Tensor, transport: Transport, tag_base: int):
+    """Post a step's receives and sends (gathering scattered sends into scratch first)."""
+    recvs = [Message(_region(buffer, scratch, r), r.peer, tag_base + r.ordinal) for r in step.recvs]
+    sends = []
+    for send in step.sends:
+        payload = _region(buffer, scratch, send)
+        if send.scratch_offset >= 0:
+            torch.cat([buffer[s:e] for s, e in send.ranges], out=payload)
+        sends.append(Message(payload, send.peer, tag_base + send.ordinal))
+    return transport.post(sends, recvs)
+
+
+def _apply(step: StepPlan, buffer: torch.Tensor, scratch: torch.Tensor, reducer: Reducer) -> None:
+    """After a step's transfers: reduce (or copy) what landed in scratch into the buffer."""
+    for recv in step.recvs:
+        if recv.scratch_offset < 0:
+            continue
+        at = recv.scratch_offset
+        for start, end in recv.ranges:
+            part = scratch[at : at + end - start]
+            if recv.reduce:
+                reducer(buffer[start:end], part)
+            else:
+                buffer[start:end].copy_(part)
+            at += end - start
 
 
 def execute(
@@ -142,41 +252,34 @@ def execute(
     reducer: Reducer,
     deadline: float,
     tag_base: int = 0,
-    label: str = "collective",
+    label: str | Callable[[], str] = "collective",
+    scratch: torch.Tensor | None = None,
 ) -> None:
-    """Run a compiled plan over the flat contiguous `buffer`, in place; every wait ends by `deadline`."""
-    scratch = buffer.new_empty(plan.scratch_numel) if plan.scratch_numel else None
-    for index, step in enumerate(plan.steps):
-        sends, recvs, posted = [], [], []
-        for recv in step.recvs:
-            if recv.numel:
-                recvs.append(Message(_region(buffer, scratch, recv), recv.peer, tag_base + recv.ordinal))
-                posted.append(recv)
-        for send in step.sends:
-            if not send.numel:
-                continue
-            payload = _region(buffer, scratch, send)
-            if send.scratch_offset >= 0:
-                torch.cat([buffer[s:e] for s, e in send.ranges], out=payload)
-            sends.append(Message(payload, send.peer, tag_base + send.ordinal))
-        posted += [s for s in step.sends if s.numel]
-        requests = transport.post(sends, recvs)
-        try:
-            wait_all(requests, deadline, functools.partial(_describe_request, posted, len(recvs)))
-        except (CollectiveTimeoutError, TransportError) as error:
-            raise type(error)(f"{label}, rank {plan.rank}, step {index}: {error}") from error
-        for recv in step.recvs:
-            if recv.scratch_offset < 0 or not recv.numel:
-                continue
-            piece = scratch[recv.scratch_offset : recv.scratch_offset + recv.numel]
-            at = 0
-            for start, end in recv.ranges:
-                part = piece[at : at + end - start]
-                if recv.reduce:
-                    reducer(buffer[start:end], part)
-                else:
-                    buffer[start:end].copy_(part)
-                at += end - start
+    """Run a compiled plan over the flat contiguous `buffer`, in place; every wait ends by `deadline`.
+
+    `scratch` (same dtype and device, at least `plan.scratch_numel` elements) is reused if given.
+    `label` names the collective in errors (a callable is called only when one happens).
+    """
+    if scratch is None or scratch.numel() < plan.scratch_numel:
+        scratch = buffer.new_empty(plan.scratch_numel)
+    wait = getattr(transport, "wait_all", wait_all)
+    steps = plan.steps
+    count = len(steps)
+    in_flight: list = [None] * count
+    posted = 0
+    for k in range(count):
+        while posted < count and posted - k < plan.window and steps[posted].after < k:
+            in_flight[posted] = _post(steps[posted], buffer, scratch, transport, tag_base)
+            posted += 1
+        step = steps[k]
+        requests, in_flight[k] = in_flight[k], None
+        if requests:
+            try:
+                wait(requests, deadline, functools.partial(_describe_request, step))
+            except (CollectiveTimeoutError, TransportError) as error:
+                name = label() if callable(label) else label
+                raise type(error)(f"{name}, rank {plan.rank}, step {k}: {error}") from error
+            _apply(step, buffer, scratch, reducer)
 
 
 def _describe(transfer: TransferPlan, is_recv: bool) -> str:
@@ -186,6 +289,8 @@ def _describe(transfer: TransferPlan, is_recv: bool) -> str:
     return f"{what} rank {transfer.peer}"
 
 
-def _describe_request(posted: list[TransferPlan], num_recvs: int, index: int) -> str:
+def _describe_request(step: StepPlan, index: int) -> str:
     """Name request `index` of a step (receives are posted first) for a timeout message."""
-    return _describe(posted[index], index < num_recvs)
+    if index < len(step.recvs):
+        return _describe(step.recvs[index], True)
+    return _describe(step.sends[index - len(step.recvs)], False)

@@ -149,6 +149,39 @@ def chunk_bounds(numel: int, num_chunks: int, num_blocks: int = 1) -> list[tuple
     return bounds
 
 
+def subdivide(schedule: Schedule, pieces: int) -> Schedule:
+    """The same schedule on `pieces` independent, contiguous slices of every block, interleaved step-major.
+
+    Slice g of block b holds the block's chunks again, renumbered b*C*pieces + g*C + i (C chunks per block),
+    so a message that names a contiguous run of chunks still names a contiguous run in every slice. Each
+    step k becomes the steps (k, 0), ..., (k, pieces-1), each moving only its slice: one slice's reduction
+    can then overlap the next slice's transfer (the executor posts ahead by data dependency). The checker
+    proves the result like any other schedule.
+    """
+    if not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1:
+        raise invalid("pieces", pieces, "an integer >= 1")
+    if pieces == 1:
+        return schedule
+    per_block = schedule.chunks_per_block
+
+    def moved(chunks: tuple[int, ...], g: int) -> tuple[int, ...]:
+        return tuple((c // per_block) * per_block * pieces + g * per_block + c % per_block for c in chunks)
+
+    steps = tuple(
+        tuple(
+            Step(
+                tuple(Send(s.peer, moved(s.chunks, g)) for s in step.sends),
+                tuple(Recv(r.peer, moved(r.chunks, g), r.reduce) for r in step.recvs),
+            )
+            for step in rank_steps
+            for g in range(pieces)
+        )
+        for rank_steps in schedule.steps
+    )
+    chunks = schedule.num_chunks * pieces
+    return Schedule(schedule.op, schedule.algorithm, schedule.world_size, chunks, steps, schedule.root)
+
+
 @dataclass
 class ScheduleBuilder:
     """Collects transfers by time slot and freezes them into a Schedule (empty slots are dropped).

@@ -7,20 +7,20 @@ deadline. Gloo takes CPU tensors message by message; NCCL takes CUDA tensors as 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
 
+from commlab.collectives.tuning import piece_bytes_for_host
 from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """One posted transfer: a contiguous tensor, the peer's rank in the group, and the tag."""
 
     tensor: torch.Tensor
@@ -33,7 +33,12 @@ class Request(Protocol):
 
 
 class Transport(Protocol):
-    """What the executor runs on: ranks of one group exchanging tensors, with a default timeout."""
+    """What the executor runs on: ranks of one group exchanging tensors, with a default timeout.
+
+    Optional, used when present: `wait_all(requests, deadline, describe)` (wait for a step's requests
+    at once), `allgather_int64(send, out, deadline)` (a native allgather for the argument check),
+    `max_tag`, `cost_model` and `piece_bytes` (see Communicator).
+    """
 
     rank: int
     size: int
@@ -79,6 +84,9 @@ class TorchTransport:
         self.backend = str(dist.get_backend(self.group)).lower()
         self.device_type = "cuda" if self.backend == "nccl" else "cpu"
         self.default_timeout = _group_timeout(self.group, self.device_type)
+        if self.device_type == "cpu":  # slices overlap only where each rank has cores to spare
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
+            self.piece_bytes = piece_bytes_for_host(min(local, self.size))
 
     def post(self, sends: list[Message], recvs: list[Message]) -> list[TorchRequest]:
         if self.backend == "nccl":
@@ -96,8 +104,21 @@ class TorchTransport:
         ]
         return requests
 
+    def allgather_int64(self, send: torch.Tensor, out: torch.Tensor, deadline: float) -> None:
+        """Every rank's `send` (int64) into `out`, rank r's at block r, by the backend's own collective.
+
+        For control data (commlab's argument check): one native call costs less than the ceil(lg p)
+        point-to-point rounds of a schedule.
+        """
+        work = _ALL_GATHER(out, send, group=self.group, async_op=True)
+        TorchRequest(work).wait(deadline - time.monotonic())
+
     def __repr__(self) -> str:
         return f"TorchTransport({self.backend}, rank {self.rank} of {self.size})"
+
+
+# torch >= 2.11 names it all_gather_single; all_gather_into_tensor is the older (now deprecated) name
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _group_timeout(group: dist.ProcessGroup, device_type: str) -> float:

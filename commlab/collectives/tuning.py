@@ -1,25 +1,36 @@
-"""`algorithm="auto"`: rank the algorithms that implement an op by their alpha-beta-gamma cost formulas.
+"""`algorithm="auto"` and the runtime knobs of a call: algorithm, pipeline segments and slices.
 
-The decision depends only on (op, world size, bytes) and the cost model, so every rank reaches the same
-choice without talking. The default model holds constants for loopback gloo on CPU; calibration of the
-live transport replaces it later.
+The algorithm is the cheapest by its alpha-beta-gamma cost formula. Pipeline `segments` belong to an
+algorithm's schedule (trees, chains) and come from its formula too. `pieces` slice every chunk of a
+schedule into independent copies run step-major (`schedule.subdivide`), so the executor overlaps one
+slice's reduction with the next one's transfer; a chunk is sliced into pieces of about `piece_bytes`.
+Every decision depends only on (op, algorithm, world size, bytes) and the communicator's settings, so all
+ranks reach the same one without talking (and the argument check would catch it if they did not).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
-from commlab.collectives.algorithms import ALGORITHMS, algorithms_for, get_algorithm
+from commlab.collectives.algorithms import ALGORITHMS, algorithms_for, build_schedule, get_algorithm
 from commlab.collectives.cost import DEFAULT_COST_MODEL, CostModel
+from commlab.collectives.schedule import ROOTED_OPS
+from commlab.errors import InvalidArgumentError, invalid
+
+MAX_PIECES = 16  # slices per chunk at most: each one is a message, with its own latency
+DEFAULT_PIECE_BYTES = 1 << 20  # slice chunks larger than this (see benchmarks/collectives.py)
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The algorithm to run, its pipeline segment count and its predicted time in seconds."""
+    """The algorithm to run, its pipeline segments, its predicted time (s) and the slices per chunk."""
 
     algorithm: str
     segments: int
     predicted_time: float
+    pieces: int = 1
 
 
 def segments_for(algorithm: str, op: str, world_size: int, nbytes: int, model: CostModel) -> int:
@@ -40,3 +51,53 @@ def choose(op: str, world_size: int, nbytes: int, model: CostModel = DEFAULT_COS
             best = Choice(name, segments, time)
     assert best is not None  # every op has at least one algorithm
     return best
+
+
+def piece_bytes_for_host(local_ranks: int, threads_per_rank: int = 2) -> int:
+    """DEFAULT_PIECE_BYTES if this host has a core for every thread of every local rank, else 0.
+
+    Overlapping one slice's reduction with the next one's transfer needs the transport's own thread
+    (gloo's I/O loop) to run beside the rank's main thread; with fewer cores the two take turns, and
+    slicing only adds messages (measured in benchmarks/collectives.py on 2 cores).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return DEFAULT_PIECE_BYTES if cores >= threads_per_rank * max(local_ranks, 1) else 0
+
+
+def pieces_for(op: str, algorithm: str, world_size: int, nbytes: int, segments: int, piece_bytes: int) -> int:
+    """Slices per chunk so that each is about `piece_bytes` (1 up to MAX_PIECES; 1 for one rank)."""
+    if world_size == 1 or piece_bytes <= 0:
+        return 1
+    root = 0 if op in ROOTED_OPS else None
+    chunks = build_schedule(op, algorithm, world_size, root, segments).num_chunks
+    return max(1, min(MAX_PIECES, nbytes // (chunks * piece_bytes)))
+
+
+@functools.lru_cache(maxsize=4096)
+def resolve(
+    op: str,
+    algorithm: str,
+    world_size: int,
+    nbytes: int,
+    model: CostModel = DEFAULT_COST_MODEL,
+    piece_bytes: int = DEFAULT_PIECE_BYTES,
+) -> Choice:
+    """Everything a call needs decided: the algorithm ('auto' or a name), its segments and its pieces."""
+    if algorithm == "auto":
+        choice = choose(op, world_size, nbytes, model)
+    else:
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+            raise invalid("algorithm", algorithm, ["auto", *ALGORITHMS])
+        if op not in get_algorithm(algorithm).ops:
+            raise InvalidArgumentError(
+                f"algorithm={algorithm!r} does not implement {op}; accepted: 'auto', "
+                + ", ".join(repr(a) for a in algorithms_for(op))
+            )
+        segments = segments_for(algorithm, op, world_size, nbytes, model)
+        predicted = ALGORITHMS[algorithm].cost(op, world_size, nbytes, model, segments)
+        choice = Choice(algorithm, segments, predicted)
+    pieces = pieces_for(op, choice.algorithm, world_size, nbytes, choice.segments, piece_bytes)
+    return Choice(choice.algorithm, choice.segments, choice.predicted_time, pieces)

@@ -121,6 +121,11 @@ def tied_logits(x: Tensor, embedding: nn.Module) -> Tensor:
     return F.linear(x, embedding.weight)
 
 
+def full_logits(logits: Tensor) -> Tensor:
+    """The default head already gives full-vocabulary logits (tensor parallelism gathers its shards)."""
+    return logits
+
+
 @dataclass(frozen=True)
 class Layers:
     """Factories for the parts tensor parallelism replaces; the defaults build a single-device model.
@@ -134,6 +139,7 @@ class Layers:
     embedding: Callable[[int, int], nn.Module] = nn.Embedding
     tied_logits: Callable[[Tensor, nn.Module], Tensor] = tied_logits
     cross_entropy: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy  # (N, V) logits, (N,) targets
+    gather_logits: Callable[[Tensor], Tensor] = full_logits  # head output -> full-vocabulary logits
 
 
 def rope_frequencies(head_dim: int, positions: int | Tensor, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -193,8 +199,8 @@ class Attention(nn.Module):
             self.register_buffer("rope_sin", rope[1].clone(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, seq, _ = x.shape
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)  # sequence parallelism: x holds part of the sequence, qkv all of it
+        batch, seq = qkv.shape[:2]
         n_local_heads = qkv.shape[-1] // (3 * self.head_dim)
         qkv = qkv.view(batch, seq, n_local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv.unbind(0)  # each (batch, heads, seq, head_dim)
@@ -258,17 +264,35 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+def fill_(param: Tensor, fill: Callable[[Tensor], Any]) -> None:
+    """Apply an in-place init to `param`, or, for a shard, to its full tensor and keep the shard's slice.
+
+    A tensor-parallel shard carries `param.shard_of = (full_shape, dim, start)`: drawing the full tensor
+    consumes the RNG exactly as the unsharded model does, so the weights do not depend on the TP size.
+    """
+    shard = getattr(param, "shard_of", None)
+    if shard is None:
+        fill(param)
+        return
+    full_shape, dim, start = shard
+    full = torch.empty(full_shape, dtype=param.dtype, device=param.device)
+    fill(full)
+    param.copy_(full.narrow(dim, start, param.shape[dim]))
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
     """GPT-2 style init from torch's RNG, in named_parameters order (so a seed fixes the weights).
 
     Matrices N(0, std); residual projections (attention out, MLP down) N(0, std / sqrt(2 n_layer)) so the
-    residual stream's variance does not grow with depth; biases 0; norm scales 1.
+    residual stream's variance does not grow with depth; biases 0; norm scales 1. Tensor-parallel shards
+    get their slice of the full tensor (see fill_), so every TP size gets the same weights.
     """
     for name, p in model.named_parameters():
         if p.dim() >= 2:
             residual = name.endswith(("attn.out_proj.weight", "mlp.fc_out.weight"))
-            nn.init.normal_(p, 0.0, std / math.sqrt(2 * n_layer) if residual else std)
+            scale = std / math.sqrt(2 * n_layer) if residual else std
+            fill_(p, lambda t, scale=scale: nn.init.normal_(t, 0.0, scale))
         elif name.endswith("bias"):
             nn.init.zeros_(p)
         else:
@@ -315,6 +339,11 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy in nats."""
         return self.factories.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
+    def stage_parts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Attributes the first pipeline stage needs (embed) and the last (head, loss); blocks aside."""
+        head = ("norm", "lm_head") if self.lm_head is not None else ("norm", "tok_embed")
+        return ("tok_embed",), head
+
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         x = self.embed(idx)
         for block in self.blocks:
@@ -340,7 +369,7 @@ class GPT(nn.Module):
         if top_k is not None and top_k < 1:
             raise invalid("top_k", top_k, "None or a positive int")
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.seq_len :])[0][:, -1, :]
+            logits = self.factories.gather_logits(self(idx[:, -self.config.seq_len :])[0][:, -1, :])
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

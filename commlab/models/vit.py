@@ -104,9 +104,17 @@ class ViT(nn.Module):
         """Tokens (B, T, d_model) -> class logits (B, num_classes), read from the class token."""
         return self.classifier(self.norm(x[:, 0]))
 
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy of the class logits in nats."""
+        return F.cross_entropy(logits, labels)
+
+    def stage_parts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Attributes the first pipeline stage needs (embed) and the last (head, loss); blocks aside."""
+        return ("patch_embed", "cls_token", "pos_embed"), ("norm", "classifier")
+
     def forward(self, images: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         x = self.embed(images)
         for block in self.blocks:
             x = block(x)
         logits = self.head(x)
-        return logits, None if labels is None else F.cross_entropy(logits, labels)
+        return logits, None if labels is None else self.loss(logits, labels)

@@ -159,6 +159,14 @@ ALGORITHMS: dict[str, Algorithm] = {
             halving_doubling.bruck_cost,
         ),
         Algorithm(
+            "recursive_doubling",
+            "recursive doubling allreduce: lg p steps on the whole buffer (MPICH fold for any p)",
+            halving_doubling.RECURSIVE_DOUBLING_OPS,
+            (),
+            halving_doubling.build_recursive_doubling,
+            halving_doubling.recursive_doubling_cost,
+        ),
+        Algorithm(
             "direct",
             "every rank exchanges with every other in one step per phase",
             OPS,

@@ -1,4 +1,4 @@
-"""Recursive halving and doubling (Rabenseifner), binomial trees, and Bruck's allgather: lg p rounds.
+"""Recursive halving and doubling (Rabenseifner), recursive doubling, binomial trees, Bruck: lg p rounds.
 
 Non-powers of two use MPICH's fold: with p' the largest power of two <= p and rem = p - p', among the first
 2 rem ranks each even rank hands its data to rank+1 and sits out; the p' remaining ranks (virtual rank v is
@@ -14,6 +14,8 @@ Cost (p ranks, n bytes, p' = 2^floor(lg p), rem = p - p', L = lg p', f = [rem > 
     broadcast       ceil(lg p) (alpha + n beta)                       (binomial tree)
     reduce          ceil(lg p) (alpha + n (beta + gamma))
     bruck allgather ceil(lg p) alpha + n(p-1)/p beta                  (any p, no fold)
+    recursive doubling allreduce (the whole buffer every step: fewest steps, for small messages)
+                    (L + 2f) alpha + (L + 2f) n beta + (L + f) n gamma
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from commlab.errors import invalid
 NAME = "halving_doubling"
 BRUCK = "bruck"
 BRUCK_OPS = ("allgather",)
+RECURSIVE_DOUBLING = "recursive_doubling"
+RECURSIVE_DOUBLING_OPS = ("allreduce",)
 
 
 def _real(virtual: int, rem: int) -> int:
@@ -150,6 +154,29 @@ def bruck_allgather(world_size: int) -> Schedule:
     return builder.build()
 
 
+def recursive_doubling_allreduce(world_size: int) -> Schedule:
+    """Fold; at distance d (1 up to p'/2) v and v xor d swap their whole buffers and both add; unfold.
+
+    lg p' steps (plus 2 for the fold) instead of Rabenseifner's 2 lg p', at lg p' times the bytes: the
+    fastest allreduce while a message costs more than moving the buffer.
+    """
+    p = world_size
+    p2 = floor_pow2(p)
+    rem = p - p2
+    builder = ScheduleBuilder("allreduce", RECURSIVE_DOUBLING, p, 1)
+    for i in range(rem):
+        builder.transfer(0, 2 * i, 2 * i + 1, [0], reduce=True)
+    slot, d = 1, 1
+    while d < p2:
+        for v in range(p2):
+            builder.transfer(slot, _real(v, rem), _real(v ^ d, rem), [0], reduce=True)
+        d *= 2
+        slot += 1
+    for i in range(rem):
+        builder.transfer(slot, 2 * i + 1, 2 * i, [0], reduce=False)
+    return builder.build()
+
+
 def build(op: str, world_size: int, root: int | None = None, segments: int = 1) -> Schedule:
     """The halving-doubling family's schedule for `op` (arguments already validated by the registry)."""
     if op == "allreduce":
@@ -170,6 +197,15 @@ def build_bruck(op: str, world_size: int, root: int | None = None, segments: int
     if op != "allgather":
         raise invalid("op", op, BRUCK_OPS)
     return bruck_allgather(world_size)
+
+
+def build_recursive_doubling(
+    op: str, world_size: int, root: int | None = None, segments: int = 1
+) -> Schedule:
+    """Recursive doubling allreduce (the only op it builds)."""
+    if op != "allreduce":
+        raise invalid("op", op, RECURSIVE_DOUBLING_OPS)
+    return recursive_doubling_allreduce(world_size)
 
 
 def _folded_blocks(p2: int, rem: int) -> int:
@@ -210,3 +246,15 @@ def bruck_cost(op: str, world_size: int, nbytes: float, model: CostModel, segmen
     if op != "allgather":
         raise invalid("op", op, BRUCK_OPS)
     return model.time(ceil_log2(world_size), nbytes * (world_size - 1) / world_size)
+
+
+def recursive_doubling_cost(
+    op: str, world_size: int, nbytes: float, model: CostModel, segments: int = 1
+) -> float:
+    """Seconds for recursive doubling allreduce: (L + 2f)(alpha + n beta) + (L + f) n gamma."""
+    if op != "allreduce":
+        raise invalid("op", op, RECURSIVE_DOUBLING_OPS)
+    p2 = floor_pow2(world_size)
+    steps = p2.bit_length() - 1
+    fold = 1 if world_size > p2 else 0
+    return model.time(steps + 2 * fold, (steps + 2 * fold) * nbytes, (steps + fold) * nbytes)

@@ -1,0 +1,195 @@
+"""The DP x PP x TP grid of process groups over the world, TP innermost.
+
+Rank r sits at (dp_rank, pp_rank, tp_rank) with r = (dp_rank * pp + pp_rank) * tp + tp_rank, so the
+ranks of one TP group are neighbours (on a real cluster: the GPUs of one node, joined by NVLink), a
+pipeline's stages are tp ranks apart, and a data-parallel group strides over whole model replicas.
+
+`Mesh(dp, pp, tp)` builds one communicator per axis for this rank, on torch.distributed (every rank
+creates every group, in the same order) or on an MPI communicator (`Mesh(..., world=MPI.COMM_WORLD)`,
+one `Split` per axis). Each is a commlab `Communicator`, accepted as `group=` by every collective and by
+`DataParallel`. The pipeline group carries only the pipeline's point-to-point messages; with pp > 1 an
+extra two-rank `embedding_group` joins the first and last stage, which both hold a tied embedding.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch.distributed as dist
+
+from commlab.collectives.api import communicator
+from commlab.collectives.communicator import Communicator
+from commlab.errors import CommlabError, InvalidArgumentError, invalid
+
+AXES = ("dp", "pp", "tp")
+
+
+def check_layout(world_size: int, dp: int, pp: int, tp: int) -> None:
+    """Each size a positive int and dp x pp x tp == world_size, else a clear error."""
+    for name, value in (("dp", dp), ("pp", pp), ("tp", tp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise invalid(name, value, "a positive int")
+    if dp * pp * tp != world_size:
+        raise InvalidArgumentError(
+            f"dp x pp x tp = {dp} x {pp} x {tp} = {dp * pp * tp} is not accepted; accepted: a layout whose "
+            f"product is the world size {world_size}"
+        )
+
+
+def coordinates(rank: int, pp: int, tp: int) -> tuple[int, int, int]:
+    """(dp_rank, pp_rank, tp_rank) of a global rank; TP varies fastest."""
+    return rank // (pp * tp), rank // tp % pp, rank % tp
+
+
+def rank_at(dp_rank: int, pp_rank: int, tp_rank: int, pp: int, tp: int) -> int:
+    """The global rank at a mesh position (the inverse of `coordinates`)."""
+    return (dp_rank * pp + pp_rank) * tp + tp_rank
+
+
+def axis_groups(dp: int, pp: int, tp: int) -> dict[str, list[list[int]]]:
+    """Every group of every axis as sorted global ranks, in the order all ranks create them.
+
+    'embedding' (pp > 1 only): the first and last stage of each pipeline, for tied embedding weights.
+    """
+    grid = [(d, p, t) for d in range(dp) for p in range(pp) for t in range(tp)]
+    groups: dict[str, list[list[int]]] = {}
+    for axis, size in (("tp", tp), ("pp", pp), ("dp", dp)):
+        index = AXES.index(axis)
+        keys = sorted({tuple(c for i, c in enumerate(pos) if i != index) for pos in grid})
+        groups[axis] = []
+        for key in keys:
+            members = []
+            for value in range(size):
+                pos = list(key)
+                pos.insert(index, value)
+                members.append(rank_at(*pos, pp, tp))
+            groups[axis].append(sorted(members))
+    if pp > 1:
+        groups["embedding"] = [[ranks[0], ranks[-1]] for ranks in groups["pp"]]
+    return groups
+
+
+def check_model(config: Any, tp: int, pp: int) -> None:
+    """Raise if a GPT or ViT config cannot be split tp ways (heads, d_ff, vocabulary) into pp stages."""
+    for name in ("n_head", "d_ff", "vocab_size"):
+        value = getattr(config, name, None)
+        if value is not None and value % tp:
+            raise invalid(f"config.{name}", value, f"a multiple of tp={tp}")
+    if config.n_layer < pp:
+        raise invalid("pp", pp, f"at most config.n_layer={config.n_layer} (each stage holds a block)")
+
+
+def _mpi_world() -> Any:
+    """MPI.COMM_WORLD when the program runs on MPI (it initialized mpi4py.MPI), else a clear error."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return mpi.COMM_WORLD
+    raise CommlabError(
+        "torch.distributed is not initialized and MPI is not running: call "
+        "torch.distributed.init_process_group() first (or launch with torchrun), or run under mpiexec"
+    )
+
+
+class Mesh:
+    """This rank's place in the dp x pp x tp grid and a communicator per axis.
+
+    world: None for torch.distributed's default group (or MPI.COMM_WORLD when the program runs on MPI
+    without torch.distributed), or an mpi4py communicator. Attributes: dp, pp, tp
+    (sizes); rank, world_size; dp_rank, pp_rank, tp_rank; dp_group, pp_group, tp_group, embedding_group
+    (None when pp == 1); prev_stage / next_stage (pipeline-group ranks, None at the ends).
+    """
+
+    def __init__(self, dp: int = 1, pp: int = 1, tp: int = 1, world: Any = None) -> None:
+        if world is None and not (dist.is_available() and dist.is_initialized()):
+            world = _mpi_world()
+        self.backend = "torch" if world is None else "mpi"
+        if self.backend == "torch":
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            if not callable(getattr(world, "Split", None)):
+                raise invalid("world", type(world).__name__, "None (torch.distributed) or an mpi4py Comm")
+            self.rank, self.world_size = world.Get_rank(), world.Get_size()
+        check_layout(self.world_size, dp, pp, tp)
+        self.dp, self.pp, self.tp = dp, pp, tp
+        self.dp_rank, self.pp_rank, self.tp_rank = coordinates(self.rank, pp, tp)
+        self.groups = axis_groups(dp, pp, tp)
+        made = {axis: self._make(lists, world) for axis, lists in self.groups.items()}
+        self.tp_group: Communicator = made["tp"]
+        self.pp_group: Communicator = made["pp"]
+        self.dp_group: Communicator = made["dp"]
+        self.embedding_group: Communicator | None = made.get("embedding")
+        self.world_group: Communicator = communicator(None) if world is None else communicator(world)
+        if self.pp_rank not in (0, pp - 1):
+            self.embedding_group = None
+
+    def _make(self, lists: list[list[int]], world: Any) -> Communicator | None:
+        """Create every group in `lists` (all ranks, same order); return this rank's, or None."""
+        mine = [i for i, ranks in enumerate(lists) if self.rank in ranks]
+        if self.backend == "torch":
+            made = [dist.new_group(ranks) for ranks in lists]
+            return communicator(made[mine[0]]) if mine else None
+        from mpi4py import MPI
+
+        sub = world.Split(mine[0] if mine else MPI.UNDEFINED, self.rank)
+        return None if sub == MPI.COMM_NULL else communicator(sub)
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return self.dp, self.pp, self.tp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def prev_stage(self) -> int | None:
+        return self.pp_rank - 1 if self.pp_rank > 0 else None
+
+    @property
+    def next_stage(self) -> int | None:
+        return self.pp_rank + 1 if self.pp_rank < self.pp - 1 else None
+
+    def ranks(self, axis: str) -> list[int]:
+        """Global ranks of this rank's group along `axis` ('dp', 'pp', 'tp')."""
+        if axis not in AXES:
+            raise invalid("axis", axis, AXES)
+        return next(ranks for ranks in self.groups[axis] if self.rank in ranks)
+
+    def rank_of(self, dp_rank: int, pp_rank: int, tp_rank: int) -> int:
+        """The global rank at a position of this mesh."""
+        names = ("dp_rank", "pp_rank", "tp_rank")
+        for name, value, size in zip(names, (dp_rank, pp_rank, tp_rank), self.sizes, strict=True):
+            if not 0 <= value < size:
+                raise invalid(name, value, f"an int in [0, {size})")
+        return rank_at(dp_rank, pp_rank, tp_rank, self.pp, self.tp)
+
+    def check_model(self, config: Any) -> None:
+        """Raise a clear error if `config` (GPTConfig or ViTConfig) does not split over this mesh."""
+        check_model(config, self.tp, self.pp)
+
+    def describe(self) -> str:
+        return f"dp {self.dp} x pp {self.pp} x tp {self.tp}"
+
+    def __repr__(self) -> str:
+        return (
+            f"Mesh({self.describe()}; rank {self.rank} at dp {self.dp_rank}, pp {self.pp_rank}, "
+            f"tp {self.tp_rank})"
+        )
+
+
+def layout_from(world_size: int, tp: int = 1, pp: int = 1, dp: int | None = None) -> tuple[int, int, int]:
+    """(dp, pp, tp) with dp defaulting to world_size / (tp * pp); checked against the world size."""
+    if dp is None:
+        for name, value in (("tp", tp), ("pp", pp)):
+            if not isinstance(value, int) or value < 1:
+                raise invalid(name, value, "a positive int")
+        if world_size % (tp * pp):
+            raise invalid("tp x pp", tp * pp, f"a divisor of the world size {world_size}")
+        dp = world_size // (tp * pp)
+    check_layout(world_size, dp, pp, tp)
+    return dp, pp, tp

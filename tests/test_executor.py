@@ -1,0 +1,215 @@
+"""The executor on an in-memory transport: lookahead posting, sliced schedules and scratch reuse.
+
+Every rank runs in a thread of this process and messages go through mailboxes, so these tests check the
+executor's own logic (dependencies, scratch layout, pieces) deterministically, without gloo or MPI.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from commlab.collectives.algorithms import ALGORITHMS, build_schedule
+from commlab.collectives.executor import REDUCERS, compile_plan, execute, posting_order
+from commlab.collectives.schedule import ROOTED_OPS, subdivide, verify
+from commlab.collectives.transport import Message
+from commlab.errors import CollectiveTimeoutError
+
+CASES = [(name, op) for name, algorithm in ALGORITHMS.items() for op in algorithm.ops]
+
+
+class Mailboxes:
+    """Messages between in-process ranks, matched by (source, destination, tag).
+
+    A send leaves a reference to its tensor; the receiver copies from it when it waits, and only then
+    does the send complete. So a transport reads the sent tensor at the latest moment it may, and a step
+    that overwrote a tensor still being sent (a wrong lookahead dependency) would send wrong values.
+    """
+
+    def __init__(self) -> None:
+        self.boxes: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.taken: set[tuple[int, int, int]] = set()
+        self.ready = threading.Condition()
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        if not self.ready.wait_for(predicate, timeout=max(timeout, 0)):
+            raise CollectiveTimeoutError(f"{what} did not complete")
+
+
+class Receive:
+    def __init__(self, mail: Mailboxes, key: tuple[int, int, int], into: torch.Tensor) -> None:
+        self.mail, self.key, self.into = mail, key, into
+
+    def wait(self, timeout: float) -> None:
+        with self.mail.ready:
+            self.mail.wait_for(lambda: self.key in self.mail.boxes, timeout, f"receive {self.key}")
+            payload = self.mail.boxes.pop(self.key)
+            assert payload.numel() == self.into.numel(), (self.key, payload.numel(), self.into.numel())
+            self.into.copy_(payload)
+            self.mail.taken.add(self.key)
+            self.mail.ready.notify_all()
+
+
+class Send:
+    def __init__(self, mail: Mailboxes, key: tuple[int, int, int]) -> None:
+        self.mail, self.key = mail, key
+
+    def wait(self, timeout: float) -> None:
+        with self.mail.ready:
+            self.mail.wait_for(lambda: self.key in self.mail.taken, timeout, f"send {self.key}")
+            self.mail.taken.discard(self.key)
+
+
+class InMemoryTransport:
+    """Ranks in threads of this process, exchanging tensors through Mailboxes."""
+
+    device_type = "cpu"
+    default_timeout = 30.0
+
+    def __init__(self, mail: Mailboxes, rank: int, size: int) -> None:
+        self.mail, self.rank, self.size = mail, rank, size
+
+    def post(self, sends: list[Message], recvs: list[Message]) -> list:
+        with self.mail.ready:
+            for m in sends:
+                key = (self.rank, m.peer, m.tag)
+                assert key not in self.mail.boxes, f"tag {m.tag} reused between {self.rank} and {m.peer}"
+                self.mail.boxes[key] = m.tensor
+            self.mail.ready.notify_all()
+        requests = [Receive(self.mail, (m.peer, self.rank, m.tag), m.tensor) for m in recvs]
+        return requests + [Send(self.mail, (self.rank, m.peer, m.tag)) for m in sends]
+
+
+def run_everywhere(schedule, inputs: list[torch.Tensor], window: int) -> list[torch.Tensor]:
+    """Execute `schedule` on every rank (one thread each); the buffers afterwards."""
+    mail = Mailboxes()
+    buffers = [x.clone() for x in inputs]
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            plan = compile_plan(schedule, rank, buffers[rank].numel(), window)
+            transport = InMemoryTransport(mail, rank, schedule.world_size)
+            execute(plan, buffers[rank], transport, REDUCERS["sum"], time.monotonic() + 30)
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(schedule.world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert not mail.boxes, f"undelivered messages: {sorted(mail.boxes)}"
+    return buffers
+
+
+def expected(op: str, inputs: list[torch.Tensor], root: int | None) -> list[torch.Tensor | None]:
+    """What each rank's buffer must hold afterwards (None: anything)."""
+    p = len(inputs)
+    total = torch.stack(inputs).sum(0)
+    block = inputs[0].numel() // p
+    if op == "allreduce":
+        return [total] * p
+    if op == "reduce":
+        return [total if r == root else None for r in range(p)]
+    if op == "broadcast":
+        return [inputs[root]] * p
+    if op == "allgather":
+        gathered = torch.cat([inputs[r][r * block : (r + 1) * block] for r in range(p)])
+        return [gathered] * p
+    return [total[r * block : (r + 1) * block] for r in range(p)]  # reduce_scatter: block r only
+
+
+def check(name: str, op: str, p: int, numel: int, pieces: int, window: int, segments: int = 1) -> None:
+    root = (p - 1) // 2 if op in ROOTED_OPS else None
+    schedule = subdivide(build_schedule(op, name, p, root, segments), pieces)
+    if op in ("reduce_scatter", "allgather"):
+        numel = numel * p
+    inputs = [torch.randint(-50, 50, (numel,)).to(torch.float64) for _ in range(p)]
+    got = run_everywhere(schedule, inputs, window)
+    block = numel // p
+    for rank, (have, want) in enumerate(zip(got, expected(op, inputs, root), strict=True)):
+        if want is None:
+            continue
+        if op == "reduce_scatter":
+            have = have[rank * block : (rank + 1) * block]
+        assert torch.equal(have, want), (
+            f"{name} {op} p={p} n={numel} pieces={pieces} window={window} rank {rank}"
+        )
+
+
+@pytest.mark.parametrize(("name", "op"), CASES, ids=[f"{a}-{o}" for a, o in CASES])
+def test_every_algorithm_with_lookahead_and_pieces(name: str, op: str) -> None:
+    for p in (2, 3, 4, 5):
+        for pieces, window in ((1, 1), (1, 3), (3, 2), (4, 5)):
+            check(name, op, p, 37, pieces, window, segments=2)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(
+    case=st.sampled_from(CASES),
+    p=st.integers(2, 7),
+    numel=st.integers(0, 90),
+    pieces=st.integers(1, 4),
+    window=st.integers(1, 6),
+    segments=st.integers(1, 3),
+)
+def test_random_shapes(case, p: int, numel: int, pieces: int, window: int, segments: int) -> None:
+    check(*case, p, numel, pieces, window, segments)
+
+
+@pytest.mark.parametrize(("name", "op"), CASES, ids=[f"{a}-{o}" for a, o in CASES])
+def test_sliced_schedules_verify(name: str, op: str) -> None:
+    for p in range(1, 10):
+        root = p // 2 if op in ROOTED_OPS else None
+        for pieces in (2, 3):
+            verify(subdivide(build_schedule(op, name, p, root, 2), pieces))
+
+
+def test_plans_post_after_their_dependencies_and_keep_scratch_disjoint() -> None:
+    for name, op in CASES:
+        for p in (3, 4, 8):
+            root = 0 if op in ROOTED_OPS else None
+            schedule = subdivide(build_schedule(op, name, p, root, 2), 3)
+            for rank in range(p):
+                plan = compile_plan(schedule, rank, 1000 * p, 3)
+                posted_at = posting_order(plan.steps, plan.window)
+                for index, step in enumerate(plan.steps):
+                    assert step.after < index and posted_at[index] <= index
+                    assert index - posted_at[index] < plan.window
+                    mine = _regions(step)
+                    for other in range(posted_at[index], index):  # steps in flight with this one
+                        for a, b in mine:
+                            for c, d in _regions(plan.steps[other]):
+                                assert b <= c or d <= a, (name, op, p, rank, index, other)
+                    assert all(b <= plan.scratch_numel for _, b in mine)
+
+
+def _regions(step) -> list[tuple[int, int]]:
+    return [
+        (t.scratch_offset, t.scratch_offset + t.numel)
+        for t in (*step.sends, *step.recvs)
+        if t.scratch_offset >= 0
+    ]
+
+
+def test_lookahead_posts_independent_slices_early() -> None:
+    """Sliced ring allreduce: slice g of a step waits only for slice g of the step before."""
+    schedule = subdivide(build_schedule("allreduce", "ring", 4), 3)
+    plan = compile_plan(schedule, 0, 12_000, 4)
+    assert [s.after for s in plan.steps[:6]] == [-1, -1, -1, 0, 1, 2]
+    assert posting_order(plan.steps, 4)[:6] == [0, 0, 0, 1, 2, 3]
+
+
+def test_subdivide_rejects_bad_pieces() -> None:
+    from commlab.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=r"pieces=0.*an integer >= 1"):
+        subdivide(build_schedule("allreduce", "ring", 4), 0)
+    assert subdivide(build_schedule("allreduce", "ring", 4), 1) is build_schedule("allreduce", "ring", 4)
