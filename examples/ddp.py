@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "`commlab algorithms` that runs the gradient collectives (DataParallel: allreduce; ZeRO-1: "
         "reduce-scatter and allgather)",
     )
-    add("--backend", default="gloo", choices=["gloo", "nccl"], help="torch.distributed backend")
+    add(
+        "--backend",
+        default="gloo",
+        choices=["gloo", "nccl", "mpi"],
+        help="transport: torch.distributed gloo or nccl (under torchrun), or mpi (under mpiexec)",
+    )
     add("--seed", type=int, default=0, help="seed of the weights and the data stream")
     add(
         "--eval-every",
@@ -157,7 +162,13 @@ def parse_args(argv: list[str] | None, world: int, rank: int) -> argparse.Namesp
 
 
 def init_distributed(backend: str) -> torch.device:
-    """Join the torchrun group, or make a one-rank group when started as a plain script."""
+    """Join the torchrun group (or MPI's COMM_WORLD), or make a one-rank group as a plain script."""
+    if backend == "mpi":
+        # commlab's collectives with group=None run on MPI.COMM_WORLD once mpi4py.MPI is imported and
+        # torch.distributed is not initialized: DataParallel, ZeroOptimizer and checkpoints follow.
+        from mpi4py import MPI  # noqa: F401
+
+        return torch.device("cpu")
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and restart != "0":
         # After a torchrun restart the rendezvous store still holds the dead workers' gloo addresses
@@ -193,6 +204,17 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size, on whichever transport the run uses."""
+    comm = commlab.communicator(None)
+    return comm.rank, comm.size
+
+
+def barrier() -> None:
+    """Wait for every rank (a one-element commlab allreduce)."""
+    commlab.all_reduce(torch.zeros(1))
+
+
 def mean_over_ranks(value: torch.Tensor | float, device: torch.device) -> float:
     """The average of a scalar over all ranks (one small commlab allreduce)."""
     tensor = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1).clone()
@@ -205,7 +227,7 @@ class Trainer:
 
     def __init__(self, module: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> None:
         self.module, self.args, self.device = module, args, device
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world = rank_and_world()
         hyper = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
         if args.zero:
             self.model = module  # ZeroOptimizer averages the gradients itself, in step()
@@ -305,10 +327,10 @@ class Trainer:
 
 
 def run_gpt(args: argparse.Namespace, device: torch.device) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = rank_and_world()
     if rank == 0:  # build the corpus cache once, before the other ranks read it
         corpus = ByteCorpus.from_stdlib()
-    dist.barrier()
+    barrier()
     if rank != 0:
         corpus = ByteCorpus.from_stdlib()
     unigram = corpus.unigram_loss()
@@ -359,7 +381,7 @@ def run_gpt(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def run_vit(args: argparse.Namespace, device: torch.device) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = rank_and_world()
     config = ViTConfig.preset(args.preset, checkpoint=args.checkpoint)
     data = load_digits_images(config.image_size)
     if (config.in_channels, config.num_classes) != (1, 10):
@@ -423,13 +445,15 @@ def describe(args: argparse.Namespace, world: int, n_params: int, config: str) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)))
+    env = os.environ  # torchrun sets WORLD_SIZE and RANK; MPICH's mpiexec sets PMI_SIZE and PMI_RANK
+    world = int(env.get("WORLD_SIZE", env.get("PMI_SIZE", 1)))
+    args = parse_args(argv, world, int(env.get("RANK", env.get("PMI_RANK", 0))))
     start = time.perf_counter()
     device = init_distributed(args.backend)
     try:
         result = run_gpt(args, device) if args.model == "gpt" else run_vit(args, device)
         wall = time.perf_counter() - start
-        if dist.get_rank() == 0:
+        if rank_and_world()[0] == 0:
             if args.model == "gpt":
                 verdict = "below" if result["val_loss"] < result["unigram_loss"] else "NOT below"
                 summary = (
@@ -446,14 +470,15 @@ def main(argv: list[str] | None = None) -> None:
             if args.json:
                 record = {
                     "args": vars(args),
-                    "world_size": dist.get_world_size(),
+                    "world_size": rank_and_world()[1],
                     "wall_seconds": wall,
                     **result,
                 }
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
