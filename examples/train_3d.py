@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,16 +41,13 @@ from commlab.models import (
     lm_batch,
     load_digits_images,
 )
+from commlab.models.gpt import CHECKPOINT_MODES
 from commlab.parallel import Mesh, Pipeline, tensor_parallel_layers
 from commlab.parallel.mesh import check_model
 from commlab.parallel.sequence import sequence_parallel_layers
 from commlab.parallel.tensor import gather_from_tensor_parallel, is_tensor_parallel
 
-DEFAULTS = {
-    "gpt": dict(preset="small", steps=250, batch_size=32, lr=3e-3, eval_every=50),
-    "vit": dict(preset="digits", steps=600, batch_size=64, lr=2e-3, eval_every=200),
-}
-CHECKPOINT_MODES = ("none", "full", "selective")
+from common import DEFAULTS, init_distributed, lr_at, rank_and_world
 
 
 def build_parser(doc: str) -> argparse.ArgumentParser:
@@ -165,27 +161,6 @@ def parse_args(
         fail(f"--preset {args.preset} does not split over tp {args.tp} x pp {args.pp}: {error}")
     args.config = config
     return args
-
-
-def init_distributed(backend: str) -> tuple[int, int]:
-    """Join the torchrun group (or make a one-rank group), or start MPI; returns (rank, world size)."""
-    if backend == "mpi":
-        from mpi4py import MPI
-
-        return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def lr_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up to --lr, then cosine decay to a tenth of it at the last step."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class Trainer:
@@ -406,7 +381,8 @@ def main(argv: list[str] | None = None, doc: str = __doc__, default_axis: str | 
     """Run training; default_axis ('tp' or 'pp') defaults that axis to the whole world."""
     start = time.perf_counter()
     backend = build_parser(doc).parse_known_args(argv)[0].backend
-    rank, world = init_distributed(backend)
+    init_distributed(backend)
+    rank, world = rank_and_world()
     args = parse_args(argv, world, rank, doc, default_axis)
     try:
         mesh = Mesh(dp=args.dp, pp=args.pp, tp=args.tp)
