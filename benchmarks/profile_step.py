@@ -128,6 +128,8 @@ def rank_main(args: argparse.Namespace) -> None:
                 f" {statistics.median(totals_list) * 1e6:>8.1f}  {cells}",
                 flush=True,
             )
+    if args.backend != "mpi":
+        dist.destroy_process_group()  # stop gloo's threads before interpreter exit
 
 
 def launch(args: argparse.Namespace) -> int:

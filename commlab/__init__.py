@@ -6,7 +6,15 @@ algorithm="auto", async_op=False)`, `reduce_scatter`, `all_gather`, `broadcast`,
 
 __version__ = "0.1.0"
 
-from commlab.collectives.api import all_gather, all_reduce, broadcast, communicator, reduce, reduce_scatter
+from commlab.collectives.api import (
+    all_gather,
+    all_reduce,
+    broadcast,
+    communicator,
+    reduce,
+    reduce_scatter,
+    release,
+)
 from commlab.collectives.communicator import Communicator, Work
 from commlab.errors import (
     CollectiveMismatchError,
@@ -33,4 +41,5 @@ __all__ = [
     "communicator",
     "reduce",
     "reduce_scatter",
+    "release",
 ]

@@ -48,6 +48,9 @@ def _serve(rank: int, world_size: int, store_path: str, tasks: mp.Queue, results
             results.put((rank, "ok", fn(*args, **kwargs)))
         except BaseException as error:  # report everything, keep serving
             results.put((rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    import commlab
+
+    commlab.release()  # close commlab's communicators before their group goes
     dist.destroy_process_group()
 
 

@@ -55,6 +55,10 @@ def main() -> None:
         losses.append(mean.item())
     if rank == 0:
         print("LOSSES " + json.dumps(losses), flush=True)
+    if args.backend != "mpi":
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -227,6 +227,29 @@ def test_async_handles(rank_pools):
         assert all(completed)
 
 
+def release_and_reuse() -> tuple[bool, bool, bool, float]:
+    """release() waits for queued async calls, stops the worker thread and forgets the communicator."""
+    import threading
+
+    rank = dist.get_rank()
+    first = commlab.communicator(None)
+    tensor = torch.full((20_000,), float(rank))
+    work = commlab.all_reduce(tensor, async_op=True)
+    commlab.release()
+    finished = work.is_completed()
+    workers = [t for t in threading.enumerate() if t.name.startswith("commlab-comm")]
+    second = commlab.communicator(None)
+    commlab.all_reduce(tensor, async_op=True).wait(timeout=30)  # a new worker serves the new communicator
+    commlab.release(dist.group.WORLD)
+    return finished, not workers, second is not first, tensor[0].item()
+
+
+def test_release_closes_the_cached_communicators(rank_pools):
+    for finished, stopped, fresh, value in rank_pools(2).run(release_and_reuse):
+        assert finished and stopped and fresh
+        assert value == 2.0  # (0 + 1) summed twice over 2 ranks
+
+
 def mismatched_call(field: str) -> str:
     """Rank 1 calls with one argument different; every rank must raise CollectiveMismatchError."""
     rank = dist.get_rank()

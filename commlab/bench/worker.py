@@ -50,6 +50,7 @@ class Ranks:
     max_all: Callable[[torch.Tensor], torch.Tensor]  # elementwise max over ranks (float64)
     native: Callable[[str, str, int], Callable[[dict], Callable[[], None]] | None]
     describe: str
+    close: Callable[[], None] = lambda: None  # destroys the process group when this run created it
 
 
 def start(config: BenchConfig) -> Ranks:
@@ -79,7 +80,8 @@ def start(config: BenchConfig) -> Ranks:
         )
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("gloo", timeout=timedelta(seconds=config.timeout))
 
     def max_all(values: torch.Tensor) -> torch.Tensor:
@@ -95,6 +97,9 @@ def start(config: BenchConfig) -> Ranks:
         max_all,
         _gloo_native,
         f"torch {torch.__version__} gloo",
+        # gloo's threads must stop before interpreter exit, or the process may abort with
+        # "terminate called without an active exception" (pytorch/pytorch#190489)
+        (lambda: (commlab.release(), dist.destroy_process_group())) if created else (lambda: None),
     )
 
 
@@ -354,6 +359,7 @@ def run_worker(config: BenchConfig) -> None:
     reporter.footer(rows)
     reporter.save(rows)
     ranks.barrier()
+    ranks.close()
 
 
 def main() -> int:

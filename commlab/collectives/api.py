@@ -11,6 +11,7 @@ one Communicator, created on first use and kept in `_COMMUNICATORS`. Tensors may
 
 from __future__ import annotations
 
+import atexit
 import sys
 from typing import Any
 
@@ -63,6 +64,33 @@ def communicator(group: Group = None) -> Communicator:
         comm = Communicator(TorchTransport(group))
         _COMMUNICATORS[key] = comm
     return comm
+
+
+def release(group: Group = None) -> None:
+    """Close and forget the cached Communicator of `group` (None: of every group).
+
+    Call it before `torch.distributed.destroy_process_group()` or `MPI.Finalize()`; it also runs at
+    interpreter exit, so no process group outlives the interpreter through commlab's cache (gloo may abort a
+    process whose group is destroyed during finalization: "terminate called without an active exception").
+    """
+    if group is None:
+        comms = list(_COMMUNICATORS.values())
+        _COMMUNICATORS.clear()
+    elif isinstance(group, Communicator):
+        comms = [group]
+        for key in [k for k, c in _COMMUNICATORS.items() if c is group]:
+            del _COMMUNICATORS[key]
+    else:
+        key = comm_key(group) if is_mpi_comm(group) else group
+        owned = [
+            k for k, c in _COMMUNICATORS.items() if k == key or getattr(c.transport, "group", None) is group
+        ]
+        comms = [_COMMUNICATORS.pop(k) for k in owned]
+    for comm in comms:
+        comm.close()
+
+
+atexit.register(release)
 
 
 def _freed_and_reused(comm: Communicator, group: Any) -> bool:

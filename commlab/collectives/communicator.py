@@ -192,9 +192,27 @@ class Communicator:
                 threading.Thread(target=self._serve, args=(self._queue,), name=name, daemon=True).start()
             return self._queue
 
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker thread (after the calls queued before it) and free cached plans and scratch.
+
+        The communicator stays usable: a later async call starts a new worker. `commlab.release()` calls
+        this, and runs at interpreter exit, so no transport outlives the interpreter.
+        """
+        with self._lock:
+            jobs, self._queue = self._queue, None
+        if jobs is not None:
+            done = threading.Event()
+            jobs.put((None, done))
+            done.wait(timeout)
+        self._plans.clear()
+        self._scratch.clear()
+
     def _serve(self, jobs: queue.Queue) -> None:
         while True:
             job, future = jobs.get()
+            if job is None:  # close(): every call queued before it has run
+                future.set()
+                return
             if not future.set_running_or_notify_cancel():
                 continue
             try:
