@@ -1,4 +1,5 @@
-"""What the training examples share: per-model defaults, joining the group, the LR schedule, rank helpers.
+"""What the training examples share: per-model defaults, joining the group, the LR schedule, rank helpers,
+checkpoint flags and automatic resume.
 
 Imported by examples/ddp.py and examples/train_3d.py as a sibling module (scripts run from examples/).
 """
@@ -6,14 +7,24 @@ Imported by examples/ddp.py and examples/train_3d.py as a sibling module (script
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 import commlab
+from commlab.parallel.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    Layout,
+    load_training,
+    save_training,
+)
+from commlab.parallel.faults import fault_planned, fault_point
 
 # Per-model defaults, tuned so `make demo` (4 ranks, 2 cores) ends well within 2 minutes.
 DEFAULTS = {
@@ -81,3 +92,82 @@ def mean_over_ranks(value: torch.Tensor | float, device: torch.device) -> float:
     tensor = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1).clone()
     commlab.all_reduce(tensor, op="avg")
     return tensor.item()
+
+
+def add_checkpoint_flags(add) -> None:
+    """--checkpoint-dir, --save-every, --keep (both examples)."""
+    add(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="save training checkpoints here and resume from the newest complete one on start",
+    )
+    add("--save-every", type=int, default=0, help="checkpoint every this many steps (with --checkpoint-dir)")
+    add("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir (default: 3)")
+
+
+def checkpoint_flag_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the checkpoint flags, or None."""
+    if args.save_every < 0 or args.keep < 1:
+        return f"--save-every {args.save_every} must be >= 0 and --keep {args.keep} >= 1"
+    if args.save_every and not args.checkpoint_dir:
+        return "--save-every needs --checkpoint-dir"
+    return None
+
+
+class Checkpoints:
+    """--checkpoint-dir for a training loop: resume on start, save every --save-every steps.
+
+    The data position is the number of global batches consumed (= the step): every example draws step k's
+    global batch from (seed, k) alone and each rank takes its 1/dp of it, so a run resumed at step k, under
+    any dp size, trains on exactly the global batches the saved run would have. The checkpoint records the
+    global batch size and seed with it, and resuming with either changed is refused.
+    """
+
+    def __init__(self, args: argparse.Namespace, model, optimizer, layout: Layout) -> None:
+        self.args, self.model, self.optimizer, self.layout = args, model, optimizer, layout
+        self.manager = CheckpointManager(args.checkpoint_dir, keep=args.keep) if args.checkpoint_dir else None
+
+    def data_state(self, step: int) -> dict:
+        return {"position": step, "global_batch": self.args.batch_size, "seed": self.args.seed}
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint, if any; returns the step to start from (0 without one)."""
+        rank = self.manager.comm.rank if self.manager else 0
+        fault_point("start", 0, rank)
+        if self.manager is None:
+            return 0
+        resumed = load_training(self.manager, self.model, self.optimizer, self.layout)
+        if resumed is None:
+            return 0
+        step, extra = resumed
+        data = extra.get("data", {})
+        expected = self.data_state(step)
+        for key in ("position", "global_batch", "seed"):
+            if data.get(key) != expected[key]:
+                raise CheckpointError(
+                    f"checkpoint {self.manager.step_dir(step)} has data {key}={data.get(key)}, this run "
+                    f"{expected[key]} (--batch-size and --seed must be those of the saved run)"
+                )
+        if rank == 0:
+            print(f"resumed from {self.manager.step_dir(step)} (step {step})", flush=True)
+        return step
+
+    def after_step(self, done: int) -> None:
+        """Save after `done` steps when --save-every says so."""
+        if self.manager and self.args.save_every and done % self.args.save_every == 0:
+            extra = {"data": self.data_state(done)}
+            save_training(self.manager, done, self.model, self.optimizer, self.layout, extra)
+
+
+@contextlib.contextmanager
+def collective_fault(parameters: list[torch.nn.Parameter], step: int, rank: int) -> Iterator[None]:
+    """COMMLAB_FAULT's `collective` phase for one step: a hook on the parameter whose gradient comes last
+    in backward (the first: the embedding) kills the rank right after its gradient sync is launched."""
+    if not fault_planned("collective"):
+        yield
+        return
+    handle = parameters[0].register_post_accumulate_grad_hook(lambda _: fault_point("collective", step, rank))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -41,9 +41,21 @@ from commlab.models import (
 )
 from commlab.models.gpt import CHECKPOINT_MODES
 from commlab.parallel import DataParallel, ZeroOptimizer
-from commlab.parallel.checkpoint import CheckpointManager, load_training, save_training
+from commlab.parallel.checkpoint import Layout
+from commlab.parallel.faults import fault_point
 
-from common import DEFAULTS, barrier, init_distributed, lr_at, mean_over_ranks, rank_and_world
+from common import (
+    DEFAULTS,
+    Checkpoints,
+    add_checkpoint_flags,
+    barrier,
+    checkpoint_flag_error,
+    collective_fault,
+    init_distributed,
+    lr_at,
+    mean_over_ranks,
+    rank_and_world,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,13 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-every", type=int, help="progress line every this many steps (default: steps/10)")
     add("--sample-tokens", type=int, default=300, help="bytes of text to sample at the end (gpt), 0: none")
     add("--json", metavar="PATH", help="write the run's configuration and results to PATH (rank 0)")
-    add(
-        "--checkpoint-dir",
-        metavar="DIR",
-        help="save training checkpoints here and resume from the newest complete one on start",
-    )
-    add("--save-every", type=int, default=0, help="checkpoint every this many steps (with --checkpoint-dir)")
-    add("--keep", type=int, default=3, help="checkpoints kept in --checkpoint-dir (default: 3)")
+    add_checkpoint_flags(add)
     add("--save-model", metavar="PATH", help="write the final model state_dict to PATH (rank 0)")
     return parser
 
@@ -134,10 +140,8 @@ def parse_args(argv: list[str] | None, world: int, rank: int) -> argparse.Namesp
         fail(f"--lr {args.lr} must be a positive number")
     if args.weight_decay < 0 or args.clip < 0:
         fail("--weight-decay and --clip must be >= 0")
-    if args.save_every < 0 or args.keep < 1:
-        fail(f"--save-every {args.save_every} must be >= 0 and --keep {args.keep} >= 1")
-    if args.save_every and not args.checkpoint_dir:
-        fail("--save-every needs --checkpoint-dir")
+    if message := checkpoint_flag_error(args):
+        fail(message)
     if not args.bucket_mb > 0:
         fail(f"--bucket-mb {args.bucket_mb} must be a positive number of MiB")
     # The algorithm runs DataParallel's gradient allreduce, or ZeRO-1's reduce-scatter and allgather.
@@ -171,24 +175,10 @@ class Trainer:
         else:
             self.model = DataParallel(module, bucket_mb=args.bucket_mb, algorithm=args.algorithm)
             self.optimizer = torch.optim.AdamW(self.model.parameters(), **hyper)
-
-    def resume(self) -> int:
-        """With --checkpoint-dir: load the newest complete checkpoint; returns the step to start from.
-
-        The data stream is a pure function of the step and every rank's RNG state is restored, so a
-        resumed run continues bit for bit where the saved one was (after a crash: from the last save).
-        """
-        self.checkpoints = None
-        if not self.args.checkpoint_dir:
-            return 0
-        self.checkpoints = CheckpointManager(self.args.checkpoint_dir, keep=self.args.keep)
-        resumed = load_training(self.checkpoints, self.model, self.optimizer, {"dp": self.world})
-        if resumed is None:
-            return 0
-        step, _ = resumed
-        if self.rank == 0:
-            print(f"resumed from {self.checkpoints.step_dir(step)} (step {step})", flush=True)
-        return step
+        # Resume and save (--checkpoint-dir): the data stream is a pure function of the step and every
+        # rank's RNG state is restored, so a resumed run continues bit for bit from its last save.
+        layout = Layout.data_parallel(self.rank, self.world)
+        self.checkpoints = Checkpoints(args, self.model, self.optimizer, layout)
 
     def step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step over this rank's share of the global batch; returns its mean loss."""
@@ -218,13 +208,15 @@ class Trainer:
         Throughput counts training time only: evaluations are left out of the intervals.
         """
         args = self.args
-        first = self.resume()
+        first = self.checkpoints.resume()
         log_loss = torch.zeros((), device=self.device)
         logged_steps, train_time, rates, history = 0, 1e-9, [], []
         interval_start, eval_time = time.perf_counter(), 0.0
         for step in range(first, args.steps):
+            fault_point("step", step, self.rank)
             inputs, targets = batch_at(step)
-            log_loss += self.step(step, inputs, targets)
+            with collective_fault(list(self.module.parameters()), step, self.rank):
+                log_loss += self.step(step, inputs, targets)
             logged_steps += 1
             done = step + 1
             if done % args.log_every == 0 or done == args.steps:
@@ -242,8 +234,7 @@ class Trainer:
                 log_loss.zero_()
                 logged_steps = 0
                 interval_start, eval_time = time.perf_counter(), 0.0
-            if self.checkpoints and args.save_every and done % args.save_every == 0:
-                save_training(self.checkpoints, done, self.model, self.optimizer, {"dp": self.world})
+            self.checkpoints.after_step(done)
             if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
                 eval_start = time.perf_counter()
                 history.append({"step": done, **evaluate(done)})

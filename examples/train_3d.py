@@ -4,6 +4,8 @@
     torchrun --standalone --nproc-per-node 4 examples/train_3d.py --pp 2 --schedule gpipe
     torchrun --standalone --nproc-per-node 4 examples/train_3d.py --model vit --tp 2 --pp 2
     mpiexec -n 4 python examples/train_3d.py --tp 2 --pp 2 --backend mpi               # on the MPI transport
+    torchrun --max-restarts 3 --standalone --nproc-per-node 4 examples/train_3d.py --pp 2 \
+        --checkpoint-dir ckpt --save-every 20                                          # resumes after a crash
 
 Tensor parallel (--tp) splits every block's attention heads and MLP, and the vocabulary, Megatron-style
 (--sequence-parallel also splits the activations between them along the sequence); pipeline parallel
@@ -43,11 +45,22 @@ from commlab.models import (
 )
 from commlab.models.gpt import CHECKPOINT_MODES
 from commlab.parallel import Mesh, Pipeline, tensor_parallel_layers
+from commlab.parallel.checkpoint import Layout
+from commlab.parallel.faults import fault_point
 from commlab.parallel.mesh import check_model
 from commlab.parallel.sequence import sequence_parallel_layers
 from commlab.parallel.tensor import gather_from_tensor_parallel, is_tensor_parallel
 
-from common import DEFAULTS, init_distributed, lr_at, rank_and_world
+from common import (
+    DEFAULTS,
+    Checkpoints,
+    add_checkpoint_flags,
+    checkpoint_flag_error,
+    collective_fault,
+    init_distributed,
+    lr_at,
+    rank_and_world,
+)
 
 
 def build_parser(doc: str) -> argparse.ArgumentParser:
@@ -91,6 +104,7 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
     add("--log-every", type=int, help="progress line every this many steps (default: steps/10)")
     add("--sample-tokens", type=int, default=300, help="bytes of text to sample at the end (gpt), 0: none")
     add("--json", metavar="PATH", help="write the run's configuration and results to PATH (rank 0)")
+    add_checkpoint_flags(add)
     return parser
 
 
@@ -142,6 +156,8 @@ def parse_args(
     usable = [a for a in algorithms_for("allreduce") if a in algorithms_for("broadcast")]
     if args.algorithm != "auto" and args.algorithm not in usable:
         fail(f"--algorithm {args.algorithm!r} is not accepted; accepted: {', '.join(['auto', *usable])}")
+    if message := checkpoint_flag_error(args):
+        fail(message)
     if args.batch_size % (args.dp * args.micro_batches):
         fail(
             f"--batch-size {args.batch_size} must be a multiple of dp x --micro-batches = "
@@ -178,6 +194,8 @@ class Trainer:
         )
         hyper = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
         self.optimizer = torch.optim.AdamW(self.pipeline.parameters(), **hyper)
+        # --checkpoint-dir: one model and optimizer shard per (pp, tp) coordinate, RNG per rank.
+        self.checkpoints = Checkpoints(args, self.pipeline.stage, self.optimizer, Layout.of(mesh))
 
     def mean(self, value: torch.Tensor | float | None) -> float:
         """The average over dp replicas of a value known on the last stage (its tp rank 0 reports it)."""
@@ -200,10 +218,13 @@ class Trainer:
     def train(self, batch_at, evaluate, units: str, per_sample: int) -> dict:
         """Run every step; log progress and evaluate on schedule (evaluation time left out of rates)."""
         args, rank = self.args, self.mesh.rank
-        log_loss, logged_steps, train_time, rates, history = 0.0, 0, 0.0, [], []
+        first = self.checkpoints.resume()
+        log_loss, logged_steps, train_time, rates, history = 0.0, 0, 1e-9, [], []
         interval_start, eval_time = time.perf_counter(), 0.0
-        for step in range(args.steps):
-            log_loss += self.step(step, *batch_at(step))
+        for step in range(first, args.steps):
+            fault_point("step", step, rank)
+            with collective_fault(list(self.pipeline.parameters()), step, rank):
+                log_loss += self.step(step, *batch_at(step))
             logged_steps += 1
             done = step + 1
             if done % args.log_every == 0 or done == args.steps:
@@ -220,14 +241,17 @@ class Trainer:
                     )
                 log_loss, logged_steps = 0.0, 0
                 interval_start, eval_time = time.perf_counter(), 0.0
+            self.checkpoints.after_step(done)
             if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
                 eval_start = time.perf_counter()
                 history.append({"step": done, **evaluate(done)})
                 eval_time += time.perf_counter() - eval_start
+        if not history:  # resumed from a checkpoint of the last step: nothing left to train
+            history.append({"step": args.steps, **evaluate(args.steps)})
         return {
             "train_seconds": train_time,
-            "rate_per_s": args.steps * args.batch_size * per_sample / train_time,
-            "rate_median_per_s": sorted(rates)[len(rates) // 2],
+            "rate_per_s": (args.steps - first) * args.batch_size * per_sample / train_time,
+            "rate_median_per_s": sorted(rates)[len(rates) // 2] if rates else 0.0,
             "evals": history,
         }
 

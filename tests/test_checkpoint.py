@@ -110,7 +110,7 @@ def train_and_resume(directory: str, zero: bool) -> tuple[list, list]:
     from commlab.parallel import DataParallel, ZeroOptimizer
     from commlab.parallel.checkpoint import load_training, save_training
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     g = torch.Generator().manual_seed(7)
     batches = [torch.randint(0, 256, (4, 17), generator=g) for _ in range(4)]
 
@@ -136,9 +136,9 @@ def train_and_resume(directory: str, zero: bool) -> tuple[list, list]:
     manager = CheckpointManager(directory)
     model, opt = build()
     train(model, opt, range(2))
-    save_training(manager, 2, model, opt, {"dp": world}, extra={"position": 2})
+    save_training(manager, 2, model, opt, extra={"position": 2})
     model, opt = build()
-    step, extra = load_training(manager, model, opt, {"dp": world})
+    step, extra = load_training(manager, model, opt)
     assert (step, extra) == (2, {"position": 2})
     train(model, opt, range(2, 4))
     return straight, [p.detach().clone() for p in model.parameters()]
@@ -149,3 +149,115 @@ def test_resumed_training_is_bitwise_equal_to_uninterrupted(rank_pools, tmp_path
     for straight, resumed in rank_pools(2).run(train_and_resume, str(tmp_path), zero):
         for a, b in zip(straight, resumed, strict=True):
             assert torch.equal(a, b)
+
+
+def build_dp(zero: bool) -> tuple[torch.nn.Module, object]:
+    """A tiny GPT with DataParallel and AdamW, or ZeRO-1 AdamW, over the pool's ranks."""
+    from commlab.models import GPT, GPTConfig
+    from commlab.parallel import DataParallel, ZeroOptimizer
+
+    torch.manual_seed(0)
+    module = GPT(GPTConfig.preset("tiny"))
+    if zero:
+        return module, ZeroOptimizer(module.parameters(), torch.optim.AdamW, lr=1e-2)
+    model = DataParallel(module)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def save_under_dp(directory: str, zero: bool) -> tuple[dict, dict]:
+    """Two steps on this pool's ranks (each its share of a global batch of 4), then a checkpoint of step 2;
+    returns the parameters and this rank's optimizer state as saved."""
+    from commlab.parallel.checkpoint import save_training
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, opt = build_dp(zero)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        tokens = torch.randint(0, 256, (4, 17), generator=g).chunk(world)[rank]
+        model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad()
+    save_training(CheckpointManager(directory), 2, model, opt, extra={"data": {"position": 2}})
+    module = getattr(model, "module", model)
+    return {n: p.detach().clone() for n, p in module.named_parameters()}, opt.state_dict()
+
+
+def load_under_dp(directory: str, zero: bool) -> tuple[int, dict, dict, dict]:
+    """A fresh model and optimizer on this pool's ranks, restored from the newest checkpoint."""
+    from commlab.parallel.checkpoint import load_training
+
+    model, opt = build_dp(zero)
+    step, extra = load_training(CheckpointManager(directory), model, opt)
+    module = getattr(model, "module", model)
+    return step, extra, {n: p.detach().clone() for n, p in module.named_parameters()}, opt.state_dict()
+
+
+def flat_state(states: list[dict], key: str, numel: int) -> torch.Tensor:
+    """The whole flat ZeRO state `key` of dtype group 0, from every rank's shard, without the padding."""
+    return torch.cat([s["optimizer"]["state"][0][key] for s in states])[:numel]
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["adamw", "zero"])
+@pytest.mark.parametrize("new_dp", [1, 4])
+def test_resume_under_another_dp_size_restores_the_saved_state(rank_pools, tmp_path, zero, new_dp):
+    saved = rank_pools(2).run(save_under_dp, str(tmp_path), zero)
+    loaded = rank_pools(new_dp).run(load_under_dp, str(tmp_path), zero)
+    params, _ = saved[0]
+    for step, extra, got, _ in loaded:
+        assert (step, extra) == (2, {"data": {"position": 2}})
+        assert got.keys() == params.keys()
+        assert all(torch.equal(got[n], params[n]) for n in params)
+    if not zero:  # replicated AdamW: every rank loads the state rank 0 saved
+        expected = saved[0][1]["state"]
+        for *_, state in loaded:
+            assert state["state"].keys() == expected.keys()
+            for index, entry in expected.items():
+                for key, value in entry.items():
+                    assert torch.equal(state["state"][index][key], value), (index, key)
+        return
+    numel = sum(p.numel() for p in params.values())
+    for key in ("exp_avg", "exp_avg_sq"):
+        whole = flat_state([state for _, state in saved], key, numel)
+        assert whole.abs().sum() > 0
+        assert torch.equal(flat_state([state for *_, state in loaded], key, numel), whole), key
+    for rank, (*_, state) in enumerate(loaded):
+        assert (state["world_size"], state["rank"]) == (new_dp, rank)
+        assert torch.equal(
+            state["optimizer"]["state"][0]["step"], saved[0][1]["optimizer"]["state"][0]["step"]
+        )
+
+
+def test_data_position_is_the_step_under_any_dp_size():
+    """Step k's global batch does not depend on dp: resuming at step k under another dp size trains on the
+    global batches the saved run would have (each rank its 1/dp of the rows)."""
+    from commlab.models import lm_batch
+
+    data = torch.arange(5000) % 251
+    for step in (0, 7):
+        whole = lm_batch(data, step, 8, 16, seed=3)
+        for world in (2, 4):
+            shares = [lm_batch(data, step, 8, 16, 3, rank, world) for rank in range(world)]
+            assert torch.equal(torch.cat([x for x, _ in shares]), whole[0])
+            assert torch.equal(torch.cat([y for _, y in shares]), whole[1])
+
+
+def test_layout_mismatch_in_pp_or_tp_is_a_clear_error(rank_pools, tmp_path):
+    (message,) = rank_pools(1).run(save_and_load_other_layout, str(tmp_path))
+    assert "saved with layout {'dp': 1, 'pp': 2, 'tp': 1, 'zero': 0}" in message, message
+    assert "pp differ" in message, message
+
+
+def save_and_load_other_layout(directory: str) -> str:
+    """A checkpoint recorded as pp=2 (one rank standing in for stage 0), loaded by a pp=1 run."""
+    from commlab.models import GPT, GPTConfig
+    from commlab.parallel.checkpoint import Layout, load_training, save_training
+
+    module = GPT(GPTConfig.preset("tiny"))
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    manager = CheckpointManager(directory)
+    save_training(manager, 1, module, opt, Layout(pp=2))
+    try:
+        load_training(manager, module, opt, Layout())
+    except CheckpointError as error:
+        return str(error)
+    return "loaded"

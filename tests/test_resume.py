@@ -19,33 +19,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 8
-TRAIN = [
-    str(ROOT / "examples" / "ddp.py"),
-    *(
-        [
-            "--preset",
-            "tiny",
-            "--batch-size",
-            "8",
-            "--eval-every",
-            "0",
-            "--sample-tokens",
-            "0",
-            "--log-every",
-            "1",
-            "--eval-batches",
-            "1",
-        ]
-    ),
-    f"--steps={STEPS}",
-]
+TINY = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "0", "--sample-tokens", "0"]
+TINY += ["--log-every", "1", "--eval-batches", "1", f"--steps={STEPS}"]
+TRAIN = [str(ROOT / "examples" / "ddp.py"), *TINY]
+TRAIN_3D = [str(ROOT / "examples" / "train_3d.py"), *TINY]
 
 
-def launch(extra: list[str], restarts: int = 0) -> subprocess.Popen:
+def launch(extra: list[str], restarts: int = 0, train: list[str] = TRAIN, ranks: int = 2) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", f"--max-restarts={restarts}"]
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(ranks), f"--max-restarts={restarts}"]
     return subprocess.Popen(
-        [*command, *TRAIN, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        [*command, *train, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
 
 
@@ -78,8 +62,10 @@ def worker_of_rank(parent: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under torchrun pid {parent}")
 
 
-def finish(proc: subprocess.Popen, lines: queue.Queue, deadline: float, kill_at: str | None = None) -> str:
-    """Collect output until the process ends; SIGKILL rank 1 once `kill_at` appears in the output."""
+def finish(
+    proc: subprocess.Popen, lines: queue.Queue, deadline: float, kill_at: str | None = None, victim: int = 1
+) -> str:
+    """Collect output until the process ends; SIGKILL rank `victim` once `kill_at` appears in the output."""
     out = []
     while True:
         try:
@@ -91,8 +77,8 @@ def finish(proc: subprocess.Popen, lines: queue.Queue, deadline: float, kill_at:
             break
         out.append(line)
         if kill_at and line.startswith(kill_at):
-            os.kill(worker_of_rank(proc.pid, 1), signal.SIGKILL)
-            out.append(f"[test] SIGKILL rank 1 after '{kill_at}'\n")
+            os.kill(worker_of_rank(proc.pid, victim), signal.SIGKILL)
+            out.append(f"[test] SIGKILL rank {victim} after '{kill_at}'\n")
             kill_at = None
     assert proc.wait(timeout=30) == 0, "".join(out)
     return "".join(out)
@@ -122,3 +108,50 @@ def test_killed_rank_resumes_bitwise_equal(tmp_path):
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():
         assert torch.equal(tensor, got[name]), name
+
+
+def final_shards(directory: Path) -> dict[str, object]:
+    """The model and optimizer shards of the last checkpoint (step STEPS) in `directory`."""
+    step_dir = directory / f"step-{STEPS:08d}"
+    files = sorted(step_dir.glob("model-*.pt")) + sorted(step_dir.glob("optimizer-*.pt"))
+    assert files, f"no shards in {step_dir}"
+    return {f.name: torch.load(f, weights_only=True) for f in files}
+
+
+def assert_bitwise_equal(expected: object, got: object, where: str) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(expected, got), where
+    elif isinstance(expected, dict):
+        assert expected.keys() == got.keys(), where
+        for key in expected:
+            assert_bitwise_equal(expected[key], got[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(got), where
+        for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+            assert_bitwise_equal(a, b, f"{where}[{i}]")
+    else:
+        assert expected == got, where
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_killed_rank_of_a_pipeline_resumes_bitwise_equal(tmp_path):
+    """train_3d.py as dp 2 x pp 2 (4 ranks): SIGKILL a random rank at a random step; the final model and
+    optimizer shards of every (pp, tp) coordinate equal those of an uninterrupted run bit for bit."""
+    deadline = time.monotonic() + 240
+    layout = ["--pp", "2", "--save-every", "2"]
+    reference = launch([*layout, f"--checkpoint-dir={tmp_path / 'reference'}"], 2, TRAIN_3D, ranks=4)
+    finish(reference, lines_of(reference), deadline)
+
+    chance = random.Random(1)
+    kill_step, victim = chance.randint(3, STEPS - 2), chance.randrange(4)
+    crashed = launch([*layout, f"--checkpoint-dir={tmp_path / 'crashed'}"], 3, TRAIN_3D, ranks=4)
+    output = finish(crashed, lines_of(crashed), deadline, f"step {kill_step:>5}/{STEPS}", victim)
+    assert "SIGKILL" in output and "resumed from" in output, output
+    expected, got = final_shards(tmp_path / "reference"), final_shards(tmp_path / "crashed")
+    assert sorted(expected) == [
+        "model-pp0-tp0.pt",
+        "model-pp1-tp0.pt",
+        "optimizer-pp0-tp0.pt",
+        "optimizer-pp1-tp0.pt",
+    ]
+    assert_bitwise_equal(expected, got, "shards")

@@ -6,6 +6,12 @@ temporary name, fsynced and renamed, so a crash leaves either the old file or th
 file. The manifest lists every shard with its size and SHA-256 and the parallel layout; loading checks all
 three and names what is wrong. A step directory without a manifest (a crash during save) is skipped with a
 warning and the previous complete checkpoint is used. Files load with `torch.load(weights_only=True)`.
+
+`save_training` / `load_training` put a training state in that layout (`Layout`: one model and optimizer
+shard per (pp, tp) coordinate, ZeRO optimizer shards per dp rank, RNG per rank); loading accepts another
+dp size (ZeRO shards are regathered by `reshard_zero_state`) but not another pp or tp. Fault-injection
+points (`commlab.parallel.faults`) sit between a shard's temporary file and its rename, before the
+manifest, and after a load. docs/fault_tolerance.md has the whole story.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,7 @@ import torch
 
 from commlab.collectives.api import Group, all_reduce, communicator
 from commlab.errors import CommlabError, invalid
+from commlab.parallel.faults import fault_point
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -37,13 +46,18 @@ class CheckpointError(CommlabError):
     """A checkpoint is missing, incomplete, corrupted or does not match the current layout."""
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one (tmp, fsync, rename)."""
+def write_atomic(path: Path, data: bytes, before_rename: Callable[[], None] | None = None) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one (tmp, fsync, rename).
+
+    `before_rename` runs once the temporary file is on disk (the fault-injection point `save-temp`).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if before_rename is not None:
+        before_rename()
     os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -113,15 +127,17 @@ class CheckpointManager:
             (target / MANIFEST).unlink(missing_ok=True)  # an overwritten step is incomplete until the end
         self._barrier()
         entries = {}
+        rank = self.comm.rank
         for name, state in shards.items():
             buffer = io.BytesIO()
             torch.save(state, buffer)
             data = buffer.getvalue()
-            write_atomic(target / f"{name}.pt", data)
+            write_atomic(target / f"{name}.pt", data, lambda: fault_point("save-temp", step, rank))
             entries[name] = {"bytes": len(data), "sha256": sha256(data), "rank": self.comm.rank}
         write_atomic(target / f".entries-rank{self.comm.rank}.json", json.dumps(entries).encode())
         self._barrier()
-        if self.comm.rank == 0:
+        fault_point("save-manifest", step, rank)
+        if rank == 0:
             files: dict[str, Any] = {}
             for rank in range(self.comm.size):
                 sidecar = target / f".entries-rank{rank}.json"
@@ -203,11 +219,51 @@ class CheckpointManager:
                     f"manifest says {entry['bytes']} bytes, {entry['sha256'][:12]}..."
                 )
             out[name] = torch.load(io.BytesIO(data), weights_only=True)
+        fault_point("load", step, self.comm.rank)
         return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The dp x pp x tp layout of a run and this rank's coordinates in it: which shards it saves and loads.
+
+    Model and optimizer state is one shard per (pp, tp) coordinate, `model-pp{p}-tp{t}` and
+    `optimizer-pp{p}-tp{t}`, written by dp rank 0 (data-parallel replicas hold the same values); a ZeRO
+    optimizer adds the dp coordinate, `optimizer-pp{p}-tp{t}-dp{d}`, one per rank.
+    """
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    dp_rank: int = 0
+    pp_rank: int = 0
+    tp_rank: int = 0
+
+    @classmethod
+    def data_parallel(cls, rank: int, size: int) -> Layout:
+        """Plain data parallelism over `size` ranks."""
+        return cls(dp=size, dp_rank=rank)
+
+    @classmethod
+    def of(cls, mesh: Any) -> Layout:
+        """The layout of a `commlab.parallel.Mesh`."""
+        return cls(mesh.dp, mesh.pp, mesh.tp, mesh.dp_rank, mesh.pp_rank, mesh.tp_rank)
+
+    def sizes(self, zero: bool) -> dict[str, int]:
+        """What the manifest records: the axis sizes and whether the optimizer state is ZeRO-sharded."""
+        return {"dp": self.dp, "pp": self.pp, "tp": self.tp, "zero": int(zero)}
+
+    @property
+    def place(self) -> str:
+        return f"pp{self.pp_rank}-tp{self.tp_rank}"
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
+
+
+def _is_zero(optimizer: Any) -> bool:
+    return hasattr(optimizer, "local_state_bytes")  # ZeroOptimizer: every dp rank owns a shard
 
 
 def save_training(
@@ -215,43 +271,105 @@ def save_training(
     step: int,
     model: torch.nn.Module,
     optimizer: Any,
-    layout: dict[str, int],
+    layout: Layout | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Save a data-parallel training state: model and optimizer (rank 0; ZeRO: a shard per rank), each
-    rank's RNG states, and `extra` (step-level state such as the data position and LR schedule)."""
+    """Save a training state: this (pp, tp) coordinate's model and optimizer (from dp rank 0; ZeRO: a
+    shard per dp rank), every rank's RNG states, and `extra` (step-level state such as the data position).
+
+    `layout` defaults to plain data parallelism over the manager's group; `model` is this rank's part
+    (a PipelineStage under pipelining, the module, or a DataParallel wrapping it).
+    """
     rank = manager.comm.rank
+    layout = layout or Layout.data_parallel(rank, manager.comm.size)
     shards: dict[str, dict[str, Any]] = {f"rng-rank{rank}": rng_state()}
-    sharded = hasattr(optimizer, "local_state_bytes")  # ZeroOptimizer: every rank owns a shard
-    if sharded:
-        shards[f"optimizer-dp{rank}"] = optimizer.state_dict()
+    zero = _is_zero(optimizer)
+    if zero:
+        shards[f"optimizer-{layout.place}-dp{layout.dp_rank}"] = optimizer.state_dict()
+    if layout.dp_rank == 0:
+        shards[f"model-{layout.place}"] = _unwrap(model).state_dict()
+        if not zero:
+            shards[f"optimizer-{layout.place}"] = optimizer.state_dict()
     if rank == 0:
-        shards["model"] = _unwrap(model).state_dict()
         shards["trainer"] = {"step": step, "extra": extra or {}}
-        if not sharded:
-            shards["optimizer"] = optimizer.state_dict()
-    return manager.save(step, shards, {**layout, "zero": int(sharded)})
+    return manager.save(step, shards, layout.sizes(zero))
 
 
 def load_training(
-    manager: CheckpointManager, model: torch.nn.Module, optimizer: Any, layout: dict[str, int]
+    manager: CheckpointManager, model: torch.nn.Module, optimizer: Any, layout: Layout | None = None
 ) -> tuple[int, dict[str, Any]] | None:
     """Restore the newest complete checkpoint into `model` and `optimizer` (and this rank's RNG).
 
-    Returns (step, extra) or None when there is no checkpoint. A plain optimizer resumes under any dp
-    size; a ZeRO-sharded one needs the same dp size (CheckpointError otherwise).
+    Returns (step, extra) or None when there is no checkpoint. The pp and tp sizes must be those of the
+    save (CheckpointError naming both layouts otherwise); the dp size may differ: model and plain
+    optimizer state are the same on every replica, and ZeRO shards are regathered into the full flat
+    state and cut again for the new dp size. RNG states are restored only under the same layout (with
+    another dp size the ranks' RNG streams have no one-to-one counterpart; each rank keeps its own).
     """
     step = manager.latest()
     if step is None:
         return None
     rank = manager.comm.rank
-    sharded = hasattr(optimizer, "local_state_bytes")
-    names = ["model", "trainer", f"optimizer-dp{rank}" if sharded else "optimizer"]
-    must_match = ("zero", "dp") if sharded else ("zero",)
-    state = manager.load(step, names, {**layout, "zero": int(sharded)}, must_match)
-    _unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state[names[2]])
+    layout = layout or Layout.data_parallel(rank, manager.comm.size)
+    zero = _is_zero(optimizer)
+    sizes = layout.sizes(zero)
+    saved = manager.manifest(step)["layout"]
+    differ = [key for key in ("pp", "tp", "zero") if saved.get(key, int(key != "zero")) != sizes[key]]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint step {step} in {manager.step_dir(step)} was saved with layout {saved}; this run "
+            f"has {sizes}: {' and '.join(differ)} differ (pp, tp and ZeRO must match the save; dp may change)"
+        )
+    names = [f"model-{layout.place}", "trainer"]
+    if zero:
+        names += [f"optimizer-{layout.place}-dp{d}" for d in range(saved["dp"])]
+    else:
+        names.append(f"optimizer-{layout.place}")
+    state = manager.load(step, names, sizes)
+    _unwrap(model).load_state_dict(state[names[0]])
+    if zero:
+        optimizer.load_state_dict(reshard_zero_state(optimizer, [state[n] for n in names[2:]]))
+    else:
+        optimizer.load_state_dict(state[names[2]])
     rng_name = f"rng-rank{rank}"
-    if rng_name in manager.manifest(step)["files"]:
-        set_rng_state(manager.load(step, [rng_name], layout)[rng_name])
+    if saved.get("dp") == layout.dp:
+        set_rng_state(manager.load(step, [rng_name], sizes)[rng_name])
     return state["trainer"]["step"], state["trainer"]["extra"]
+
+
+def reshard_zero_state(optimizer: Any, saved: list[dict[str, Any]]) -> dict[str, Any]:
+    """This rank's `ZeroOptimizer` state cut from the shards `saved` by every rank of another (or the same)
+    dp size: per dtype group, the shards' flat state tensors are concatenated, the old padding dropped,
+    padded for the new size and sliced at this rank's offset; scalars (Adam's step) are shared."""
+    size, rank = optimizer.comm.size, optimizer.comm.rank
+    if [s.get("rank") for s in saved] != list(range(len(saved))):
+        ranks = [s.get("rank") for s in saved]
+        raise CheckpointError(f"ZeRO optimizer shards are out of order: ranks {ranks}")
+    old_numels = saved[0]["shard_numels"]
+    if len(old_numels) != len(optimizer.shards):
+        raise CheckpointError(
+            f"the checkpoint's ZeRO optimizer has {len(old_numels)} dtype groups, "
+            f"this one {len(optimizer.shards)}"
+        )
+    states: dict[int, dict[str, Any]] = {}
+    for index, shard in enumerate(optimizer.shards):
+        numel = sum(p.numel() for p in shard.params)
+        per_rank = [s["optimizer"]["state"].get(index, {}) for s in saved]
+        if not per_rank[0]:
+            continue
+        state = {}
+        for key, value in per_rank[0].items():
+            if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == old_numels[index]:
+                full = torch.cat([r[key] for r in per_rank])[:numel]
+                padded = torch.zeros(shard.shard_numel * size, dtype=value.dtype)
+                padded[:numel] = full
+                state[key] = padded[rank * shard.shard_numel : (rank + 1) * shard.shard_numel].clone()
+            else:
+                state[key] = value
+        states[index] = state
+    return {
+        "world_size": size,
+        "rank": rank,
+        "shard_numels": [s.shard_numel for s in optimizer.shards],
+        "optimizer": {"state": states, "param_groups": saved[0]["optimizer"]["param_groups"]},
+    }
