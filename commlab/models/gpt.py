@@ -88,6 +88,25 @@ class GPTConfig:
         """A named shape from GPT_PRESETS, e.g. GPTConfig.preset("tiny", checkpoint="full")."""
         return config_from_preset(cls, GPT_PRESETS, name, overrides)
 
+    def to_sim_spec(self, name: str = "gpt") -> Any:
+        """This model as the training simulator's `commlab.sim.workload.ModelSpec` (bias-free linears,
+        rotary positions: no learned position table), so `commlab sim train` simulates what GPT trains."""
+        from commlab.sim.workload import ModelSpec
+
+        return ModelSpec(
+            name,
+            layers=self.n_layer,
+            hidden=self.d_model,
+            heads=self.n_head,
+            seq_len=self.seq_len,
+            vocab=self.vocab_size,
+            ffn_hidden=self.d_ff,
+            biases=False,
+            norm=self.norm,
+            position_embedding=False,
+            tied_embeddings=self.tie_embeddings,
+        )
+
 
 def _gpt3(n_layer: int, d_model: int, n_head: int) -> dict[str, Any]:
     return dict(vocab_size=50257, seq_len=2048, n_layer=n_layer, d_model=d_model, n_head=n_head)

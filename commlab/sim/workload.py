@@ -1,0 +1,270 @@
+"""What a simulated training step trains, and how it is split: a transformer's shape and a parallel layout.
+
+`ModelSpec` is a GPT-style decoder (layers, hidden size, heads, sequence length, vocabulary), with presets
+for the models of Korthikanti et al. 2022 (gpt-22b ... gpt-1t) and the GPT-3 family, or read from a TOML
+file. `Layout` is DP x TP x PP with microbatches, virtual stages, ZeRO, activation checkpointing and
+sequence parallelism; `check_layout` rejects layouts that cannot run, naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from commlab.errors import invalid
+
+CHECKPOINT_MODES = ("none", "selective", "full")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+ZERO_STAGES = (0, 1, 2)
+NORMS = ("layernorm", "rmsnorm")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer: `ffn_hidden` defaults to 4 x hidden; parameters as Megatron-LM's GPT
+    (biases, LayerNorm, learned positions, tied embeddings) unless the flags say otherwise."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    seq_len: int = 2048
+    vocab: int = 51200
+    ffn_hidden: int = 0  # 0: 4 x hidden
+    biases: bool = True
+    norm: str = "layernorm"
+    position_embedding: bool = True
+    tied_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "heads", "seq_len", "vocab"):
+            _check_positive(name, getattr(self, name))
+        if self.ffn_hidden == 0:
+            object.__setattr__(self, "ffn_hidden", 4 * self.hidden)
+        _check_positive("ffn_hidden", self.ffn_hidden)
+        if self.hidden % self.heads:
+            raise invalid("hidden", self.hidden, f"a multiple of heads={self.heads}")
+        if self.norm not in NORMS:
+            raise invalid("norm", self.norm, NORMS)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def layer_parameters(self) -> int:
+        """Parameters of one transformer layer: QKV, output projection, two MLP matrices, norms, biases."""
+        h, f = self.hidden, self.ffn_hidden
+        norms = 2 * (2 * h if self.norm == "layernorm" else h)
+        biases = (3 * h + h + f + h) if self.biases else 0
+        return 4 * h * h + 2 * h * f + norms + biases
+
+    def embedding_parameters(self) -> int:
+        """Token embedding (and learned positions); the output head shares the token table when tied."""
+        return self.vocab * self.hidden + (self.seq_len * self.hidden if self.position_embedding else 0)
+
+    def head_parameters(self) -> int:
+        """The final norm, plus an untied output projection."""
+        norm = 2 * self.hidden if self.norm == "layernorm" else self.hidden
+        return norm + (0 if self.tied_embeddings else self.vocab * self.hidden)
+
+    def parameter_count(self) -> int:
+        """All parameters: 12 l h^2 + 13 l h + (V + s) h + 2h for Megatron's GPT with ffn 4h."""
+        return self.layers * self.layer_parameters() + self.embedding_parameters() + self.head_parameters()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise invalid(name, value, "a positive integer")
+
+
+def _korthikanti(name: str, hidden: int, layers: int, heads: int) -> ModelSpec:
+    return ModelSpec(name, layers, hidden, heads, seq_len=2048, vocab=51200)
+
+
+def _gpt3(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
+    return ModelSpec(name, layers, hidden, heads, seq_len=2048, vocab=50257)
+
+
+# Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", Table 3:
+# (hidden, layers, heads), sequence 2048, vocabulary 51200.
+# GPT-3 family: Brown et al. 2020, "Language Models are Few-Shot Learners", Table 2.1 (n_layer, d_model,
+# n_head), n_ctx 2048, GPT-2 BPE vocabulary 50257. As in commlab.models.gpt.GPT_PRESETS, two rows keep
+# d_head = 128 where the table breaks d_model = n_head x d_head: 1.3B has 16 heads, 13B d_model 5120.
+MODEL_PRESETS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in (
+        _korthikanti("gpt-22b", 6144, 48, 64),
+        _korthikanti("gpt-175b", 12288, 96, 96),
+        _korthikanti("gpt-530b", 20480, 105, 128),
+        _korthikanti("gpt-1t", 25600, 128, 160),
+        _gpt3("gpt3-125m", 12, 768, 12),
+        _gpt3("gpt3-350m", 24, 1024, 16),
+        _gpt3("gpt3-760m", 24, 1536, 16),
+        _gpt3("gpt3-1.3b", 24, 2048, 16),
+        _gpt3("gpt3-2.7b", 32, 2560, 32),
+        _gpt3("gpt3-6.7b", 32, 4096, 32),
+        _gpt3("gpt3-13b", 40, 5120, 40),
+        _gpt3("gpt3-175b", 96, 12288, 96),
+    )
+}
+
+
+def model_spec(
+    name_or_path: str | ModelSpec, seq_len: int | None = None, vocab: int | None = None
+) -> ModelSpec:
+    """A preset by name or a TOML file (keys: ModelSpec's fields), with sequence or vocabulary overridden."""
+    if isinstance(name_or_path, ModelSpec):
+        spec = name_or_path
+    elif str(name_or_path).lower() in MODEL_PRESETS:
+        spec = MODEL_PRESETS[str(name_or_path).lower()]
+    elif str(name_or_path).endswith(".toml"):
+        spec = load_model_spec(name_or_path)
+    else:
+        raise invalid("model", name_or_path, f"a preset ({', '.join(MODEL_PRESETS)}) or a .toml file")
+    changes = {k: v for k, v in (("seq_len", seq_len), ("vocab", vocab)) if v is not None}
+    return replace(spec, **changes) if changes else spec
+
+
+def load_model_spec(path: str | Path) -> ModelSpec:
+    """Read a model from TOML: `layers`, `hidden`, `heads` required; `name` defaults to the file's stem."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise invalid("model", str(path), "an existing .toml file or a preset name")
+    with path.open("rb") as handle:
+        data = tomllib.load(handle)
+    known = {f.name for f in fields(ModelSpec)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise invalid(f"{path}: key", unknown[0], sorted(known))
+    missing = [k for k in ("layers", "hidden", "heads") if k not in data]
+    if missing:
+        raise invalid(f"{path}: key", missing[0], "layers, hidden and heads must all be given")
+    return ModelSpec(**{"name": path.stem, **data})
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a step is split over dp x tp x pp GPUs: microbatches, schedule, ZeRO, checkpointing.
+
+    `virtual_stages` > 1 (model chunks per GPU) needs the interleaved schedule. `fp32_grads` keeps fp32
+    main gradients (Megatron-LM's default: 18 bytes/parameter with Adam instead of 16).
+    """
+
+    dp: int
+    tp: int
+    pp: int
+    micro_batch: int
+    global_batch: int
+    virtual_stages: int = 1
+    schedule: str = "1f1b"
+    zero: int = 0
+    checkpoint: str = "none"
+    sequence_parallel: bool = False
+    fp32_grads: bool = False
+    bucket_bytes: int = 25_000_000  # gradient bucket for the data-parallel reduction (PyTorch DDP's 25 MB)
+
+    @property
+    def gpus(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def microbatches(self) -> int:
+        """Microbatches per data-parallel replica per step."""
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def virtual_pipeline(self) -> int:
+        """Pipeline stages counted over model chunks: pp x virtual stages."""
+        return self.pp * self.virtual_stages
+
+    def describe(self) -> str:
+        parts = [f"dp{self.dp} tp{self.tp} pp{self.pp}"]
+        if self.virtual_stages > 1:
+            parts.append(f"v{self.virtual_stages}")
+        parts.append(f"mb{self.micro_batch}")
+        parts.append(self.checkpoint)
+        if self.sequence_parallel:
+            parts.append("sp")
+        if self.zero:
+            parts.append(f"zero{self.zero}")
+        if self.schedule == "gpipe":
+            parts.append("gpipe")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_layout(model: ModelSpec, layout: Layout, gpus: int | None = None, gpus_per_node: int = 0) -> None:
+    """Raise InvalidArgumentError, naming the argument and what is accepted, if `layout` cannot run."""
+    for name in ("dp", "tp", "pp", "micro_batch", "global_batch", "virtual_stages", "bucket_bytes"):
+        _check_positive(name, getattr(layout, name))
+    if layout.schedule not in SCHEDULES:
+        raise invalid("schedule", layout.schedule, SCHEDULES)
+    if layout.checkpoint not in CHECKPOINT_MODES:
+        raise invalid("checkpoint", layout.checkpoint, CHECKPOINT_MODES)
+    if layout.zero not in ZERO_STAGES:
+        raise invalid("zero", layout.zero, ZERO_STAGES)
+    if model.heads % layout.tp:
+        raise invalid("tp", layout.tp, f"a divisor of heads={model.heads}: {_divisors(model.heads)}")
+    if model.ffn_hidden % layout.tp:
+        raise invalid("tp", layout.tp, f"a divisor of ffn_hidden={model.ffn_hidden}")
+    if gpus_per_node and (layout.tp > gpus_per_node or gpus_per_node % layout.tp):
+        raise invalid(
+            "tp", layout.tp, f"a divisor of the {gpus_per_node} GPUs of a node (TP stays in a node)"
+        )
+    if gpus is not None and layout.gpus != gpus:
+        if gpus % (layout.tp * layout.pp):
+            raise invalid("gpus", gpus, f"a multiple of tp x pp = {layout.tp} x {layout.pp}")
+        raise invalid(
+            "dp", layout.dp, f"gpus / (tp x pp) = {gpus} / ({layout.tp} x {layout.pp}) (dp x tp x pp == gpus)"
+        )
+    if layout.global_batch % (layout.micro_batch * layout.dp):
+        raise invalid(
+            "global_batch",
+            layout.global_batch,
+            f"a multiple of micro_batch x dp = {layout.micro_batch} x {layout.dp}",
+        )
+    if layout.virtual_stages > 1 and layout.schedule != "interleaved":
+        raise invalid("schedule", layout.schedule, "'interleaved' when virtual_stages > 1")
+    if layout.schedule == "interleaved":
+        if layout.pp < 2 or layout.virtual_stages < 2:
+            raise invalid(
+                "virtual_stages",
+                layout.virtual_stages,
+                "an integer >= 2 with pp >= 2 for the interleaved schedule",
+            )
+        if layout.microbatches % layout.pp:
+            raise invalid(
+                "global_batch",
+                layout.global_batch,
+                f"a multiple of micro_batch x dp x pp = {layout.micro_batch * layout.dp * layout.pp} "
+                "(the interleaved schedule runs microbatches in groups of pp)",
+            )
+    if model.layers % layout.virtual_pipeline:
+        accepted = [d for d in _divisors(model.layers)]
+        name = "pp" if layout.virtual_stages == 1 else "pp x virtual_stages"
+        raise invalid(name, layout.virtual_pipeline, f"a divisor of layers={model.layers}: {accepted}")
+
+
+def layers_per_chunk(model: ModelSpec, layout: Layout) -> int:
+    """Transformer layers in each model chunk (virtual stage)."""
+    return model.layers // layout.virtual_pipeline
+
+
+def padded_vocab(model: ModelSpec, tp: int, multiple: int = 128) -> int:
+    """The vocabulary padded to a multiple of `multiple` x tp, as Megatron-LM pads it for vocab-parallel
+    layers."""
+    step = multiple * tp
+    return math.ceil(model.vocab / step) * step
