@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     from commlab.sim.cli import add_sim_parser
 
     add_sim_parser(sub)
+    from commlab.sim.train_cli import add_plan_parser
+
+    add_plan_parser(sub)
+    from commlab.calibrate import add_parser as add_calibrate_parser
+
+    add_calibrate_parser(sub)
+    from commlab.calibrate.tune import add_parser as add_tune_parser
+
+    add_tune_parser(sub)
     return parser
 
 

@@ -308,7 +308,8 @@ def run_size(size: int, ranks: Ranks, config: BenchConfig) -> list[dict]:
         resolved = name
         if name == "auto":
             comm = ranks.comm
-            resolved = resolve(op, "auto", world, nbytes, comm.cost_model, comm.piece_bytes).algorithm
+            model = comm.cost_model_for(getattr(torch, config.dtype))
+            resolved = resolve(op, "auto", world, nbytes, model, comm.piece_bytes).algorithm
         row = {
             "op": op,
             "size": nbytes,

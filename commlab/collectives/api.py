@@ -147,11 +147,13 @@ def _check_reduce(op: object, dtype: torch.dtype) -> str:
     return name
 
 
-def _resolve_algorithm(comm: Communicator, algorithm: str, op: str, nbytes: int) -> Choice:
-    """The algorithm, segments and pieces of a call, by the communicator's cost model and settings."""
+def _resolve_algorithm(
+    comm: Communicator, algorithm: str, op: str, nbytes: int, dtype: torch.dtype = torch.float32
+) -> Choice:
+    """The algorithm, segments and pieces of a call, by the communicator's cost model (for the dtype)."""
     if not isinstance(algorithm, str):
         raise invalid("algorithm", algorithm, ["auto", *ALGORITHMS])
-    return resolve(op, algorithm, comm.size, nbytes, comm.cost_model, comm.piece_bytes)
+    return resolve(op, algorithm, comm.size, nbytes, comm.cost_model_for(dtype), comm.piece_bytes)
 
 
 def _group_rank(comm: Communicator, rank: int, name: str, group: Group) -> int:
@@ -179,7 +181,7 @@ def _submit(
     check: bool | None,
 ) -> Work | None:
     nbytes = buffer.numel() * buffer.element_size()
-    choice = _resolve_algorithm(comm, algorithm, op, nbytes)
+    choice = _resolve_algorithm(comm, algorithm, op, nbytes, buffer.dtype)
     name, segments, pieces = choice.algorithm, choice.segments, choice.pieces
     signature = encode_signature(
         op, reduce_op, buffer.dtype, buffer.numel(), root, _ALGORITHM_INDEX[name], segments, pieces

@@ -15,11 +15,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule
+from commlab.collectives.calibration import Calibration, active_profile, as_calibration
 from commlab.collectives.cost import DEFAULT_COST_MODEL, CostModel
 from commlab.collectives.executor import DEFAULT_WINDOW, REDUCERS, Plan, compile_plan, execute
 from commlab.collectives.schedule import OPS, subdivide
@@ -85,8 +87,11 @@ class Communicator:
     wrong data or a hang. It costs one small allgather (ceil(lg p) latency-bound rounds) per call; turn it
     off per communicator or per call (`check=False`) once a program is known to be consistent.
 
-    Tuning: `cost_model` ranks the algorithms for `algorithm="auto"` (default: the transport's
-    `cost_model` if it has one, else `cost.DEFAULT_COST_MODEL`); chunks larger than `piece_bytes` are
+    Tuning: `cost_model` ranks the algorithms for `algorithm="auto"`; without one, `profile` (a
+    `calibration.Calibration` or the path of a `commlab calibrate` file) gives a model per dtype, else the
+    active calibration of the transport's backend ($COMMLAB_PROFILE, else the profile shipped for gloo or
+    mpi), else the transport's `cost_model`, else `cost.DEFAULT_COST_MODEL`. Every rank must use the same
+    profile (see `calibration`). Chunks larger than `piece_bytes` are
     sliced so transfers overlap reductions (default: the transport's `piece_bytes`, else
     `tuning.DEFAULT_PIECE_BYTES`; 0 turns slicing off); `window` is how many steps the executor keeps in
     flight. Scratch space is kept per dtype and reused across calls (`release_scratch()` frees it).
@@ -100,6 +105,7 @@ class Communicator:
         cost_model: CostModel | None = None,
         piece_bytes: int | None = None,
         window: int = DEFAULT_WINDOW,
+        profile: Calibration | str | Path | None = None,
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise invalid("timeout", timeout, "a positive number of seconds, or None for the group's own")
@@ -114,7 +120,14 @@ class Communicator:
         self.size = transport.size
         self.timeout = float(timeout) if timeout is not None else transport.default_timeout
         self.check = check
+        self.calibration: Calibration | None = None
+        if cost_model is None:
+            backend = getattr(transport, "backend", None)
+            self.calibration = as_calibration(profile) if profile is not None else active_profile(backend)
+        if self.calibration is not None:
+            cost_model = self.calibration.cost_model(self.size)
         self.cost_model = cost_model or getattr(transport, "cost_model", None) or DEFAULT_COST_MODEL
+        self._models: dict[torch.dtype, CostModel] = {}
         default_pieces = getattr(transport, "piece_bytes", DEFAULT_PIECE_BYTES)
         self.piece_bytes = default_pieces if piece_bytes is None else piece_bytes
         self.window = window
@@ -126,6 +139,16 @@ class Communicator:
         self._queue: queue.Queue | None = None
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._scratch: dict[tuple, Any] = {}  # scratch per (dtype, device); argument-check buffers
+
+    def cost_model_for(self, dtype: torch.dtype) -> CostModel:
+        """The model `auto` ranks algorithms by for a call on `dtype` (the calibrated gamma of that dtype)."""
+        if self.calibration is None:
+            return self.cost_model
+        model = self._models.get(dtype)
+        if model is None:
+            model = self.calibration.cost_model(self.size, str(dtype).replace("torch.", ""))
+            self._models[dtype] = model
+        return model
 
     def plan(self, call: Call) -> Plan:
         """The compiled plan of a call on this rank, built once per (op, algorithm, root, size, ...)."""

@@ -113,6 +113,7 @@ class MPITransport:
     """
 
     device_type = "cpu"
+    backend = "mpi"  # names the calibrated profile `auto` uses (commlab/profiles/mpi.json)
     cost_model = MPI_COST_MODEL
     piece_bytes = 0  # no slicing: MPI progresses only inside MPI calls, so slices add messages, not overlap
 

@@ -211,4 +211,7 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     topo.add_argument("--json", action="store_true", help="print JSON instead of text")
     topo.set_defaults(run=_guard(_topology))
+    from commlab.sim.train_cli import add_train_parser
+
+    add_train_parser(simsub)
     return sim

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from commlab.errors import ScheduleError
-from commlab.sim.network import RoutedPlan, Timing
+from commlab.sim.network import MessageCosts, RoutedPlan, Timing
 from commlab.sim.profile import Profile
 from commlab.sim.routing import _expand, unique_ints
 from commlab.sim.topology import Topology
@@ -60,8 +60,15 @@ def rendezvous_rounds(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return msg_round, start, end
 
 
-def run_congestion(routed: RoutedPlan, msg_bytes: np.ndarray, topology: Topology, profile: Profile) -> Timing:
-    """Time of every round and step of the routed plan (see the module docstring)."""
+def run_congestion(
+    routed: RoutedPlan,
+    msg_bytes: np.ndarray,
+    topology: Topology,
+    profile: Profile,
+    costs: MessageCosts | None = None,
+) -> Timing:
+    """Time of every round and step of the routed plan (see the module docstring); `costs` gives
+    per-message posting costs and link work (calibrated runs)."""
     plan, routes = routed.plan, routed.routes
     msg_round, start, end = rendezvous_rounds(plan)
     rounds = int(end.max()) + 1 if len(end) else 0
@@ -69,7 +76,9 @@ def run_congestion(routed: RoutedPlan, msg_bytes: np.ndarray, topology: Topology
     links = len(capacity)
 
     posting = np.maximum(plan.msg_send_pos, plan.msg_recv_pos) + 1
-    msg_latency = routes.latency[routed.msg_pair] + profile.alpha * posting
+    alpha = profile.alpha if costs is None else costs.alpha
+    work = msg_bytes if costs is None else costs.work
+    msg_latency = routes.latency[routed.msg_pair] + alpha * posting
     round_latency = np.zeros(rounds)
     np.maximum.at(round_latency, msg_round, msg_latency)
 
@@ -83,7 +92,7 @@ def run_congestion(routed: RoutedPlan, msg_bytes: np.ndarray, topology: Topology
         msgs = order[lo:hi]
         owner, pos = _expand(routes.ptr, routed.msg_pair[msgs])
         key = (msg_round[msgs][owner] - first) * links + routes.links[pos]
-        load = np.bincount(key, weights=msg_bytes[msgs][owner], minlength=(last - first) * links)
+        load = np.bincount(key, weights=work[msgs][owner], minlength=(last - first) * links)
         round_bandwidth[first:last] = (load.reshape(last - first, links) / capacity).max(axis=1)
 
     reduced = np.bincount(

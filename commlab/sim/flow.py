@@ -29,7 +29,7 @@ import numpy as np
 from commlab.errors import ScheduleError
 from commlab.sim.congestion import rendezvous_rounds
 from commlab.sim.maxmin import max_min_rates
-from commlab.sim.network import RoutedPlan, Timing
+from commlab.sim.network import MessageCosts, RoutedPlan, Timing
 from commlab.sim.profile import Profile
 from commlab.sim.routing import _expand, unique_ints
 from commlab.sim.topology import Topology
@@ -41,11 +41,20 @@ _MERGE = 1e-12  # events closer than this (relative) are one batch
 class _FlowRun:
     """State of one flow-level run (arrays indexed by message or step id)."""
 
-    def __init__(self, routed: RoutedPlan, msg_bytes: np.ndarray, topology: Topology, profile: Profile):
+    def __init__(
+        self,
+        routed: RoutedPlan,
+        msg_bytes: np.ndarray,
+        topology: Topology,
+        profile: Profile,
+        costs: MessageCosts | None = None,
+    ):
         plan, routes = routed.plan, routed.routes
         self.plan, self.routes, self.pair = plan, routes, routed.msg_pair
-        self.bytes = msg_bytes
-        self.alpha, self.gamma = profile.alpha, profile.gamma
+        self.bytes = msg_bytes if costs is None else costs.work  # what each flow puts on its links
+        alpha = profile.alpha if costs is None else costs.alpha
+        self.alpha = np.broadcast_to(np.asarray(alpha, float), (plan.num_messages,))
+        self.gamma = profile.gamma
         self.capacity = topology.compiled.bandwidth * profile.efficiency
         self.solo = routes.bandwidth[self.pair] * profile.efficiency
         self.latency = routes.latency[self.pair]
@@ -104,8 +113,8 @@ class _FlowRun:
         if len(ready) == 0:
             return
         at = np.maximum(
-            self.step_start[plan.msg_src_step[ready]] + self.alpha * (plan.msg_send_pos[ready] + 1),
-            self.step_start[plan.msg_dst_step[ready]] + self.alpha * (plan.msg_recv_pos[ready] + 1),
+            self.step_start[plan.msg_src_step[ready]] + self.alpha[ready] * (plan.msg_send_pos[ready] + 1),
+            self.step_start[plan.msg_dst_step[ready]] + self.alpha[ready] * (plan.msg_recv_pos[ready] + 1),
         )
         due = at <= now
         activate_now.append(ready[due])
@@ -251,7 +260,9 @@ class _FlowRun:
         return Timing(total, self.step_start, self.step_end, self.msg_start, self.msg_end, self.events)
 
 
-def solo_timeline(routed: RoutedPlan, msg_bytes: np.ndarray, profile: Profile) -> tuple:
+def solo_timeline(
+    routed: RoutedPlan, msg_bytes: np.ndarray, profile: Profile, costs: MessageCosts | None = None
+) -> tuple:
     """The timeline if every flow ran alone at its route's bandwidth, computed in rendezvous-round order.
 
     Returns (step_start, step_end, msg_start, msg_end, rounds); msg_start/msg_end bound each message's
@@ -261,7 +272,8 @@ def solo_timeline(routed: RoutedPlan, msg_bytes: np.ndarray, profile: Profile) -
     msg_round, _, end_round = rendezvous_rounds(plan)
     rounds = int(end_round.max()) + 1 if len(end_round) else 0
     solo = routes.bandwidth[routed.msg_pair] * profile.efficiency
-    duration = np.divide(msg_bytes, solo, out=np.zeros(len(msg_bytes)), where=msg_bytes > 0)
+    work = msg_bytes if costs is None else costs.work
+    duration = np.divide(work, solo, out=np.zeros(len(msg_bytes)), where=work > 0)
     latency = routes.latency[routed.msg_pair]
     reduced = np.bincount(
         plan.msg_dst_step[plan.msg_reduce], weights=msg_bytes[plan.msg_reduce], minlength=plan.num_steps
@@ -276,7 +288,7 @@ def solo_timeline(routed: RoutedPlan, msg_bytes: np.ndarray, profile: Profile) -
     m_bounds = np.searchsorted(msg_round[m_order], np.arange(rounds + 1))
     s_order = np.argsort(end_round, kind="stable")
     s_bounds = np.searchsorted(end_round[s_order], np.arange(rounds + 1))
-    alpha = profile.alpha
+    alpha = profile.alpha if costs is None else costs.alpha
     send_post = alpha * (plan.msg_send_pos + 1)
     recv_post = alpha * (plan.msg_recv_pos + 1)
     ptr = plan.step_msg_ptr
@@ -332,13 +344,18 @@ def overlaps_on_shared_links(routed: RoutedPlan, start: np.ndarray, end: np.ndar
 
 
 def run_flow(
-    routed: RoutedPlan, msg_bytes: np.ndarray, topology: Topology, profile: Profile, events: bool = False
+    routed: RoutedPlan,
+    msg_bytes: np.ndarray,
+    topology: Topology,
+    profile: Profile,
+    events: bool = False,
+    costs: MessageCosts | None = None,
 ) -> Timing:
     """Max-min fair flow-level run of the routed plan (see the module docstring); `events=True` skips the
-    contention-free fast path."""
+    contention-free fast path; `costs` gives per-message posting costs and link work (calibrated runs)."""
     if not events:
-        step_start, step_end, msg_start, msg_end, _ = solo_timeline(routed, msg_bytes, profile)
+        step_start, step_end, msg_start, msg_end, _ = solo_timeline(routed, msg_bytes, profile, costs)
         if not overlaps_on_shared_links(routed, msg_start, msg_end):
             total = float(np.nanmax(step_end)) if len(step_end) else 0.0
             return Timing(total, step_start, step_end, msg_start, msg_end, 3 * len(msg_bytes))
-    return _FlowRun(routed, msg_bytes, topology, profile).run()
+    return _FlowRun(routed, msg_bytes, topology, profile, costs).run()

@@ -14,6 +14,12 @@ One interface, three fidelities:
 In all three a message costs `profile.alpha` to post (a rank posts a step's messages one after another),
 its route's latency, and its bytes over the bandwidth it gets (links x `profile.efficiency`); a step that
 reduces costs `profile.gamma` per reduced byte at its end; the collective costs `profile.launch` once.
+
+A calibrated profile (`commlab calibrate`) prices messages by size instead: a message of m bytes costs
+alpha(m) to post and, alone on its route, m x beta(m) to move (the fit of the level for the schedule's
+world size). It puts m x beta(m) x (its route's bandwidth) "work bytes" on its links, so alone it takes
+exactly the calibrated time, and messages that share a link (two sends of one rank on its port of a
+`local` host) slow each other as real bytes would. Gamma and launch come from the same level.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import networkx as nx
 import numpy as np
 
 from commlab.collectives.algorithms import build_schedule, get_algorithm
+from commlab.collectives.calibration import PiecewiseCostModel
 from commlab.collectives.cost import CostModel
 from commlab.collectives.schedule import OPS, Schedule
 from commlab.errors import invalid
@@ -65,6 +72,14 @@ def itemsize_of(dtype: str) -> int:
     if dtype not in DTYPES:
         raise invalid("dtype", dtype, list(DTYPES))
     return DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class MessageCosts:
+    """Per-message posting cost (s) and the bytes each message puts on its links (a calibrated run)."""
+
+    alpha: np.ndarray
+    work: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -178,6 +193,19 @@ class SimResult:
         }
 
 
+def _model(
+    profile: Profile, bandwidth: float, latency: float, world_size: int, dtype: str = "float32"
+) -> CostModel:
+    """Alpha-beta-gamma on links of `bandwidth` and route `latency`; a calibrated profile's own piecewise
+    model (plus the route latency) for `world_size` ranks and `dtype`."""
+    if profile.calibration is not None:
+        level = profile.calibration.level(world_size)
+        return PiecewiseCostModel.of(level.link, level.gamma_of(dtype), latency)
+    if world_size == 1:
+        return CostModel(profile.alpha, 0.0, profile.gamma)
+    return CostModel(profile.alpha + latency, 1.0 / (bandwidth * profile.efficiency), profile.gamma)
+
+
 def analytic_time(
     op: str,
     algorithm: str,
@@ -187,20 +215,38 @@ def analytic_time(
     latency: float,
     profile: Profile = IDEAL,
     segments: int | None = None,
+    dtype: str = "float32",
 ) -> float:
     """The closed-form time on links of `bandwidth` (bytes/s) and route `latency` (s), plus the launch."""
+    run = profile.for_run(world_size, dtype)
+    launch = run.launch + profile.local_copy_time(op, nbytes, world_size)
     if world_size == 1:
-        return profile.launch
-    model = CostModel(profile.alpha + latency, 1.0 / (bandwidth * profile.efficiency), profile.gamma)
-    return profile.launch + get_algorithm(algorithm).cost(op, world_size, nbytes, model, segments)
+        return launch
+    model = _model(profile, bandwidth, latency, world_size, dtype)
+    return launch + get_algorithm(algorithm).cost(op, world_size, nbytes, model, segments)
 
 
-def link_model(topology: Topology, world_size: int, profile: Profile = IDEAL) -> CostModel:
+def link_model(
+    topology: Topology, world_size: int, profile: Profile = IDEAL, dtype: str = "float32"
+) -> CostModel:
     """The alpha-beta-gamma model the analytic fidelity uses on `topology` (also picks segment counts)."""
     bandwidth, latency, _ = topology.ring_bottleneck(world_size)
-    if world_size == 1:
-        return CostModel(profile.alpha, 0.0, profile.gamma)
-    return CostModel(profile.alpha + latency, 1.0 / (bandwidth * profile.efficiency), profile.gamma)
+    return _model(profile, bandwidth, latency, world_size, dtype)
+
+
+def message_costs(
+    profile: Profile, routed: RoutedPlan, msg_bytes: np.ndarray, world_size: int
+) -> MessageCosts | None:
+    """Per-message alpha and link work under a calibrated profile (None for a plain one)."""
+    if profile.calibration is None:
+        return None
+    segments = profile.calibration.level(world_size).link.segments
+    bounds = np.array([s.max_bytes for s in segments])
+    index = np.minimum(np.searchsorted(bounds, msg_bytes, side="left"), len(segments) - 1)
+    alpha = np.array([s.alpha for s in segments])[index]
+    beta = np.array([s.beta for s in segments])[index]
+    solo = routed.routes.bandwidth[routed.msg_pair] * profile.efficiency
+    return MessageCosts(alpha, msg_bytes * beta * solo)
 
 
 def _check_fidelity(fidelity: str) -> None:
@@ -246,7 +292,7 @@ def simulate(
         bandwidth, latency, link = topology.ring_bottleneck(p)
         segments = _segments_of(schedule)
         time = analytic_time(
-            schedule.op, schedule.algorithm, p, nbytes, bandwidth, latency, profile, segments
+            schedule.op, schedule.algorithm, p, nbytes, bandwidth, latency, profile, segments, dtype
         )
         return SimResult(
             schedule.op, schedule.algorithm, fidelity, p, nbytes, dtype, time, topology,
@@ -256,7 +302,13 @@ def simulate(
     plan = routed.plan
     msg_bytes = plan.message_bytes(plan.chunk_bytes(nbytes, itemsize)).astype(float)
     run = run_congestion if fidelity == "congestion" else run_flow
-    timing = run(routed, msg_bytes, topology, profile)
+    costs = message_costs(profile, routed, msg_bytes, p)
+    copies = profile.local_copy_time(schedule.op, nbytes, p)
+    profile = profile.for_run(p, dtype)
+    if copies:  # the API's copies around the schedule count like launch: once, before the steps
+        profile = Profile(profile.alpha, profile.gamma, profile.launch + copies, profile.efficiency,
+                          profile.name, profile.calibration)  # fmt: skip
+    timing = run(routed, msg_bytes, topology, profile, costs=costs)
     return SimResult(
         schedule.op,
         schedule.algorithm,
@@ -311,15 +363,15 @@ def simulate_collective(
         root = 0
     itemsize = itemsize_of(dtype)
     if segments is None:
-        segments = entry.best_segments(op, p, nbytes, link_model(topology, p, profile))
+        segments = entry.best_segments(op, p, nbytes, link_model(topology, p, profile, dtype))
     if fidelity == "analytic":
-        entry.cost(op, p, nbytes, link_model(topology, p, profile), segments)  # validates op and segments
+        entry.cost(op, p, nbytes, link_model(topology, p, profile, dtype), segments)  # validates op, segments
         numel = int(nbytes) // itemsize
         if op in ("reduce_scatter", "allgather"):
             numel -= numel % p
         bandwidth, latency, link = topology.ring_bottleneck(p)
         nb = numel * itemsize
-        time = analytic_time(op, entry.name, p, nb, bandwidth, latency, profile, segments)
+        time = analytic_time(op, entry.name, p, nb, bandwidth, latency, profile, segments, dtype)
         seg = segments if op in entry.pipelined_ops else 1
         return SimResult(
             op, entry.name, fidelity, p, nb, dtype, time, topology, bottleneck_link=link, segments=seg

@@ -4,15 +4,20 @@ A `Profile` is what a transport adds on top of the wires: `alpha` seconds to pos
 seconds per byte reduced, `launch` seconds once per collective (kernel launch, argument checks), and
 `efficiency`, the fraction of a link's bandwidth the transport's protocol delivers. Profiles load from
 JSON, TOML or YAML files with those keys (numbers in seconds, or strings like "5us").
+
+A profile may instead carry a `calibration` (a `commlab calibrate` file, format "commlab-calibration",
+read by the same `Profile.load`): then messages are priced by size from the calibrated fits of the
+schedule's world size, and gamma and launch come from there too (`for_run`, `network.message_costs`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from commlab.collectives.calibration import Calibration, is_calibration
 from commlab.errors import TopologyError, invalid
 from commlab.sim.units import parse_time
 
@@ -28,22 +33,55 @@ class Profile:
     launch: float = 0.0
     efficiency: float = 1.0
     name: str = "ideal"
+    calibration: Calibration | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for field in ("alpha", "gamma", "launch"):
-            value = getattr(self, field)
+        for name in ("alpha", "gamma", "launch"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
-                raise invalid(field, value, "a finite number of seconds >= 0")
+                raise invalid(name, value, "a finite number of seconds >= 0")
         e = self.efficiency
         if isinstance(e, bool) or not isinstance(e, numbers.Real) or not 0 < e <= 1:
             raise invalid("efficiency", e, "a fraction in (0, 1]")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = {key: getattr(self, key) for key in FIELDS}
+        if self.calibration is not None:
+            cal = self.calibration
+            data["calibration"] = {
+                "backend": cal.backend,
+                "world_sizes": list(cal.world_sizes),
+                "source": cal.source,
+                "host": cal.machine.get("hostname"),
+            }
+        return data
+
+    @classmethod
+    def from_calibration(cls, calibration: Calibration) -> Profile:
+        """The profile of a calibrated transport: per-message costs by size, per world size and dtype."""
+        host = calibration.machine.get("hostname", "?")
+        return cls(name=f"calibrated {calibration.backend} on {host}", calibration=calibration)
+
+    def local_copy_time(self, op: str, nbytes: float, world_size: int) -> float:
+        """Seconds of the API's own copies around the schedule (calibrated profiles only; else 0)."""
+        if self.calibration is None:
+            return 0.0
+        return self.calibration.level(world_size).local_copy_time(op, nbytes, world_size)
+
+    def for_run(self, world_size: int, dtype: str = "float32") -> Profile:
+        """The scalar costs of one run: a calibrated profile's launch and gamma for `world_size` and
+        `dtype` (its per-message alpha and beta come from `network.message_costs`); else itself."""
+        if self.calibration is None:
+            return self
+        level = self.calibration.level(world_size)
+        return Profile(0.0, level.gamma_of(dtype), level.launch, self.efficiency, self.name, self.calibration)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "profile") -> Profile:
-        """A profile from a mapping with keys among alpha, gamma, launch, efficiency, name."""
+        """A profile from a mapping with keys among alpha, gamma, launch, efficiency, name, or from a
+        calibration (format "commlab-calibration")."""
+        if is_calibration(data):
+            return cls.from_calibration(Calibration.from_dict(data, source))
         if not isinstance(data, dict):
             raise TopologyError(
                 f"{source}: expected a table of {', '.join(FIELDS)}, got {type(data).__name__}"
@@ -61,7 +99,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        """Read a profile file (.json, .toml, .yaml/.yml)."""
+        """Read a profile file (.json, .toml, .yaml/.yml), or a calibration file (JSON)."""
         from commlab.sim.topology_io import read_mapping
 
         return cls.from_dict(read_mapping(path), str(path))

@@ -124,6 +124,27 @@ def switch(n: int, bandwidth: float = DEFAULT_BANDWIDTH, latency: float = DEFAUL
     return graph
 
 
+LOCAL_BANDWIDTH = 10e9  # bytes/s per rank and direction: a placeholder; a calibrated profile sets the speed
+
+
+def local(n: int, bandwidth: float = LOCAL_BANDWIDTH, latency: float = 0.0) -> nx.DiGraph:
+    """n ranks on one host: each rank's send port and receive port (a link each way) to a `host` node.
+
+    The host node is the shared memory between processes. Under a calibrated profile (`commlab
+    calibrate`) a message alone takes its calibrated time whatever `bandwidth` says; the ports make two
+    messages a rank sends (or receives) at once share its port, as they share its process's time.
+    """
+    n = _check_count("n", n)
+    bandwidth, latency = _check_link(bandwidth, latency)
+    graph = _new_graph(f"local {n}", endpoints_forward=False)
+    for i in range(n):
+        graph.add_node(f"rank{i}", kind=NPU, layer=0)
+    graph.add_node("host", kind=SWITCH, layer=1)
+    for i in range(n):
+        _link(graph, f"rank{i}", "host", bandwidth, latency, "port")
+    return graph
+
+
 def fat_tree(
     k: int,
     bandwidth: float = DEFAULT_BANDWIDTH,
@@ -501,6 +522,7 @@ BUILDERS = {
     "torus": torus,
     "fully-connected": fully_connected,
     "switch": switch,
+    "local": local,
     "fat-tree": fat_tree,
     "dgx": dgx_node,
     "cluster": cluster,

@@ -217,8 +217,11 @@ def _builder_arguments(builder, text: str, spec: str) -> dict:
     """Keyword arguments for `builder` from 'key=value,key=value'."""
     accepted = [p for p in inspect.signature(builder).parameters]
     kwargs: dict = {}
-    for item in filter(None, text.split(",")):
+    for position, item in enumerate(filter(None, text.split(","))):
         key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep and position == 0 and key.isdigit() and accepted and accepted[0] in _INTS:
+            key, sep, value = accepted[0], "=", key  # 'local:4' is 'local:n=4'; 'ring:8' is 'ring:n=8'
         key = key.strip().replace("-", "_")
         if not sep or key not in accepted:
             raise invalid(

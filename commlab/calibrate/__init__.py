@@ -1,0 +1,174 @@
+"""`commlab calibrate`: measure a live transport on this host and save a profile for the simulator and auto.
+
+    commlab calibrate --backend gloo -n 4 [-o gloo.json] [--quick]
+
+Launched on its own it starts `-n` ranks (gloo: local processes on a TCP rendezvous; mpi: `mpiexec -n`);
+under torchrun or mpiexec it runs in the ranks it finds. The ranks time messages through commlab's own
+executor (`measure`), rank 0 fits alpha, beta (piecewise by size) and gamma (`fit`, `profile`), writes the
+profile (`commlab.collectives.calibration` is its format) and prints the fit quality.
+
+Modules: this one (configuration and command line), `measure` (what every rank runs), `fit` (least
+squares), `profile` (measurements -> Calibration, the quality report), `worker` (the rank entry point),
+`tune` (`commlab tune --show`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from commlab.errors import InvalidArgumentError, invalid
+
+BACKENDS = ("gloo", "mpi")
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8", "int8")
+CONFIG_ENV = "COMMLAB_CALIBRATE_CONFIG"
+
+
+@dataclass
+class CalibrateConfig:
+    """One calibration: message sizes min_bytes x factor^i up to max_bytes, timing settings, output."""
+
+    backend: str = "gloo"
+    ranks: int = 4
+    min_bytes: int = 8
+    max_bytes: int = 64 << 20
+    factor: int = 2
+    repeats: int = 5  # interleaved samples per size and variant; the median is kept
+    sample_seconds: float = 0.04  # about this long per sample (calls per sample follow from a warm-up)
+    steps: int = 8  # steps per timed call (a call's launch cost is spread over them)
+    dtypes: list[str] = field(default_factory=lambda: list(DTYPES))
+    output: str = "commlab-profile.json"
+    quick: bool = False
+    timeout: float = 300.0
+    progress: bool = True
+
+    def sizes(self) -> list[int]:
+        sizes, size = [], self.min_bytes
+        while size <= self.max_bytes:
+            sizes.append(size)
+            size *= self.factor
+        return sizes
+
+    def reduce_sizes(self) -> list[int]:
+        """Sizes of the reduction timings: from cache-resident to well beyond the caches."""
+        if self.quick:
+            return [64 << 10, 1 << 20, 4 << 20]
+        return [64 << 10, 1 << 20, 4 << 20, 16 << 20]
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> CalibrateConfig:
+        return cls(**json.loads(os.environ[CONFIG_ENV]))
+
+
+QUICK = {"max_bytes": 1 << 20, "factor": 4, "repeats": 3, "sample_seconds": 0.01, "dtypes": ["float32"]}
+
+
+def _size(text: str) -> int:
+    from commlab.bench import parse_size
+
+    return parse_size(text)
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not accepted; accepted: an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `commlab calibrate` on the CLI's subcommands."""
+    parser = sub.add_parser(
+        "calibrate",
+        help="measure this host's transport (latency, bandwidth, reduction) into a profile file",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help="gloo (default) or mpi")
+    parser.add_argument("-n", "--ranks", type=_count(2), default=4, help="ranks to launch (4)")
+    parser.add_argument("-o", "--output", default=None, help="profile file (default commlab-<backend>.json)")
+    parser.add_argument("-b", "--minbytes", type=_size, default=None, help="smallest message (8)")
+    parser.add_argument("-e", "--maxbytes", type=_size, default=None, help="largest message (64M; quick 1M)")
+    parser.add_argument(
+        "-f", "--stepfactor", type=_count(2), default=None, help="size multiplier (2; quick 4)"
+    )
+    parser.add_argument(
+        "--repeats", type=_count(1), default=None, help="samples per size; median (5; quick 3)"
+    )
+    parser.add_argument(
+        "--sample-seconds", type=float, default=None, help="seconds per sample (0.04; quick 0.01)"
+    )
+    parser.add_argument(
+        "--dtypes", default=None, help=f"reduction dtypes, comma-separated (default all: {','.join(DTYPES)})"
+    )
+    parser.add_argument("--quick", action="store_true", help="a coarse profile in seconds (for tests)")
+    parser.add_argument("--json", action="store_true", help="print the profile instead of the report")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for any one call (300)")
+    parser.set_defaults(run=main)
+
+
+def config_from_args(args: argparse.Namespace, launched: str | None) -> CalibrateConfig:
+    """Validate the arguments into a CalibrateConfig (`launched`: the launcher found, if any)."""
+    backend = args.backend or ("mpi" if launched == "mpi" else "gloo")
+    if launched and backend != launched:
+        raise InvalidArgumentError(
+            f"--backend {backend} is not accepted inside {'mpiexec' if launched == 'mpi' else 'torchrun'}; "
+            f"accepted: --backend {launched} (or run commlab calibrate on its own to launch {backend} ranks)"
+        )
+    values = dict(QUICK) if args.quick else {}
+    for key, given in (
+        ("min_bytes", args.minbytes),
+        ("max_bytes", args.maxbytes),
+        ("factor", args.stepfactor),
+        ("repeats", args.repeats),
+        ("sample_seconds", args.sample_seconds),
+    ):
+        if given is not None:
+            values[key] = given
+    if args.dtypes is not None:
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        for name in dtypes:
+            if name not in DTYPES:
+                raise invalid("--dtypes", name, DTYPES)
+        values["dtypes"] = dtypes
+    config = CalibrateConfig(
+        backend=backend,
+        ranks=args.ranks,
+        output=os.path.abspath(args.output or f"commlab-{backend}.json"),
+        quick=args.quick,
+        timeout=args.timeout,
+        progress=args.progress,
+        **values,
+    )
+    if config.max_bytes < config.min_bytes:
+        raise invalid("-e/--maxbytes", config.max_bytes, f"at least -b/--minbytes = {config.min_bytes}")
+    if len(config.sizes()) < 2:
+        raise invalid("-b/-e/-f", (config.min_bytes, config.max_bytes), "a range of at least two sizes")
+    if not config.sample_seconds > 0 or not config.timeout > 0:
+        raise invalid("--sample-seconds/--timeout", (config.sample_seconds, config.timeout), "numbers > 0")
+    return config
+
+
+def main(args: argparse.Namespace) -> int:
+    """`commlab calibrate`: run in the ranks of a launcher already running, or launch ranks and wait."""
+    from commlab.bench.launch import detect_launcher
+    from commlab.calibrate.worker import launch, run_worker
+
+    launched = detect_launcher()
+    config = config_from_args(args, launched)
+    config_json = args.json
+    if launched:
+        run_worker(config, print_json=config_json)
+        return 0
+    return launch(config, print_json=config_json)

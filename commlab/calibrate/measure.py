@@ -1,0 +1,298 @@
+"""What every rank of `commlab calibrate` runs: message timings through commlab's own executor.
+
+Three kinds of measurement, each a tiny schedule run by `executor.execute` on the live transport, so the
+numbers include exactly what a collective pays per step (posting, waiting, Python):
+- `pingpong`: ranks 0 and 1 send a message back and forth, the others idle: one pair's latency and speed;
+- `ring p` (p = 2..N): ranks 0..p-1 each send a message to the next and receive one from the previous, as
+  in every step of a ring algorithm, all at once; the time per step at every size is what a collective on
+  p ranks of this host pays per message while its peers are busy too (on a host with fewer cores than
+  ranks, that includes their sharing of the cores);
+- `launch p`: the same with one step per call, against the per-step time of the K-step calls: what a call
+  costs beyond its steps;
+- `reduce p`: ranks 0..p-1 add a tensor into another at once, per dtype (the executor's reduction; timed
+  on its own, since next to a message's latency on a shared host it drowns in noise);
+- `clone p`, `copy p`: ranks 0..p-1 clone (fresh allocation) or copy a tensor at once: the local copies
+  the API makes around a schedule (reduce_scatter clones its input, allgather copies its block in).
+Idle ranks wait in a barrier that does not spin. Every size runs its variants in `repeats` interleaved
+rounds (the first variant rotates), so a noisy moment hits all of them; the slowest active rank's mean
+time per call is a sample, the median sample is kept.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from commlab.calibrate import CalibrateConfig
+from commlab.collectives.executor import REDUCERS, Plan, compile_plan, execute
+from commlab.collectives.schedule import Recv, Schedule, Send, Step
+
+_TAG_WINDOW = 1 << 20
+_MAX_ITERS = 2000
+
+
+@dataclass
+class Group:
+    """The running ranks: their transport, a barrier that does not spin, and an elementwise max."""
+
+    rank: int
+    world: int
+    transport: object
+    barrier: Callable[[], None]
+    max_all: Callable[[torch.Tensor], torch.Tensor]
+    detail: str
+    tag_calls: int
+    close: Callable[[], None]
+
+
+def join(config: CalibrateConfig) -> Group:
+    """Join the ranks of the configured backend (environment from torchrun, mpiexec or the launcher)."""
+    torch.set_num_threads(1)
+    if config.backend == "mpi":
+        from mpi4py import MPI
+
+        from commlab.collectives.mpi import MPITransport
+
+        world = MPI.COMM_WORLD
+        transport = MPITransport(world, timeout=config.timeout)
+
+        def barrier() -> None:
+            request = world.Ibarrier()
+            while not request.Test():
+                time.sleep(50e-6)
+
+        def max_all(values: torch.Tensor) -> torch.Tensor:
+            out = values.clone()
+            request = world.Iallreduce(MPI.IN_PLACE, out.numpy(), op=MPI.MAX)
+            while not request.Test():
+                time.sleep(50e-6)
+            return out
+
+        calls = max(1, min(1024, (transport.max_tag + 1) // _TAG_WINDOW))
+        detail = MPI.Get_library_version().splitlines()[0].strip()
+        return Group(
+            world.Get_rank(), world.Get_size(), transport, barrier, max_all, detail, calls, lambda: None
+        )
+    import torch.distributed as dist
+
+    from commlab.collectives.transport import TorchTransport
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=config.timeout))
+
+    def gloo_max(values: torch.Tensor) -> torch.Tensor:
+        out = values.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+
+    close = dist.destroy_process_group if created else (lambda: None)
+    detail = f"torch {torch.__version__} gloo"
+    transport = TorchTransport()
+    return Group(
+        dist.get_rank(), dist.get_world_size(), transport, dist.barrier, gloo_max, detail, 1024, close
+    )
+
+
+def shift_schedule(world: int, active: int, steps: int, reduce: bool = False) -> Schedule:
+    """Ranks 0..active-1 in a ring: at step s each sends chunk s%2 to the next and receives chunk (s+1)%2
+    from the previous, reducing it in if `reduce` (step s+1 sends what step s received: none runs ahead)."""
+    rank_steps = []
+    for r in range(world):
+        if r >= active:
+            rank_steps.append(())
+            continue
+        nxt, prev = (r + 1) % active, (r - 1) % active
+        rank_steps.append(
+            tuple(Step((Send(nxt, (s % 2,)),), (Recv(prev, ((s + 1) % 2,), reduce),)) for s in range(steps))
+        )
+    return Schedule("broadcast", "calibrate-shift", world, 2, tuple(rank_steps), 0)
+
+
+def pingpong_schedule(world: int, steps: int) -> Schedule:
+    """Ranks 0 and 1 pass one chunk back and forth `steps` times (one message per step)."""
+    rank_steps: list[tuple[Step, ...]] = [() for _ in range(world)]
+    for r in (0, 1):
+        other = 1 - r
+        rank_steps[r] = tuple(
+            Step((Send(other, (0,)),), ()) if s % 2 == r else Step((), (Recv(other, (0,), False),))
+            for s in range(steps)
+        )
+    return Schedule("broadcast", "calibrate-pingpong", world, 1, tuple(rank_steps), 0)
+
+
+@dataclass
+class Variant:
+    """One timed thing at one size: its name, steps per call, and this rank's call (None when idle)."""
+
+    name: str
+    steps: int
+    call: Callable[[], None] | None
+
+
+class Runner:
+    """Times variants on this rank: calls per sample agreed by all ranks, samples interleaved."""
+
+    def __init__(self, group: Group, config: CalibrateConfig) -> None:
+        self.group, self.config = group, config
+        self.windows = 0  # tag windows handed out, alike on every rank (idle ranks count too)
+
+    def executor_call(
+        self, schedule: Schedule, nbytes: int, dtype: torch.dtype = torch.uint8
+    ) -> Callable[[], None] | None:
+        """A call running `schedule` over a buffer of `nbytes` per chunk on this rank (None if idle)."""
+        group = self.group
+        tag_base = (self.windows % group.tag_calls) * _TAG_WINDOW  # one window per variant: repeated calls
+        self.windows += 1  # reuse it, matched in order (messages between a pair do not overtake)
+        if not schedule.steps[group.rank]:
+            return None
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        numel = max(1, nbytes // itemsize) * schedule.num_chunks
+        plan: Plan = compile_plan(schedule, group.rank, numel, 1)
+        buffer = torch.zeros(numel, dtype=dtype)
+        scratch = torch.zeros(max(plan.scratch_numel, 1), dtype=dtype)
+        reducer = REDUCERS["sum"]
+
+        def call() -> None:
+            deadline = time.monotonic() + self.config.timeout
+            execute(plan, buffer, group.transport, reducer, deadline, tag_base, schedule.algorithm, scratch)
+
+        return call
+
+    def time_variants(self, variants: list[Variant]) -> list[float]:
+        """The median over `repeats` samples of each variant's seconds per step (slowest active rank)."""
+        group, config = self.group, self.config
+        warm = torch.zeros(len(variants), dtype=torch.float64)
+        for i, v in enumerate(variants):
+            group.barrier()
+            if v.call is not None:
+                v.call()  # first call: connections, page faults
+                start = time.perf_counter()
+                v.call()
+                warm[i] = time.perf_counter() - start
+        warm = group.max_all(warm)
+        iters = [max(1, min(_MAX_ITERS, int(config.sample_seconds / max(float(w), 1e-7)))) for w in warm]
+        samples = torch.zeros(config.repeats, len(variants), dtype=torch.float64)
+        for rep in range(config.repeats):
+            for shift in range(len(variants)):
+                i = (rep + shift) % len(variants)
+                v = variants[i]
+                group.barrier()
+                if v.call is None:
+                    continue
+                start = time.perf_counter()
+                for _ in range(iters[i]):
+                    v.call()
+                samples[rep, i] = (time.perf_counter() - start) / (iters[i] * v.steps)
+        samples = group.max_all(samples)
+        return [statistics.median(samples[:, i].tolist()) for i in range(len(variants))]
+
+    def time_reduction(self, active: int, dtype: torch.dtype, nbytes: int) -> Variant:
+        """Ranks 0..active-1 add a scratch tensor of `nbytes` of `dtype` into another at once, as the
+        executor applies a reducing receive."""
+        if self.group.rank >= active:
+            return Variant(f"reduce {active}", 1, None)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        dst = torch.zeros(max(1, nbytes // itemsize), dtype=dtype)
+        src = torch.zeros_like(dst)
+        add = REDUCERS["sum"]
+        return Variant(f"reduce {active}", 1, lambda: add(dst, src))
+
+    def local_copy(self, active: int, kind: str, nbytes: int) -> Variant:
+        """Ranks 0..active-1 clone (kind 'clone') or copy into a kept tensor ('copy') `nbytes` at once."""
+        if self.group.rank >= active:
+            return Variant(f"{kind} {active}", 1, None)
+        src = torch.ones(max(1, nbytes // 4))
+        dst = torch.empty_like(src)
+        if kind == "clone":
+            return Variant(f"{kind} {active}", 1, lambda: src.clone())
+        return Variant(f"{kind} {active}", 1, lambda: dst.copy_(src))
+
+
+class Progress:
+    """Progress on stderr (rank 0): a bar on a terminal, else a line every few seconds."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+        self.tty = sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int, what: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        elapsed = now - self.start
+        if self.tty:
+            filled = 30 * done // max(self.total, 1)
+            line = f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} {what:<28} {elapsed:.0f}s "
+            sys.stderr.write(line)
+            if done == self.total:
+                sys.stderr.write("\n")
+        elif now - self.last > 5 or done == self.total:
+            sys.stderr.write(f"calibrate: {done}/{self.total} {what} ({elapsed:.0f}s)\n")
+            self.last = now
+        sys.stderr.flush()
+
+
+def measure(group: Group, config: CalibrateConfig) -> dict:
+    """Every measurement of the calibration; the same dict on every rank (medians in seconds)."""
+    runner = Runner(group, config)
+    world, steps = group.world, config.steps
+    levels = list(range(2, world + 1))
+    sizes = config.sizes()
+    reduce_sizes = config.reduce_sizes()
+    launch_sizes = sizes[:2]
+    total = len(sizes) + len(levels) * (len(config.dtypes) + 1)
+    progress = Progress(group.rank == 0 and config.progress, total)
+    done = 0
+    result: dict = {
+        "pingpong": {},
+        "ring": {str(p): {} for p in levels},
+        "launch": {str(p): {} for p in levels},
+    }
+    pingpong = pingpong_schedule(world, steps) if world >= 2 else None
+    rings = {p: shift_schedule(world, p, steps) for p in levels}
+    singles = {p: shift_schedule(world, p, 1) for p in levels}
+    for size in sizes:
+        progress.update(done, f"messages of {size} B")
+        variants = []
+        if pingpong is not None:
+            variants.append(Variant("pingpong", steps, runner.executor_call(pingpong, size)))
+        for p in levels:
+            variants.append(Variant(f"ring {p}", steps, runner.executor_call(rings[p], size)))
+        if size in launch_sizes:
+            for p in levels:
+                variants.append(Variant(f"launch {p}", 1, runner.executor_call(singles[p], size)))
+        times = dict(zip([v.name for v in variants], runner.time_variants(variants), strict=True))
+        if pingpong is not None:
+            result["pingpong"][str(size)] = times["pingpong"]
+        for p in levels:
+            result["ring"][str(p)][str(size)] = times[f"ring {p}"]
+            if size in launch_sizes:
+                result["launch"][str(p)][str(size)] = times[f"launch {p}"]
+        done += 1
+    result["reduce"] = {str(p): {} for p in levels}
+    result["clone"] = {str(p): {} for p in levels}
+    result["copy"] = {str(p): {} for p in levels}
+    for p in levels:
+        for name in config.dtypes:
+            progress.update(done, f"reductions, {p} ranks, {name}")
+            dtype = getattr(torch, name)
+            variants = [runner.time_reduction(p, dtype, n) for n in reduce_sizes]
+            medians = runner.time_variants(variants)
+            result["reduce"][str(p)][name] = {str(n): t for n, t in zip(reduce_sizes, medians, strict=True)}
+            done += 1
+        progress.update(done, f"local copies, {p} ranks")
+        variants = [runner.local_copy(p, kind, n) for kind in ("clone", "copy") for n in reduce_sizes]
+        medians = runner.time_variants(variants)
+        for v, n, t in zip(variants, reduce_sizes * 2, medians, strict=True):
+            result[v.name.split()[0]][str(p)][str(n)] = t
+        done += 1
+    progress.update(done, "done")
+    return result

@@ -1,0 +1,132 @@
+"""From measurements to a Calibration (the fits) and the fit-quality report `commlab calibrate` prints."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from typing import Any
+
+from commlab.calibrate import CalibrateConfig
+from commlab.calibrate.fit import fit_gamma, fit_piecewise, relative_errors
+from commlab.collectives.calibration import Calibration, Level, LinkFit
+
+
+def machine(config: CalibrateConfig, world: int, detail: str) -> dict[str, Any]:
+    """The machine description stored in the profile: host, cores, versions, date, ranks."""
+    from commlab.bench.report import machine_description
+
+    info = machine_description(detail)
+    info["hostname"] = info.pop("host")
+    info["ranks"] = world
+    info["backend"] = config.backend
+    info["mpi"] = _mpi_version() if config.backend == "mpi" else None
+    info["machine"] = platform.machine()
+    return info
+
+
+def _mpi_version() -> str | None:
+    try:
+        from mpi4py import MPI
+
+        return MPI.Get_library_version().splitlines()[0].strip()
+    except ImportError:
+        return None
+
+
+def _series(table: dict) -> tuple[list[float], list[float]]:
+    sizes = sorted(table, key=float)
+    return [float(s) for s in sizes], [float(table[s]) for s in sizes]
+
+
+def build_calibration(config: CalibrateConfig, measurements: dict, description: dict) -> Calibration:
+    """Fit every level's message times, launch and reduction costs into a Calibration."""
+    levels = {}
+    for key, table in measurements["ring"].items():
+        p = int(key)
+        link = fit_piecewise(*_series(table))
+        launch_samples = [
+            measurements["launch"][key][s] - link.time(float(s)) for s in measurements["launch"].get(key, {})
+        ]
+        launch = max(0.0, statistics.median(launch_samples)) if launch_samples else 0.0
+        gamma = tuple(
+            (dtype, fit_gamma(*_series(times)))
+            for dtype, times in measurements["reduce"].get(key, {}).items()
+        )
+        clone = fit_gamma(*_series(measurements["clone"][key])) if measurements.get("clone") else 0.0
+        copy = fit_gamma(*_series(measurements["copy"][key])) if measurements.get("copy") else 0.0
+        levels[p] = Level(p, link, launch, gamma, clone, copy)
+    pingpong = fit_piecewise(*_series(measurements["pingpong"])) if measurements.get("pingpong") else None
+    settings = {
+        "min_bytes": config.min_bytes,
+        "max_bytes": config.max_bytes,
+        "factor": config.factor,
+        "repeats": config.repeats,
+        "sample_seconds": config.sample_seconds,
+        "steps": config.steps,
+        "quick": config.quick,
+        "dtypes": list(config.dtypes),
+    }
+    return Calibration(config.backend, levels, pingpong, description, settings, measurements, config.output)
+
+
+def _range(lo: float, hi: float) -> str:
+    from commlab.bench.report import format_size
+
+    def fmt(x: float) -> str:
+        return format_size(int(x)) if x < 1 << 40 else "inf"
+
+    return f"{fmt(lo)}..{fmt(hi)}"
+
+
+def describe_fit(name: str, fit: LinkFit) -> list[str]:
+    """One line per size range of a fit: range, alpha, bandwidth 1/beta; then R^2 and the worst error."""
+    lines = [f"{name}: R^2 {fit.r2:.4f} (log time), max |error| {fit.max_relative_error * 100:.1f}%"]
+    lo = 0.0
+    for s in fit.segments:
+        bandwidth = f"{1 / s.beta / 1e9:8.3f} GB/s" if s.beta > 0 else "       inf GB/s"
+        lines.append(f"    {_range(lo, s.max_bytes):>14} B  alpha {s.alpha * 1e6:8.2f} us  {bandwidth}")
+        lo = s.max_bytes
+    return lines
+
+
+def _rate(per_byte: float) -> str:
+    return f"{1 / per_byte / 1e9:.2f}" if per_byte > 0 else "inf"
+
+
+def report(calibration: Calibration) -> str:
+    """The human report: machine, fits per level, the relative error at every size, launch and gamma."""
+    m = calibration.machine
+    out = [
+        f"# commlab calibrate: {calibration.backend} on {m.get('hostname', '?')} "
+        f"({m.get('logical_cores', '?')} cores, {m.get('ranks', '?')} ranks), {m.get('transport', '')}, "
+        f"{m.get('time', '')}"
+    ]
+    meas = calibration.measurements
+    fits: list[tuple[str, LinkFit, dict]] = []
+    if calibration.pingpong is not None:
+        fits.append(("pingpong", calibration.pingpong, meas.get("pingpong", {})))
+    for p, level in sorted(calibration.levels.items()):
+        fits.append((f"ring {p}", level.link, meas.get("ring", {}).get(str(p), {})))
+    for name, fit, _ in fits:
+        out += describe_fit(f"{name} (one message per rank and step)", fit)
+    out.append("")
+    out.append("# measured time per message (us) and the fit's relative error at each size")
+    header = f"{'size (B)':>10}" + "".join(f"  {name:>10} {'err':>6}" for name, _, _ in fits)
+    out.append(header)
+    sizes = sorted({float(s) for _, _, table in fits for s in table})
+    for size in sizes:
+        row = f"{int(size):>10}"
+        for _, fit, table in fits:
+            key = str(int(size))
+            if key in table:
+                error = float(relative_errors(fit, [size], [table[key]])[0])
+                row += f"  {table[key] * 1e6:>10.2f} {error * 100:>5.1f}%"
+            else:
+                row += f"  {'-':>10} {'':>6}"
+        out.append(row)
+    out.append("")
+    for p, level in sorted(calibration.levels.items()):
+        gammas = ", ".join(f"{d} {1 / g / 1e9:.2f}" if g > 0 else f"{d} inf" for d, g in level.gamma)
+        out.append(f"ring {p}: launch {level.launch * 1e6:.1f} us per call; reduction GB/s: {gammas}")
+        out.append(f"ring {p}: local copies GB/s: clone {_rate(level.clone)}, copy {_rate(level.copy)}")
+    return "\n".join(out)

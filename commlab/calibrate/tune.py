@@ -1,0 +1,116 @@
+"""`commlab tune --show`: the decision table of `algorithm="auto"` under a profile.
+
+    commlab tune --show [--backend gloo|mpi] [--profile FILE] [--ranks 2,3,4,8] [--op allreduce]
+
+For every op and world size it sweeps message sizes (powers of two), asks the tuner which algorithm it
+picks (`tuning.choose`, exactly what a call with algorithm="auto" resolves to) and prints the size ranges
+over which each choice holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from commlab.collectives.calibration import BACKENDS, Calibration, active_profile_path, as_calibration
+from commlab.collectives.schedule import OPS
+from commlab.errors import CommlabError, invalid
+
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8", "int8")
+
+
+def decision_table(
+    calibration: Calibration, op: str, world_size: int, dtype: str = "float32", max_bytes: int = 1 << 30
+) -> list[dict]:
+    """[{min_bytes, max_bytes, algorithm, segments}] over sizes 8 B..max_bytes (powers of two)."""
+    from commlab.collectives.tuning import choose
+
+    model = calibration.cost_model(world_size, dtype)
+    rows: list[dict] = []
+    size = 8
+    while size <= max_bytes:
+        choice = choose(op, world_size, size, model)
+        if rows and rows[-1]["algorithm"] == choice.algorithm:
+            rows[-1]["max_bytes"] = size
+        else:
+            rows.append({"min_bytes": size, "max_bytes": size, "algorithm": choice.algorithm})
+        size *= 2
+    return rows
+
+
+def _fmt(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size // scale} {unit}"
+    return f"{size} B"
+
+
+def _ranks(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 2 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not accepted; accepted: world sizes >= 2, like 2,3,4,8"
+        )
+    return values
+
+
+def show(args: argparse.Namespace) -> int:
+    if not args.show:
+        print("commlab tune: nothing to do; accepted: --show (print auto's decision table)", file=sys.stderr)
+        return 2
+    try:
+        if args.profile:
+            calibration = as_calibration(args.profile)
+        else:
+            path = active_profile_path(args.backend)
+            if path is None:
+                raise CommlabError(
+                    f"no profile for backend {args.backend}: run commlab calibrate, or --profile"
+                )
+            calibration = as_calibration(path)
+        ops = [args.op] if args.op else list(OPS)
+        if args.op and args.op not in OPS:
+            raise invalid("--op", args.op, OPS)
+        tables = {op: {p: decision_table(calibration, op, p, args.dtype) for p in args.ranks} for op in ops}
+    except CommlabError as error:
+        print(f"commlab tune: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"profile": calibration.source, "dtype": args.dtype, "tables": tables}, indent=1))
+        return 0
+    measured = ",".join(str(p) for p in calibration.world_sizes)
+    print(
+        f"# algorithm='auto' under {calibration.source} ({calibration.backend}, "
+        f"host {calibration.machine.get('hostname', '?')}, measured world sizes {measured}), "
+        f"dtype {args.dtype}"
+    )
+    for op, per_size in tables.items():
+        print(op)
+        for p, rows in per_size.items():
+            note = (
+                ""
+                if p in calibration.levels
+                else f" (priced with the {calibration.level(p).world_size}-rank fit)"
+            )
+            print(f"  {p} ranks{note}")
+            for row in rows:
+                span = f"{_fmt(row['min_bytes'])} .. {_fmt(row['max_bytes'])}"
+                print(f"    {span:>22}  {row['algorithm']}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `commlab tune` on the CLI's subcommands."""
+    parser = sub.add_parser("tune", help="show the algorithm auto picks per op, world size and size range")
+    parser.add_argument("--show", action="store_true", help="print the decision table")
+    parser.add_argument("--backend", choices=BACKENDS, default="gloo", help="whose active profile (gloo)")
+    parser.add_argument("--profile", default=None, help="a calibration file (default: the active profile)")
+    parser.add_argument("--ranks", type=_ranks, default=[2, 3, 4, 8], help="world sizes (2,3,4,8)")
+    parser.add_argument("--op", default=None, choices=OPS, help="one op (default: all)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="reduction dtype (float32)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(run=show)

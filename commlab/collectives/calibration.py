@@ -1,0 +1,377 @@
+"""Calibrated profiles of a live transport: the file format, the piecewise cost model, the active profile.
+
+`commlab calibrate` measures a transport on this host and writes a JSON profile (format
+"commlab-calibration"). For every world size p it measured (the *level*: p ranks exchanging at once, as in
+one step of a ring), the profile holds:
+- `link`: the time of one message of m bytes while all p ranks send and receive one, as a piecewise
+  line alpha + beta x m (one to a few size ranges, e.g. below and above an eager/rendezvous switch);
+- `launch`: seconds per collective call on top of its steps;
+- `gamma`: seconds per reduced byte, per dtype, while p ranks reduce at once.
+It also keeps the one-pair ping-pong fit, the machine description and the raw medians.
+
+`algorithm="auto"` ranks algorithms by their formulas under `PiecewiseCostModel`, which prices each
+message by the size range it falls in. Which profile is active: an explicit one (argument), else the file
+named by $COMMLAB_PROFILE, else the default shipped for the backend (`commlab/profiles/<backend>.json`).
+Every rank must see the same profile, or ranks may choose different algorithms (the argument check then
+fails the call with CollectiveMismatchError): set COMMLAB_PROFILE alike on every rank.
+
+This module sits in the collectives layer (no sim, no torch.distributed): the simulator reads the same
+files through `commlab.sim.profile`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from commlab.collectives.cost import CostModel
+from commlab.errors import InvalidArgumentError, invalid
+
+FORMAT = "commlab-calibration"
+VERSION = 1
+PROFILE_ENV = "COMMLAB_PROFILE"
+BACKENDS = ("gloo", "mpi")
+DEFAULT_DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Messages of up to `max_bytes` (inf for the last range) cost alpha + beta x bytes seconds."""
+
+    max_bytes: float
+    alpha: float
+    beta: float
+
+    def time(self, nbytes: float) -> float:
+        return self.alpha + self.beta * nbytes
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """A piecewise-linear time per message: segments by increasing `max_bytes`, the last unbounded."""
+
+    segments: tuple[Segment, ...]
+    r2: float = math.nan  # coefficient of determination of the fit on its measurements
+    max_relative_error: float = math.nan  # largest |fit - measured| / measured over the measured sizes
+
+    def __post_init__(self) -> None:
+        if not self.segments:
+            raise invalid("segments", self.segments, "one or more segments")
+        bounds = [s.max_bytes for s in self.segments]
+        if bounds != sorted(bounds) or not math.isinf(bounds[-1]) or len(set(bounds)) != len(bounds):
+            raise invalid("segments", bounds, "increasing max_bytes, the last one unbounded (null)")
+        for s in self.segments:
+            for name in ("alpha", "beta"):
+                value = getattr(s, name)
+                if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+                    raise invalid(name, value, "a finite number of seconds >= 0")
+
+    def segment(self, nbytes: float) -> Segment:
+        """The segment whose size range holds a message of `nbytes`."""
+        index = bisect.bisect_left([s.max_bytes for s in self.segments], nbytes)
+        return self.segments[min(index, len(self.segments) - 1)]
+
+    def time(self, nbytes: float) -> float:
+        """Seconds for one message of `nbytes`."""
+        return self.segment(nbytes).time(nbytes)
+
+    def to_dict(self) -> dict:
+        return {
+            "segments": [
+                {
+                    "max_bytes": None if math.isinf(s.max_bytes) else s.max_bytes,
+                    "alpha": s.alpha,
+                    "beta": s.beta,
+                }
+                for s in self.segments
+            ],
+            "r2": self.r2,
+            "max_relative_error": self.max_relative_error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> LinkFit:
+        if not isinstance(data, dict) or not isinstance(data.get("segments"), list):
+            raise _bad(where, "a table with a list of segments (max_bytes, alpha, beta)")
+        segments = []
+        for i, item in enumerate(data["segments"]):
+            if not isinstance(item, dict) or not {"max_bytes", "alpha", "beta"} <= set(item):
+                raise _bad(f"{where}.segments[{i}]", "a table with max_bytes, alpha, beta")
+            bound = (
+                math.inf if item["max_bytes"] is None else _number(item["max_bytes"], f"{where}.max_bytes")
+            )
+            segments.append(
+                Segment(
+                    bound, _number(item["alpha"], f"{where}.alpha"), _number(item["beta"], f"{where}.beta")
+                )
+            )
+        try:
+            return cls(
+                tuple(segments),
+                float(data.get("r2", math.nan) or math.nan),
+                float(data.get("max_relative_error", math.nan) or math.nan),
+            )
+        except InvalidArgumentError as error:
+            raise InvalidArgumentError(f"{where}: {error}") from None
+
+
+@dataclass(frozen=True)
+class PiecewiseCostModel(CostModel):
+    """A CostModel whose alpha and beta depend on the message size, by the segments of a LinkFit.
+
+    `time(messages, moved, reduced)` prices `messages` messages of moved/messages bytes each with the
+    segment that size falls in. `alpha` and `beta` (the fields) are those of the largest-size segment, for
+    code that reads them directly.
+    """
+
+    segments: tuple[Segment, ...] = ()
+
+    def time(self, messages: float, moved: float, reduced: float = 0.0) -> float:
+        if not self.segments or messages <= 0:
+            return super().time(messages, moved, reduced)
+        size = moved / messages
+        index = bisect.bisect_left([s.max_bytes for s in self.segments], size)
+        seg = self.segments[min(index, len(self.segments) - 1)]
+        return messages * seg.alpha + moved * seg.beta + reduced * self.gamma
+
+    @classmethod
+    def of(cls, link: LinkFit, gamma: float, extra_latency: float = 0.0) -> PiecewiseCostModel:
+        """The model of a fitted link (plus `extra_latency` per message) and a reduction cost."""
+        segments = tuple(Segment(s.max_bytes, s.alpha + extra_latency, s.beta) for s in link.segments)
+        last = segments[-1]
+        return cls(last.alpha, last.beta, gamma, segments)
+
+
+@dataclass(frozen=True)
+class Level:
+    """What a profile knows about p ranks working at once: message costs, launch, reduction per dtype."""
+
+    world_size: int
+    link: LinkFit
+    launch: float
+    gamma: tuple[tuple[str, float], ...]
+    clone: float = 0.0  # seconds per byte of a tensor clone (fresh allocation), p ranks at once
+    copy: float = 0.0  # seconds per byte of a copy into an existing tensor
+
+    def local_copy_time(self, op: str, nbytes: float, world_size: int) -> float:
+        """Seconds of the copies the API makes around the schedule (see `api_copies`)."""
+        cloned, copied = api_copies(op, nbytes, world_size)
+        return cloned * self.clone + copied * self.copy
+
+    def gamma_of(self, dtype: str) -> float:
+        """Seconds per reduced byte of `dtype` (float32's when the dtype was not measured)."""
+        table = dict(self.gamma)
+        if dtype in table:
+            return table[dtype]
+        return table.get(DEFAULT_DTYPE, next(iter(table.values()), 0.0))
+
+
+@dataclass
+class Calibration:
+    """A calibrated profile of one backend on one host (see the module docstring for the format)."""
+
+    backend: str
+    levels: dict[int, Level]
+    pingpong: LinkFit | None = None
+    machine: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    measurements: dict = field(default_factory=dict)
+    source: str = "calibration"
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise InvalidArgumentError(f"{self.source}: a calibration needs at least one measured world size")
+
+    @property
+    def world_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted(self.levels))
+
+    def level(self, world_size: int) -> Level:
+        """The measured level for `world_size`: its own, else the largest measured below it, else the
+        smallest (beyond the calibrated ranks the last level stands in; see docs/calibration.md)."""
+        if world_size in self.levels:
+            return self.levels[world_size]
+        below = [p for p in self.levels if p <= world_size]
+        return self.levels[max(below) if below else min(self.levels)]
+
+    def cost_model(self, world_size: int, dtype: str = DEFAULT_DTYPE) -> PiecewiseCostModel:
+        """The cost model `algorithm="auto"` ranks algorithms by for `world_size` ranks and `dtype`."""
+        level = self.level(world_size)
+        return PiecewiseCostModel.of(level.link, level.gamma_of(dtype))
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "backend": self.backend,
+            "machine": self.machine,
+            "settings": self.settings,
+            "pingpong": None if self.pingpong is None else self.pingpong.to_dict(),
+            "levels": {
+                str(p): {
+                    "link": lv.link.to_dict(),
+                    "launch": lv.launch,
+                    "gamma": dict(lv.gamma),
+                    "clone": lv.clone,
+                    "copy": lv.copy,
+                }
+                for p, lv in sorted(self.levels.items())
+            },
+            "measurements": self.measurements,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the profile as JSON (atomically: a temporary file renamed over `path`)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "calibration") -> Calibration:
+        """A calibration from its JSON mapping; errors name the file and the bad field."""
+        if not is_calibration(data):
+            raise InvalidArgumentError(f"{source}: not a commlab calibration (expected format={FORMAT!r})")
+        assert isinstance(data, dict)
+        if data.get("version") != VERSION:
+            raise InvalidArgumentError(f"{source}: version={data.get('version')!r}; accepted: {VERSION}")
+        backend = data.get("backend")
+        if backend not in BACKENDS:
+            raise InvalidArgumentError(f"{source}: backend={backend!r}; accepted: {', '.join(BACKENDS)}")
+        levels_data = data.get("levels")
+        if not isinstance(levels_data, dict) or not levels_data:
+            raise _bad(f"{source}: levels", 'a table of world sizes ("2", "3", ...) with link, launch, gamma')
+        levels = {}
+        for key, item in levels_data.items():
+            where = f"{source}: levels[{key!r}]"
+            if not str(key).isdigit() or int(key) < 2 or not isinstance(item, dict):
+                raise _bad(where, "a world size >= 2 mapped to a table with link, launch, gamma")
+            gamma = item.get("gamma", {})
+            if not isinstance(gamma, dict):
+                raise _bad(f"{where}.gamma", "a table of dtype name -> seconds per byte")
+            levels[int(key)] = Level(
+                int(key),
+                LinkFit.from_dict(item.get("link"), f"{where}.link"),
+                _number(item.get("launch", 0.0), f"{where}.launch"),
+                tuple((str(k), _number(v, f"{where}.gamma.{k}")) for k, v in gamma.items()),
+                _number(item.get("clone", 0.0), f"{where}.clone"),
+                _number(item.get("copy", 0.0), f"{where}.copy"),
+            )
+        pingpong = data.get("pingpong")
+        return cls(
+            backend,
+            levels,
+            None if pingpong is None else LinkFit.from_dict(pingpong, f"{source}: pingpong"),
+            dict(data.get("machine") or {}),
+            dict(data.get("settings") or {}),
+            dict(data.get("measurements") or {}),
+            source,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration file (JSON), with errors that name the file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise InvalidArgumentError(
+                f"cannot read calibration profile {path}: {error.strerror or error}"
+            ) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InvalidArgumentError(f"{path} is not valid JSON: {error}") from None
+        return cls.from_dict(data, str(path))
+
+
+def api_copies(op: str, nbytes: float, world_size: int) -> tuple[float, float]:
+    """(bytes cloned, bytes copied) by `commlab.collectives.api` around an op's schedule on contiguous
+    tensors: reduce_scatter clones its input (n) and copies its block out (n/p); all_gather copies its
+    block in (n/p); reduce clones its input on the ranks that are not the root (the slowest); allreduce and
+    broadcast run in place. `nbytes` counts as the simulator counts it (the total for blocked ops)."""
+    if op == "reduce_scatter":
+        return float(nbytes), nbytes / world_size
+    if op == "allgather":
+        return 0.0, nbytes / world_size
+    if op == "reduce" and world_size > 1:
+        return float(nbytes), 0.0
+    return 0.0, 0.0
+
+
+def is_calibration(data: object) -> bool:
+    """Whether a parsed mapping is a calibration profile (rather than a plain simulator profile)."""
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def _number(value: object, where: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise _bad(where, f"a finite number >= 0 (got {value!r})")
+    return float(value)
+
+
+def _bad(where: str, accepted: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{where} is not accepted; accepted: {accepted}")
+
+
+def default_profile_path(backend: str) -> Path | None:
+    """The profile shipped in the package for `backend` (commlab/profiles/<backend>.json), if present."""
+    if backend not in BACKENDS:
+        return None
+    path = Path(__file__).resolve().parent.parent / "profiles" / f"{backend}.json"
+    return path if path.is_file() else None
+
+
+def active_profile_path(backend: str) -> Path | None:
+    """$COMMLAB_PROFILE if set, else the shipped default for `backend` (None for other backends)."""
+    named = os.environ.get(PROFILE_ENV)
+    if named:
+        return Path(named)
+    return default_profile_path(backend)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(path: str, mtime_ns: int) -> Calibration:
+    return Calibration.load(path)
+
+
+def load_profile(path: str | Path) -> Calibration:
+    """A calibration file, read once per (path, modification time)."""
+    path = Path(path)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as error:
+        raise InvalidArgumentError(
+            f"cannot read calibration profile {path}: {error.strerror or error}"
+        ) from None
+    return _load_cached(str(path), mtime)
+
+
+def active_profile(backend: str) -> Calibration | None:
+    """The active calibration for `backend`: $COMMLAB_PROFILE, else the shipped default, else None.
+
+    A profile named by $COMMLAB_PROFILE must exist and be valid (an error says why not); its backend may
+    differ from `backend` (a gloo profile can price an MPI run) but then the numbers are the other's.
+    """
+    path = active_profile_path(backend)
+    return None if path is None else load_profile(path)
+
+
+def as_calibration(profile: Calibration | str | Path) -> Calibration:
+    """A Calibration from itself or from a file path (the `profile=` arguments)."""
+    if isinstance(profile, Calibration):
+        return profile
+    if isinstance(profile, (str, Path)):
+        return load_profile(profile)
+    raise invalid("profile", type(profile).__name__, "a Calibration or the path of a calibration file")

@@ -1,0 +1,253 @@
+"""Calibration: the fits, the profile file, the simulator and auto under a profile, and the commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from commlab.calibrate.fit import fit_gamma, fit_line, fit_piecewise
+from commlab.cli import main
+from commlab.collectives.calibration import (
+    PROFILE_ENV,
+    Calibration,
+    Level,
+    LinkFit,
+    PiecewiseCostModel,
+    Segment,
+    api_copies,
+    default_profile_path,
+)
+from commlab.collectives.tuning import choose
+from commlab.errors import InvalidArgumentError
+from commlab.sim import Topology
+from commlab.sim.network import simulate_collective
+from commlab.sim.profile import Profile
+from commlab.sim.topology import local
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = [8 * 4**i for i in range(12)]  # 8 B .. 32 MiB
+
+
+def synthetic(alpha: float, beta: float, gamma: float = 0.0, launch: float = 0.0) -> Calibration:
+    """A calibration whose every level is one line alpha + beta x m."""
+    link = LinkFit((Segment(math.inf, alpha, beta),))
+    levels = {p: Level(p, link, launch, (("float32", gamma),), 1e-10, 1e-10) for p in (2, 3, 4)}
+    return Calibration("gloo", levels, link, {"hostname": "synthetic"}, source="synthetic")
+
+
+def test_fit_line_recovers_alpha_and_beta() -> None:
+    times = [20e-6 + s / 3e9 for s in SIZES]
+    alpha, beta = fit_line(SIZES, times)
+    assert alpha == pytest.approx(20e-6, rel=1e-9) and beta == pytest.approx(1 / 3e9, rel=1e-9)
+    fit = fit_piecewise(SIZES, times)
+    assert len(fit.segments) == 1 and fit.max_relative_error < 1e-9 and fit.r2 == pytest.approx(1.0)
+
+
+def test_fit_piecewise_finds_an_eager_rendezvous_switch() -> None:
+    def truth(s: float) -> float:  # eager below 64 KiB, rendezvous (more latency, more bandwidth) above
+        return 5e-6 + s / 1e9 if s <= 64 << 10 else 40e-6 + s / 6e9
+
+    fit = fit_piecewise(SIZES, [truth(s) for s in SIZES])
+    assert len(fit.segments) == 2
+    low, high = fit.segments
+    assert 32 << 10 < low.max_bytes < 128 << 10  # between the last eager and the first rendezvous size
+    assert low.alpha == pytest.approx(5e-6, rel=1e-6) and low.beta == pytest.approx(1e-9, rel=1e-6)
+    assert high.alpha == pytest.approx(40e-6, rel=1e-6) and high.beta == pytest.approx(1 / 6e9, rel=1e-6)
+    assert fit.max_relative_error < 1e-6
+
+
+def test_fit_keeps_coefficients_non_negative_and_finds_gamma() -> None:
+    alpha, beta = fit_line([8, 16, 32], [1.2e-5, 1.1e-5, 1e-5])  # falling: beta pinned at 0
+    assert beta == 0.0 and 1e-5 < alpha < 1.2e-5
+    alpha, beta = fit_line([1 << 20, 1 << 21], [1e-3, 2.5e-3])  # through the origin and below: alpha 0
+    assert alpha == 0.0 and beta > 0
+    assert fit_gamma(
+        [1 << 16, 1 << 20, 1 << 24], [s / 5e9 for s in (1 << 16, 1 << 20, 1 << 24)]
+    ) == pytest.approx(1 / 5e9)
+    with pytest.raises(InvalidArgumentError, match="times"):
+        fit_line([8, 16], [1e-5, -1.0])
+
+
+def test_profile_round_trip_and_piecewise_model(tmp_path) -> None:
+    low, high = Segment(4096.0, 10e-6, 1e-9), Segment(math.inf, 30e-6, 2e-10)
+    link = LinkFit((low, high), 0.99, 0.05)
+    level = Level(2, link, 7e-6, (("float32", 2e-10), ("float64", 1e-10)), 5e-11, 4e-11)
+    original = Calibration("mpi", {2: level}, link, {"hostname": "h", "logical_cores": 2}, {"quick": True})
+    path = tmp_path / "profile.json"
+    original.save(path)
+    loaded = Calibration.load(path)
+    assert loaded.levels[2] == level and loaded.pingpong == link and loaded.backend == "mpi"
+    assert loaded.machine["hostname"] == "h" and loaded.level(8) == level  # beyond: the last level
+    model = loaded.cost_model(2, "float64")
+    assert isinstance(model, PiecewiseCostModel) and model.gamma == 1e-10
+    assert model.time(2, 2 * 1000) == pytest.approx(2 * (10e-6 + 1000e-9))  # two 1000 B messages: low range
+    assert model.time(1, 1 << 20, 1 << 20) == pytest.approx(30e-6 + (1 << 20) * (2e-10 + 1e-10))
+    assert loaded.cost_model(2, "int8").gamma == 2e-10  # an unmeasured dtype takes float32's
+    assert api_copies("reduce_scatter", 1000, 4) == (1000.0, 250.0) and api_copies("allreduce", 8, 2) == (
+        0,
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"format": "other"}', "not a commlab calibration"),
+        (
+            '{"format": "commlab-calibration", "version": 1, "backend": "nccl", "levels": {}}',
+            "backend='nccl'",
+        ),
+        ('{"format": "commlab-calibration", "version": 1, "backend": "gloo", "levels": {}}', "levels"),
+        (
+            '{"format": "commlab-calibration", "version": 1, "backend": "gloo", "levels": {"2": {"link": '
+            '{"segments": [{"max_bytes": null, "alpha": -1, "beta": 0}]}}}}',
+            "alpha",
+        ),
+        (
+            '{"format": "commlab-calibration", "version": 1, "backend": "gloo", "levels": {"2": {"link": '
+            '{"segments": [{"max_bytes": 100, "alpha": 0, "beta": 0}]}}}}',
+            "last one unbounded",
+        ),
+    ],
+)
+def test_bad_profile_files_are_clear_errors(tmp_path, content: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(InvalidArgumentError, match=message):
+        Calibration.load(path)
+    if "commlab-calibration" in content:  # the simulator reads calibration files through the same checks
+        with pytest.raises(InvalidArgumentError, match=message):
+            Profile.load(path)
+    with pytest.raises(InvalidArgumentError, match="cannot read"):
+        Calibration.load(tmp_path / "missing.json")
+
+
+def test_simulator_prices_messages_by_the_calibration(tmp_path) -> None:
+    cal = synthetic(alpha=10e-6, beta=1e-9, gamma=0.0, launch=3e-6)
+    path = tmp_path / "cal.json"
+    cal.save(path)
+    profile = Profile.load(path)
+    assert profile.calibration is not None and profile.to_dict()["calibration"]["world_sizes"] == [2, 3, 4]
+    net = Topology(local(3))
+    n = 3 << 20  # allgather total: 1 MiB blocks
+    expected = 3e-6 + 1e-10 * n / 3 + 2 * (10e-6 + (n / 3) * 1e-9)  # launch + block copy + (p-1) steps
+    for fidelity in ("analytic", "congestion", "flow"):
+        result = simulate_collective("allgather", "ring", net, n, fidelity=fidelity, profile=profile)
+        assert result.time == pytest.approx(expected, rel=1e-9), fidelity
+    # two messages a rank sends at once share its port: the double binary tree is slower than alone
+    tree = simulate_collective("allreduce", "tree", net, 1 << 20, segments=1, profile=profile)
+    assert tree.time > 3e-6 + 2 * (10e-6 + (1 << 19) * 1e-9)
+
+
+def test_sim_collective_cli_on_a_local_host(tmp_path, capsys) -> None:
+    path = tmp_path / "cal.json"
+    synthetic(20e-6, 1 / 2e9, 1 / 4e9).save(path)
+    argv = ["sim", "collective", "--profile", str(path), "--topology", "local:3", "--size", "64K,1M"]
+    assert main([*argv, "--algorithm", "ring,tree,halving_doubling"]) == 0
+    out = capsys.readouterr().out
+    assert "local 3, 3 ranks" in out and "profile calibrated gloo on synthetic" in out
+    assert sum(1 for line in out.splitlines() if line.strip() and not line.startswith("#")) == 6
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["profile"]["calibration"]["backend"] == "gloo"
+
+
+def test_tune_show_prints_the_decision_table(tmp_path, capsys) -> None:
+    path = tmp_path / "cal.json"
+    cal = synthetic(50e-6, 1 / 2e9, 1 / 4e9)
+    cal.save(path)
+    assert main(["tune", "--show", "--profile", str(path), "--ranks", "2,3", "--op", "allreduce"]) == 0
+    out = capsys.readouterr().out
+    assert "allreduce" in out and "  2 ranks" in out and "  3 ranks" in out
+    small, large = (
+        choose("allreduce", 3, 8, cal.cost_model(3)),
+        choose("allreduce", 3, 1 << 30, cal.cost_model(3)),
+    )
+    section = out.split("  3 ranks")[1]
+    assert "8 B .. " in section.splitlines()[1] and small.algorithm in section.splitlines()[1]
+    assert "1 GiB" in section.splitlines()[-1] and large.algorithm in section.splitlines()[-1]
+    assert main(["tune", "--show", "--profile", str(tmp_path / "none.json")]) == 2
+    assert "cannot read calibration profile" in capsys.readouterr().err
+
+
+def auto_choices(latency_profile: str, bandwidth_profile: str) -> tuple[str, str, float]:
+    """On every rank: auto's allreduce under $COMMLAB_PROFILE and under the profile= argument, and a
+    correct sum computed with auto (argument check on: the ranks agree)."""
+    import torch
+
+    import commlab
+    from commlab.collectives.transport import TorchTransport
+    from commlab.collectives.tuning import resolve
+
+    saved = os.environ.get(PROFILE_ENV)
+    os.environ[PROFILE_ENV] = latency_profile
+    try:
+        by_env = commlab.Communicator(TorchTransport(), check=True)
+    finally:
+        os.environ.pop(PROFILE_ENV) if saved is None else os.environ.__setitem__(PROFILE_ENV, saved)
+    by_arg = commlab.Communicator(TorchTransport(), check=True, profile=bandwidth_profile)
+    nbytes = 1 << 20
+    env_choice = resolve("allreduce", "auto", 2, nbytes, by_env.cost_model_for(torch.float32), 0).algorithm
+    arg_choice = resolve("allreduce", "auto", 2, nbytes, by_arg.cost_model_for(torch.float32), 0).algorithm
+    x = torch.full((nbytes // 4,), float(by_env.rank + 1))
+    commlab.all_reduce(x, group=by_env)
+    commlab.all_reduce(x, group=by_arg)
+    by_env.close()
+    by_arg.close()
+    return env_choice, arg_choice, float(x[0])
+
+
+def test_auto_uses_the_environment_profile_and_the_argument(tmp_path, rank_pools) -> None:
+    latency, bandwidth = tmp_path / "latency.json", tmp_path / "bandwidth.json"
+    synthetic(alpha=1.0, beta=1e-12).save(latency)  # messages cost everything: fewest messages wins
+    synthetic(alpha=0.0, beta=1e-9, gamma=1e-9).save(bandwidth)  # bytes cost everything
+    results = rank_pools(2).run(auto_choices, str(latency), str(bandwidth))
+    by_bandwidth = choose("allreduce", 2, 1 << 20, Calibration.load(bandwidth).cost_model(2)).algorithm
+    assert by_bandwidth != "recursive_doubling"  # it moves the whole buffer in its one step
+    assert results == [("recursive_doubling", by_bandwidth, 6.0)] * 2
+
+
+def calibrate(backend: str, tmp_path: Path) -> Calibration:
+    path = tmp_path / f"{backend}.json"
+    command = [sys.executable, "-m", "commlab.cli", "calibrate", "--backend", backend, "-n", "2", "--quick",
+               "-o", str(path), "--no-progress"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (
+        "ring 2 (one message per rank and step): R^2" in done.stdout and "profile written to" in done.stdout
+    )
+    cal = Calibration.load(path)
+    assert cal.backend == backend and cal.world_sizes == (2,) and cal.machine["ranks"] == 2
+    assert cal.machine["hostname"] and cal.machine["torch"] and cal.machine["time"]
+    level = cal.levels[2]
+    assert level.link.time(8) > 0 and level.link.time(1 << 20) > level.link.time(8)
+    assert level.gamma_of("float32") > 0 and level.clone > 0
+    assert set(cal.measurements["ring"]["2"]) == {str(8 * 4**i) for i in range(10) if 8 * 4**i <= 1 << 20}
+    profile = Profile.load(path)
+    result = simulate_collective("allreduce", "ring", Topology(local(2)), 1 << 20, profile=profile)
+    assert result.time > 0
+    return cal
+
+
+def test_calibrate_gloo_end_to_end(tmp_path) -> None:
+    calibrate("gloo", tmp_path)
+
+
+def test_calibrate_mpi_end_to_end(tmp_path) -> None:
+    pytest.importorskip("mpi4py")
+    calibrate("mpi", tmp_path)
+
+
+def test_shipped_profiles_load() -> None:
+    for backend in ("gloo", "mpi"):
+        path = default_profile_path(backend)
+        assert path is not None, f"commlab/profiles/{backend}.json is missing"
+        cal = Calibration.load(path)
+        assert cal.backend == backend and set(cal.world_sizes) >= {2, 3, 4}
