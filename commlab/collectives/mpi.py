@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from commlab.collectives.cost import CostModel
-from commlab.collectives.transport import Message
+from commlab.collectives.transport import DEFAULT_TIMEOUT_S, Message
 from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError, invalid
 
-DEFAULT_TIMEOUT_S = 300.0  # MPI communicators have no timeout of their own
 SPIN_S = 1e-3  # the main thread polls without pause this long (as MPI's own waits do), then yields
 YIELD_S = 10e-3  # it yields the processor between polls until this long, then naps NAP_S between polls
 NAP_S = 50e-6

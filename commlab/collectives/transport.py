@@ -19,6 +19,8 @@ import torch.distributed as dist
 from commlab.collectives.tuning import piece_bytes_for_host
 from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError
 
+DEFAULT_TIMEOUT_S = 60.0  # a call's deadline unless the group, the communicator or the call sets one
+
 
 class Message(NamedTuple):
     """One posted transfer: a contiguous tensor, the peer's rank in the group, and the tag."""
@@ -122,12 +124,17 @@ _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 def _group_timeout(group: dist.ProcessGroup, device_type: str) -> float:
-    """The process group's own timeout in seconds (what init_process_group(timeout=...) set)."""
+    """The timeout set for the process group (init_process_group(timeout=...)), else DEFAULT_TIMEOUT_S.
+
+    torch's own default (30 minutes for gloo) is far too long to notice a dead peer, so a group left at
+    that default gets commlab's 60 s instead.
+    """
     try:
         backend = group._get_backend(torch.device(device_type))
-        return backend.options._timeout.total_seconds()
+        seconds = backend.options._timeout.total_seconds()
     except (AttributeError, RuntimeError):
-        return dist.default_pg_timeout.total_seconds()
+        return DEFAULT_TIMEOUT_S
+    return DEFAULT_TIMEOUT_S if seconds == dist.default_pg_timeout.total_seconds() else seconds
 
 
 def wait_all(requests: list[Request], deadline: float, describe: Callable[[int], str]) -> None:
