@@ -89,10 +89,42 @@ def test_profile_round_trip_and_piecewise_model(tmp_path) -> None:
     assert model.time(2, 2 * 1000) == pytest.approx(2 * (10e-6 + 1000e-9))  # two 1000 B messages: low range
     assert model.time(1, 1 << 20, 1 << 20) == pytest.approx(30e-6 + (1 << 20) * (2e-10 + 1e-10))
     assert loaded.cost_model(2, "int8").gamma == 2e-10  # an unmeasured dtype takes float32's
-    assert api_copies("reduce_scatter", 1000, 4) == (1000.0, 250.0) and api_copies("allreduce", 8, 2) == (
+    assert api_copies("reduce_scatter", 1000, 4) == (0.0, 1250.0) and api_copies("allreduce", 8, 2) == (
         0,
         0,
     )
+
+
+def test_step_cost_makes_one_step_of_many_messages_cheaper_than_many_steps() -> None:
+    from commlab.calibrate.profile import step_latency
+    from commlab.collectives.algorithms import get_algorithm
+
+    link = LinkFit((Segment(math.inf, 100e-6, 1e-9),))
+    # a step of one message costs 100 us, a step of 3 messages 160 us: 70 us per step, 30 us per message
+    step = step_latency({"8": 160e-6}, {"8": 100e-6}, 3, link)
+    assert step == pytest.approx(70e-6)
+    assert step_latency({}, {"8": 100e-6}, 3, link) == 0.0  # no fan measurement: all of alpha per message
+    assert step_latency({"8": 50e-6}, {"8": 100e-6}, 3, link) == pytest.approx(100e-6)  # at most alpha
+    model = PiecewiseCostModel.of(link, 0.0, step=step)
+    assert model.time(1, 1000) == pytest.approx(link.time(1000))  # one message, one step: the fitted time
+    assert model.time(3, 3000, steps=1) == pytest.approx(70e-6 + 3 * 30e-6 + 3000e-9)
+    ring, direct = get_algorithm("ring"), get_algorithm("direct")
+    assert direct.cost("reduce_scatter", 4, 1 << 16, model) < ring.cost("reduce_scatter", 4, 1 << 16, model)
+    flat = PiecewiseCostModel.of(link, 0.0)  # without a step cost they tie, as before
+    assert direct.cost("reduce_scatter", 4, 1 << 16, flat) == pytest.approx(
+        ring.cost("reduce_scatter", 4, 1 << 16, flat)
+    )
+
+
+def test_simulator_charges_the_step_cost_once_per_step(tmp_path) -> None:
+    link = LinkFit((Segment(math.inf, 100e-6, 0.0),))
+    levels = {p: Level(p, link, 0.0, (("float32", 0.0),), 0.0, 0.0, 70e-6) for p in (2, 3, 4)}
+    profile = Profile.from_calibration(Calibration("gloo", levels, link, source="synthetic"))
+    topology = local(4)
+    direct = simulate_collective("allgather", "direct", topology, 8 << 10, profile=profile, fidelity="flow")
+    ring = simulate_collective("allgather", "ring", topology, 8 << 10, profile=profile, fidelity="flow")
+    assert ring.time == pytest.approx(3 * 100e-6, rel=1e-6)  # 3 steps of one message
+    assert direct.time == pytest.approx(70e-6 + 3 * 30e-6, rel=1e-6)  # 1 step, 3 messages posted in turn
 
 
 @pytest.mark.parametrize(
@@ -251,3 +283,26 @@ def test_shipped_profiles_load() -> None:
         assert path is not None, f"commlab/profiles/{backend}.json is missing"
         cal = Calibration.load(path)
         assert cal.backend == backend and set(cal.world_sizes) >= {2, 3, 4}
+
+
+def test_simulator_prices_a_transfer_alone_by_the_pingpong_fit() -> None:
+    from commlab.collectives.algorithms import build_schedule
+    from commlab.sim.network import busy_ranks
+    from commlab.sim.plan import compile_schedule
+
+    plan = compile_schedule(build_schedule("allgather", "halving_doubling", 3))
+    busy = busy_ranks(plan)
+    # fold in (rank 2 -> 0) alone, doubling between ranks 0 and 1, fold out (rank 0 -> 2) alone
+    assert sorted(set(busy.tolist())) == [1, 2]
+    assert busy_ranks(compile_schedule(build_schedule("allgather", "ring", 3))).tolist() == [3] * 6
+    slow, fast = LinkFit((Segment(math.inf, 0.0, 1e-9),)), LinkFit((Segment(math.inf, 0.0, 1e-10),))
+    levels = {p: Level(p, slow, 0.0, (("float32", 0.0),)) for p in (2, 3)}
+    alone_fast = Profile.from_calibration(Calibration("gloo", levels, fast, source="synthetic"))
+    alone_slow = Profile.from_calibration(Calibration("gloo", levels, slow, source="synthetic"))
+    times = [
+        simulate_collective(
+            "allgather", "halving_doubling", local(3), 3 << 20, profile=p, fidelity="flow"
+        ).time
+        for p in (alone_fast, alone_slow)
+    ]
+    assert times[0] < 0.7 * times[1]  # the fold transfers take the ping-pong speed

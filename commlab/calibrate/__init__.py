@@ -52,10 +52,13 @@ class CalibrateConfig:
         return sizes
 
     def reduce_sizes(self) -> list[int]:
-        """Sizes of the reduction timings: from cache-resident to well beyond the caches."""
+        """Sizes of the reduction and copy timings: from cache-resident to well beyond the caches, up to
+        the largest message (at least 16 MiB), since their per-byte cost is taken at the largest sizes."""
         if self.quick:
             return [64 << 10, 1 << 20, 4 << 20]
-        return [64 << 10, 1 << 20, 4 << 20, 16 << 20]
+        return [
+            s for s in (64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20) if s <= max(self.max_bytes, 16 << 20)
+        ]
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

@@ -9,6 +9,10 @@ numbers include exactly what a collective pays per step (posting, waiting, Pytho
   ranks, that includes their sharing of the cores);
 - `launch p`: the same with one step per call, against the per-step time of the K-step calls: what a call
   costs beyond its steps;
+- `fan p`: ranks 0..p-1 each send FAN_MESSAGES(p) small messages (one to every other rank, or two to the
+  one peer when p = 2) and receive as many in one step, against `ring p`'s one: which part of a message's
+  latency a step pays once (the level's `step`, so `auto` sees that direct's p-1 messages in one step cost
+  less than ring's p-1 steps);
 - `reduce p`: ranks 0..p-1 add a tensor into another at once, per dtype (the executor's reduction; timed
   on its own, since next to a message's latency on a shared host it drowns in noise);
 - `clone p`, `copy p`: ranks 0..p-1 clone (fresh allocation) or copy a tensor at once: the local copies
@@ -63,15 +67,11 @@ def join(config: CalibrateConfig) -> Group:
         transport = MPITransport(world, timeout=config.timeout)
 
         def barrier() -> None:
-            request = world.Ibarrier()
-            while not request.Test():
-                time.sleep(50e-6)
+            _wait_napping(world.Ibarrier())
 
         def max_all(values: torch.Tensor) -> torch.Tensor:
             out = values.clone()
-            request = world.Iallreduce(MPI.IN_PLACE, out.numpy(), op=MPI.MAX)
-            while not request.Test():
-                time.sleep(50e-6)
+            _wait_napping(world.Iallreduce(MPI.IN_PLACE, out.numpy(), op=MPI.MAX))
             return out
 
         calls = max(1, min(1024, (transport.max_tag + 1) // _TAG_WINDOW))
@@ -100,6 +100,16 @@ def join(config: CalibrateConfig) -> Group:
     )
 
 
+def _wait_napping(request) -> None:
+    """Wait for an MPI request with naps growing from 20 us to 1 ms: a rank idle while others are timed
+    wakes rarely, so it takes little of the CPU they share (with fixed 50 us naps, idle ranks on a 2-core
+    host slowed the timed ones by up to 40%), at the price of up to 1 ms more per barrier."""
+    nap = 20e-6
+    while not request.Test():
+        time.sleep(nap)
+        nap = min(2 * nap, 1e-3)
+
+
 def shift_schedule(world: int, active: int, steps: int, reduce: bool = False) -> Schedule:
     """Ranks 0..active-1 in a ring: at step s each sends chunk s%2 to the next and receives chunk (s+1)%2
     from the previous, reducing it in if `reduce` (step s+1 sends what step s received: none runs ahead)."""
@@ -113,6 +123,27 @@ def shift_schedule(world: int, active: int, steps: int, reduce: bool = False) ->
             tuple(Step((Send(nxt, (s % 2,)),), (Recv(prev, ((s + 1) % 2,), reduce),)) for s in range(steps))
         )
     return Schedule("broadcast", "calibrate-shift", world, 2, tuple(rank_steps), 0)
+
+
+def fan_messages(active: int) -> int:
+    """Messages each rank sends (and receives) per step of `fan_schedule`: p-1, at least 2."""
+    return max(2, active - 1)
+
+
+def fan_schedule(world: int, active: int, steps: int) -> Schedule:
+    """Ranks 0..active-1 each send chunk 0 in `fan_messages(active)` messages per step, to every other rank
+    (twice to the one peer when active = 2), and receive as many into chunks 1, 2, ... (as a direct step)."""
+    count = fan_messages(active)
+    rank_steps = []
+    for r in range(world):
+        if r >= active:
+            rank_steps.append(())
+            continue
+        offsets = [1 + j % (active - 1) for j in range(count)]
+        sends = tuple(Send((r + d) % active, (0,)) for d in offsets)
+        recvs = tuple(Recv((r - d) % active, (1 + j,), False) for j, d in enumerate(offsets))
+        rank_steps.append(tuple(Step(sends, recvs) for _ in range(steps)))
+    return Schedule("broadcast", "calibrate-fan", world, 1 + count, tuple(rank_steps), 0)
 
 
 def pingpong_schedule(world: int, steps: int) -> Schedule:
@@ -248,6 +279,7 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
     sizes = config.sizes()
     reduce_sizes = config.reduce_sizes()
     launch_sizes = sizes[:2]
+    fan_sizes = sizes[:4]  # small messages: the fan's per-step share of alpha, a median over four sizes
     total = len(sizes) + len(levels) * (len(config.dtypes) + 1)
     progress = Progress(group.rank == 0 and config.progress, total)
     done = 0
@@ -255,10 +287,12 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
         "pingpong": {},
         "ring": {str(p): {} for p in levels},
         "launch": {str(p): {} for p in levels},
+        "fan": {str(p): {} for p in levels},
     }
     pingpong = pingpong_schedule(world, steps) if world >= 2 else None
     rings = {p: shift_schedule(world, p, steps) for p in levels}
     singles = {p: shift_schedule(world, p, 1) for p in levels}
+    fans = {p: fan_schedule(world, p, steps) for p in levels}
     for size in sizes:
         progress.update(done, f"messages of {size} B")
         variants = []
@@ -266,9 +300,11 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
             variants.append(Variant("pingpong", steps, runner.executor_call(pingpong, size)))
         for p in levels:
             variants.append(Variant(f"ring {p}", steps, runner.executor_call(rings[p], size)))
-        if size in launch_sizes:
-            for p in levels:
+        for p in levels:
+            if size in launch_sizes:
                 variants.append(Variant(f"launch {p}", 1, runner.executor_call(singles[p], size)))
+            if size in fan_sizes:
+                variants.append(Variant(f"fan {p}", steps, runner.executor_call(fans[p], size)))
         times = dict(zip([v.name for v in variants], runner.time_variants(variants), strict=True))
         if pingpong is not None:
             result["pingpong"][str(size)] = times["pingpong"]
@@ -276,6 +312,8 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
             result["ring"][str(p)][str(size)] = times[f"ring {p}"]
             if size in launch_sizes:
                 result["launch"][str(p)][str(size)] = times[f"launch {p}"]
+            if size in fan_sizes:
+                result["fan"][str(p)][str(size)] = times[f"fan {p}"]
         done += 1
     result["reduce"] = {str(p): {} for p in levels}
     result["clone"] = {str(p): {} for p in levels}

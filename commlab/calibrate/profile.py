@@ -8,6 +8,7 @@ from typing import Any
 
 from commlab.calibrate import CalibrateConfig
 from commlab.calibrate.fit import fit_gamma, fit_piecewise, relative_errors
+from commlab.calibrate.measure import fan_messages
 from commlab.collectives.calibration import Calibration, Level, LinkFit
 
 
@@ -38,6 +39,21 @@ def _series(table: dict) -> tuple[list[float], list[float]]:
     return [float(s) for s in sizes], [float(table[s]) for s in sizes]
 
 
+def step_latency(fan: dict, ring: dict, messages: int, link: LinkFit) -> float:
+    """The part of a message's alpha paid once per step, from small-message steps of one message (`ring`)
+    and of `messages` messages (`fan`), both seconds per step by size: with a step costing S + k x A for k
+    messages, A = (fan - ring) / (k - 1) and S = ring - A. The median over the sizes, kept within
+    0..(the link's smallest alpha) so no message is priced below zero; 0 without fan measurements."""
+    samples = []
+    for size, fan_time in fan.items():
+        if size in ring:
+            per_message = (float(fan_time) - float(ring[size])) / (messages - 1)
+            samples.append(float(ring[size]) - per_message)
+    if not samples:
+        return 0.0
+    return min(max(0.0, statistics.median(samples)), min(s.alpha for s in link.segments))
+
+
 def build_calibration(config: CalibrateConfig, measurements: dict, description: dict) -> Calibration:
     """Fit every level's message times, launch and reduction costs into a Calibration."""
     levels = {}
@@ -54,7 +70,8 @@ def build_calibration(config: CalibrateConfig, measurements: dict, description: 
         )
         clone = fit_gamma(*_series(measurements["clone"][key])) if measurements.get("clone") else 0.0
         copy = fit_gamma(*_series(measurements["copy"][key])) if measurements.get("copy") else 0.0
-        levels[p] = Level(p, link, launch, gamma, clone, copy)
+        step = step_latency(measurements.get("fan", {}).get(key, {}), table, fan_messages(p), link)
+        levels[p] = Level(p, link, launch, gamma, clone, copy, step)
     pingpong = fit_piecewise(*_series(measurements["pingpong"])) if measurements.get("pingpong") else None
     settings = {
         "min_bytes": config.min_bytes,
@@ -127,6 +144,9 @@ def report(calibration: Calibration) -> str:
     out.append("")
     for p, level in sorted(calibration.levels.items()):
         gammas = ", ".join(f"{d} {1 / g / 1e9:.2f}" if g > 0 else f"{d} inf" for d, g in level.gamma)
-        out.append(f"ring {p}: launch {level.launch * 1e6:.1f} us per call; reduction GB/s: {gammas}")
+        out.append(
+            f"ring {p}: launch {level.launch * 1e6:.1f} us per call, "
+            f"{level.step * 1e6:.1f} us of alpha per step; reduction GB/s: {gammas}"
+        )
         out.append(f"ring {p}: local copies GB/s: clone {_rate(level.clone)}, copy {_rate(level.copy)}")
     return "\n".join(out)

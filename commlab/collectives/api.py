@@ -200,6 +200,15 @@ def _flat_work(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return tensor.contiguous().view(-1), False
 
 
+def _private_copy(comm: Communicator, tensor: torch.Tensor, async_op: bool) -> torch.Tensor:
+    """A flat copy of `tensor` that the schedule may overwrite: the communicator's staging buffer for a
+    blocking call (no fresh allocation and its page faults per call), a clone for an async one (whose
+    buffer must outlive the call)."""
+    if async_op:
+        return tensor.reshape(-1).clone()
+    return comm.staging(tensor, tensor.numel()).copy_(tensor.reshape(-1))
+
+
 def all_reduce(
     tensor: torch.Tensor,
     op: object = "sum",
@@ -242,7 +251,7 @@ def reduce_scatter(
     input = _check_tensor("input", input, comm)
     reduce_op = _check_reduce(op, input.dtype)
     _check_pair(output, input, comm.size, "input", "output")
-    buffer = input.reshape(-1).clone()
+    buffer = _private_copy(comm, input, async_op)
     n = output.numel()
     block = buffer[comm.rank * n : (comm.rank + 1) * n]
 
@@ -335,7 +344,7 @@ def reduce(
     if comm.rank == root:
         buffer, is_view = _flat_work(tensor)
     else:  # partial sums pass through non-root ranks: work on a copy so their input stays intact
-        buffer, is_view = tensor.reshape(-1).clone(), True
+        buffer, is_view = _private_copy(comm, tensor, async_op), True
 
     def finish() -> None:
         if comm.rank != root:

@@ -5,6 +5,8 @@
 one step of a ring), the profile holds:
 - `link`: the time of one message of m bytes while all p ranks send and receive one, as a piecewise
   line alpha + beta x m (one to a few size ranges, e.g. below and above an eager/rendezvous switch);
+- `step`: the part of the link's alpha a step pays once, however many messages it carries (measured by a
+  fan-out step of several messages per rank against the ring's one): a message's own alpha is the rest;
 - `launch`: seconds per collective call on top of its steps;
 - `gamma`: seconds per reduced byte, per dtype, while p ranks reduce at once.
 It also keeps the one-pair ping-pong fit, the machine description and the raw medians.
@@ -125,27 +127,33 @@ class LinkFit:
 class PiecewiseCostModel(CostModel):
     """A CostModel whose alpha and beta depend on the message size, by the segments of a LinkFit.
 
-    `time(messages, moved, reduced)` prices `messages` messages of moved/messages bytes each with the
-    segment that size falls in. `alpha` and `beta` (the fields) are those of the largest-size segment, for
-    code that reads them directly.
+    `time(messages, moved, reduced, steps)` prices `messages` messages of moved/messages bytes each with
+    the segment that size falls in, plus `step` per step. `alpha` and `beta` (the fields) are those of the
+    largest-size segment, for code that reads them directly.
     """
 
     segments: tuple[Segment, ...] = ()
 
-    def time(self, messages: float, moved: float, reduced: float = 0.0) -> float:
+    def time(self, messages: float, moved: float, reduced: float = 0.0, steps: float | None = None) -> float:
         if not self.segments or messages <= 0:
-            return super().time(messages, moved, reduced)
+            return super().time(messages, moved, reduced, steps)
+        steps = messages if steps is None else steps
         size = moved / messages
         index = bisect.bisect_left([s.max_bytes for s in self.segments], size)
         seg = self.segments[min(index, len(self.segments) - 1)]
-        return messages * seg.alpha + moved * seg.beta + reduced * self.gamma
+        return steps * self.step + messages * seg.alpha + moved * seg.beta + reduced * self.gamma
 
     @classmethod
-    def of(cls, link: LinkFit, gamma: float, extra_latency: float = 0.0) -> PiecewiseCostModel:
-        """The model of a fitted link (plus `extra_latency` per message) and a reduction cost."""
-        segments = tuple(Segment(s.max_bytes, s.alpha + extra_latency, s.beta) for s in link.segments)
+    def of(
+        cls, link: LinkFit, gamma: float, extra_latency: float = 0.0, step: float = 0.0
+    ) -> PiecewiseCostModel:
+        """The model of a fitted link (plus `extra_latency` per message) and a reduction cost, with `step`
+        of each segment's alpha charged per step instead of per message (so a one-message step still
+        costs the fitted alpha)."""
+        step = min([step, *(s.alpha for s in link.segments)])
+        segments = tuple(Segment(s.max_bytes, s.alpha - step + extra_latency, s.beta) for s in link.segments)
         last = segments[-1]
-        return cls(last.alpha, last.beta, gamma, segments)
+        return cls(last.alpha, last.beta, gamma, step, segments)
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,7 @@ class Level:
     gamma: tuple[tuple[str, float], ...]
     clone: float = 0.0  # seconds per byte of a tensor clone (fresh allocation), p ranks at once
     copy: float = 0.0  # seconds per byte of a copy into an existing tensor
+    step: float = 0.0  # seconds of the link's alpha paid once per step, not per message (<= every alpha)
 
     def local_copy_time(self, op: str, nbytes: float, world_size: int) -> float:
         """Seconds of the copies the API makes around the schedule (see `api_copies`)."""
@@ -203,7 +212,7 @@ class Calibration:
     def cost_model(self, world_size: int, dtype: str = DEFAULT_DTYPE) -> PiecewiseCostModel:
         """The cost model `algorithm="auto"` ranks algorithms by for `world_size` ranks and `dtype`."""
         level = self.level(world_size)
-        return PiecewiseCostModel.of(level.link, level.gamma_of(dtype))
+        return PiecewiseCostModel.of(level.link, level.gamma_of(dtype), step=level.step)
 
     def to_dict(self) -> dict:
         return {
@@ -220,6 +229,7 @@ class Calibration:
                     "gamma": dict(lv.gamma),
                     "clone": lv.clone,
                     "copy": lv.copy,
+                    "step": lv.step,
                 }
                 for p, lv in sorted(self.levels.items())
             },
@@ -262,6 +272,7 @@ class Calibration:
                 tuple((str(k), _number(v, f"{where}.gamma.{k}")) for k, v in gamma.items()),
                 _number(item.get("clone", 0.0), f"{where}.clone"),
                 _number(item.get("copy", 0.0), f"{where}.copy"),
+                _number(item.get("step", 0.0), f"{where}.step"),
             )
         pingpong = data.get("pingpong")
         return cls(
@@ -292,16 +303,17 @@ class Calibration:
 
 
 def api_copies(op: str, nbytes: float, world_size: int) -> tuple[float, float]:
-    """(bytes cloned, bytes copied) by `commlab.collectives.api` around an op's schedule on contiguous
-    tensors: reduce_scatter clones its input (n) and copies its block out (n/p); all_gather copies its
-    block in (n/p); reduce clones its input on the ranks that are not the root (the slowest); allreduce and
-    broadcast run in place. `nbytes` counts as the simulator counts it (the total for blocked ops)."""
+    """(bytes cloned, bytes copied) by a blocking `commlab.collectives.api` call around an op's schedule on
+    contiguous tensors: reduce_scatter copies its input into the communicator's staging buffer (n) and its
+    block out (n/p); all_gather copies its block in (n/p); reduce copies its input on the ranks that are
+    not the root (the slowest); allreduce and broadcast run in place. (An async call clones instead of
+    copying: not priced.) `nbytes` counts as the simulator counts it (the total for blocked ops)."""
     if op == "reduce_scatter":
-        return float(nbytes), nbytes / world_size
+        return 0.0, nbytes + nbytes / world_size
     if op == "allgather":
         return 0.0, nbytes / world_size
     if op == "reduce" and world_size > 1:
-        return float(nbytes), 0.0
+        return 0.0, float(nbytes)
     return 0.0, 0.0
 
 

@@ -176,6 +176,22 @@ class Communicator:
             self._scratch[key] = scratch
         return scratch
 
+    def staging(self, like: torch.Tensor, numel: int) -> torch.Tensor:
+        """A reused flat buffer of `numel` elements of `like`'s dtype and device for a blocking call's
+        private copy of its input (reduce_scatter, reduce on non-root ranks), apart from `scratch`.
+
+        Why: a fresh clone of tens of MiB gets new pages from the allocator on every call (glibc maps
+        blocks above its mmap threshold afresh), so each call page-faults the whole buffer; a kept buffer
+        is only copied into. Only blocking calls may use it: an async call's buffer lives on after the call
+        returns, while the next call would overwrite the staging buffer. `release_scratch()` frees it.
+        """
+        key = ("staging", like.dtype, like.device)
+        staging = self._scratch.get(key)
+        if staging is None or staging.numel() < numel:
+            staging = like.new_empty(max(numel, 1))
+            self._scratch[key] = staging
+        return staging[:numel]
+
     def release_scratch(self) -> None:
         """Free the cached scratch buffers (they are reallocated on the next call that needs them)."""
         self._scratch.clear()

@@ -4,10 +4,12 @@ Every algorithm family states its time as a closed formula in this model (in its
 its `cost` function), so tuning can rank algorithms without running the simulator.
 
 How the formulas count, the same way for every family:
-- A schedule runs in steps; a step costs, for its busiest rank, alpha per message it sends or receives
-  (whichever count is larger: concurrent messages of one rank are not free), beta per byte it sends or
-  receives (the larger), and gamma per byte it reduces. The time is the sum over the steps on the critical
-  path, a bulk-synchronous bound.
+- A schedule runs in steps; a step costs, for its busiest rank, `step` once (what a step costs whatever
+  it carries: posting, waiting, waking the process), alpha per message it sends or receives (whichever
+  count is larger: concurrent messages of one rank are not free), beta per byte it sends or receives (the
+  larger), and gamma per byte it reduces. The time is the sum over the steps on the critical path, a
+  bulk-synchronous bound. `step` is 0 unless a calibrated profile measured it (then alpha is only the
+  per-message part): with it, a step of p-1 messages (direct) costs less than p-1 steps of one (ring).
 - n is the bytes per rank for allreduce, broadcast and reduce; for reduce-scatter and allgather it is the
   total size (p blocks of n/p bytes), as nccl-tests counts it.
 - Pipelined algorithms split the buffer into k segments and trade alpha (more steps) for overlap;
@@ -28,14 +30,16 @@ MAX_SEGMENTS = 64  # the largest pipeline depth the tuner considers
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds per message (alpha), per byte sent or received (beta) and per byte reduced (gamma)."""
+    """Seconds per message (alpha), per byte sent or received (beta), per byte reduced (gamma), and per
+    step on the critical path (`step`, beyond its messages' alpha; see the module docstring)."""
 
     alpha: float
     beta: float
     gamma: float = 0.0
+    step: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma"):
+        for name in ("alpha", "beta", "gamma", "step"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
                 raise invalid(name, value, "a finite number of seconds >= 0")
@@ -48,9 +52,11 @@ class CostModel:
                 raise invalid(name, rate, "bytes per second > 0")
         return cls(latency, 1.0 / bandwidth, 1.0 / reduce_bandwidth)
 
-    def time(self, messages: float, moved: float, reduced: float = 0.0) -> float:
-        """Seconds for `messages` messages moving `moved` bytes, of which `reduced` bytes are reduced."""
-        return messages * self.alpha + moved * self.beta + reduced * self.gamma
+    def time(self, messages: float, moved: float, reduced: float = 0.0, steps: float | None = None) -> float:
+        """Seconds for `messages` messages in `steps` steps (default: one message per step) moving `moved`
+        bytes, of which `reduced` bytes are reduced."""
+        steps = messages if steps is None else steps
+        return steps * self.step + messages * self.alpha + moved * self.beta + reduced * self.gamma
 
 
 DEFAULT_COST_MODEL = CostModel(alpha=40e-6, beta=1 / 2.5e9, gamma=1 / 4e9)

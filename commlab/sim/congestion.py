@@ -78,7 +78,8 @@ def run_congestion(
     posting = np.maximum(plan.msg_send_pos, plan.msg_recv_pos) + 1
     alpha = profile.alpha if costs is None else costs.alpha
     work = msg_bytes if costs is None else costs.work
-    msg_latency = routes.latency[routed.msg_pair] + alpha * posting
+    step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
+    msg_latency = routes.latency[routed.msg_pair] + step + alpha * posting
     round_latency = np.zeros(rounds)
     np.maximum.at(round_latency, msg_round, msg_latency)
 

@@ -54,6 +54,8 @@ class _FlowRun:
         self.bytes = msg_bytes if costs is None else costs.work  # what each flow puts on its links
         alpha = profile.alpha if costs is None else costs.alpha
         self.alpha = np.broadcast_to(np.asarray(alpha, float), (plan.num_messages,))
+        step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
+        self.step = np.broadcast_to(np.asarray(step, float), (plan.num_messages,))
         self.gamma = profile.gamma
         self.capacity = topology.compiled.bandwidth * profile.efficiency
         self.solo = routes.bandwidth[self.pair] * profile.efficiency
@@ -112,9 +114,14 @@ class _FlowRun:
             self.end_steps(empty, now, activate_now)
         if len(ready) == 0:
             return
-        at = np.maximum(
-            self.step_start[plan.msg_src_step[ready]] + self.alpha[ready] * (plan.msg_send_pos[ready] + 1),
-            self.step_start[plan.msg_dst_step[ready]] + self.alpha[ready] * (plan.msg_recv_pos[ready] + 1),
+        at = (
+            np.maximum(
+                self.step_start[plan.msg_src_step[ready]]
+                + self.alpha[ready] * (plan.msg_send_pos[ready] + 1),
+                self.step_start[plan.msg_dst_step[ready]]
+                + self.alpha[ready] * (plan.msg_recv_pos[ready] + 1),
+            )
+            + self.step[ready]
         )
         due = at <= now
         activate_now.append(ready[due])
@@ -289,8 +296,9 @@ def solo_timeline(
     s_order = np.argsort(end_round, kind="stable")
     s_bounds = np.searchsorted(end_round[s_order], np.arange(rounds + 1))
     alpha = profile.alpha if costs is None else costs.alpha
-    send_post = alpha * (plan.msg_send_pos + 1)
-    recv_post = alpha * (plan.msg_recv_pos + 1)
+    step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
+    send_post = step + alpha * (plan.msg_send_pos + 1)
+    recv_post = step + alpha * (plan.msg_recv_pos + 1)
     ptr = plan.step_msg_ptr
     for t in range(rounds):
         ms = m_order[m_bounds[t] : m_bounds[t + 1]]

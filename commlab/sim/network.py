@@ -16,14 +16,19 @@ its route's latency, and its bytes over the bandwidth it gets (links x `profile.
 reduces costs `profile.gamma` per reduced byte at its end; the collective costs `profile.launch` once.
 
 A calibrated profile (`commlab calibrate`) prices messages by size instead: a message of m bytes costs
-alpha(m) to post and, alone on its route, m x beta(m) to move (the fit of the level for the schedule's
-world size). It puts m x beta(m) x (its route's bandwidth) "work bytes" on its links, so alone it takes
+alpha(m) to post and, alone on its route, m x beta(m) to move (the fit of the level of the ranks busy
+in its rendezvous round, or the ping-pong fit for a transfer alone: `message_costs`).
+It puts m x beta(m) x (its route's bandwidth) "work bytes" on its links, so alone it takes
 exactly the calibrated time, and messages that share a link (two sends of one rank on its port of a
-`local` host) slow each other as real bytes would. Gamma and launch come from the same level.
+`local` host) slow each other as real bytes would. Gamma and launch come from the same level. A level's
+`step` is paid once per step before its first message is posted, and taken off every message's alpha(m),
+as in the `auto` model: a one-message step costs the calibrated time, a direct step of p-1 messages less
+than p-1 such steps.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -76,10 +81,12 @@ def itemsize_of(dtype: str) -> int:
 
 @dataclass(frozen=True)
 class MessageCosts:
-    """Per-message posting cost (s) and the bytes each message puts on its links (a calibrated run)."""
+    """Per-message posting cost (s), the bytes each message puts on its links, and what a step pays once
+    before its first message is posted (a calibrated run: its level's `step`)."""
 
     alpha: np.ndarray
     work: np.ndarray
+    step: np.ndarray | float = 0.0
 
 
 @dataclass(frozen=True)
@@ -200,7 +207,7 @@ def _model(
     model (plus the route latency) for `world_size` ranks and `dtype`."""
     if profile.calibration is not None:
         level = profile.calibration.level(world_size)
-        return PiecewiseCostModel.of(level.link, level.gamma_of(dtype), latency)
+        return PiecewiseCostModel.of(level.link, level.gamma_of(dtype), latency, level.step)
     if world_size == 1:
         return CostModel(profile.alpha, 0.0, profile.gamma)
     return CostModel(profile.alpha + latency, 1.0 / (bandwidth * profile.efficiency), profile.gamma)
@@ -237,16 +244,51 @@ def link_model(
 def message_costs(
     profile: Profile, routed: RoutedPlan, msg_bytes: np.ndarray, world_size: int
 ) -> MessageCosts | None:
-    """Per-message alpha and link work under a calibrated profile (None for a plain one)."""
-    if profile.calibration is None:
+    """Per-message alpha, link work and per-step cost under a calibrated profile (None for a plain one),
+    priced by the same model as `auto` (a one-message step costs the fitted alpha(m) + m beta(m)).
+
+    Each message is priced by how busy the host is in its rendezvous round (`busy_ranks`): a round of
+    b >= 2 ranks by the level of b ranks, a round with a single transfer by the ping-pong fit. Why: the
+    fold steps of halving-doubling on 3 ranks move whole buffers between two ranks while the third idles,
+    and priced at the 3-ranks-busy level they came out up to 2.6x too slow (gloo)."""
+    calibration = profile.calibration
+    if calibration is None:
         return None
-    segments = profile.calibration.level(world_size).link.segments
-    bounds = np.array([s.max_bytes for s in segments])
-    index = np.minimum(np.searchsorted(bounds, msg_bytes, side="left"), len(segments) - 1)
-    alpha = np.array([s.alpha for s in segments])[index]
-    beta = np.array([s.beta for s in segments])[index]
+    busy = busy_ranks(routed.plan)
+    alpha, beta, step = np.zeros(len(msg_bytes)), np.zeros(len(msg_bytes)), np.zeros(len(msg_bytes))
+    for count in np.unique(busy):
+        if count == 1 and calibration.pingpong is not None:
+            model = PiecewiseCostModel.of(calibration.pingpong, 0.0)
+        else:
+            level = calibration.level(min(max(int(count), 2), world_size))
+            model = PiecewiseCostModel.of(level.link, 0.0, step=level.step)
+        mine = busy == count
+        bounds = np.array([s.max_bytes for s in model.segments])
+        index = np.minimum(np.searchsorted(bounds, msg_bytes[mine], side="left"), len(model.segments) - 1)
+        alpha[mine] = np.array([s.alpha for s in model.segments])[index]
+        beta[mine] = np.array([s.beta for s in model.segments])[index]
+        step[mine] = model.step
     solo = routed.routes.bandwidth[routed.msg_pair] * profile.efficiency
-    return MessageCosts(alpha, msg_bytes * beta * solo)
+    return MessageCosts(alpha, msg_bytes * beta * solo, step)
+
+
+def busy_ranks(plan: Plan) -> np.ndarray:
+    """For every message, the ranks that send or receive in its rendezvous round; 1 where the round holds
+    transfers in a single direction between one pair (a transfer alone on the host)."""
+    from commlab.sim.congestion import rendezvous_rounds  # congestion imports this module
+
+    msg_round, _, _ = rendezvous_rounds(plan)
+    busy = np.zeros(len(msg_round), np.int64)
+    order = np.argsort(msg_round, kind="stable")
+    bounds = np.searchsorted(msg_round[order], np.arange(int(msg_round.max(initial=-1)) + 2))
+    for lo, hi in itertools.pairwise(bounds):
+        msgs = order[lo:hi]
+        if len(msgs) == 0:
+            continue
+        src, dst = plan.msg_src[msgs], plan.msg_dst[msgs]
+        one_way = len(np.unique(src)) == 1 and len(np.unique(dst)) == 1
+        busy[msgs] = 1 if one_way else len(np.unique(np.concatenate([src, dst])))
+    return busy
 
 
 def _check_fidelity(fidelity: str) -> None:

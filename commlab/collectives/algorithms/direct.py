@@ -3,12 +3,12 @@
 Fewest steps of all (latency depth 1 or 2) but p-1 messages per rank per step, so they suit small p or
 transports that overlap many messages well.
 
-Cost (p ranks, n bytes; each step is p-1 messages per rank):
-    allreduce       2(p-1) alpha + 2n(p-1)/p beta + n(p-1)/p gamma
-    reduce_scatter  (p-1) alpha + n(p-1)/p beta + n(p-1)/p gamma
-    allgather       (p-1) alpha + n(p-1)/p beta
-    broadcast       (p-1) alpha + (p-1) n beta              (the root sends p-1 copies)
-    reduce          (p-1) alpha + (p-1) n (beta + gamma)    (the root receives and adds p-1 buffers)
+Cost (p ranks, n bytes; each step is p-1 messages per rank; `step` is the model's per-step cost):
+    allreduce       2 step + 2(p-1) alpha + 2n(p-1)/p beta + n(p-1)/p gamma
+    reduce_scatter  step + (p-1) alpha + n(p-1)/p beta + n(p-1)/p gamma
+    allgather       step + (p-1) alpha + n(p-1)/p beta
+    broadcast       step + (p-1) alpha + (p-1) n beta              (the root sends p-1 copies)
+    reduce          step + (p-1) alpha + (p-1) n (beta + gamma)    (the root receives and adds p-1 buffers)
 """
 
 from __future__ import annotations
@@ -96,13 +96,13 @@ def cost(op: str, world_size: int, nbytes: float, model: CostModel, segments: in
     p, n = world_size, nbytes
     share = n * (p - 1) / p
     if op == "allreduce":
-        return model.time(2 * (p - 1), 2 * share, share)
+        return model.time(2 * (p - 1), 2 * share, share, steps=2)
     if op == "reduce_scatter":
-        return model.time(p - 1, share, share)
+        return model.time(p - 1, share, share, steps=1)
     if op == "allgather":
-        return model.time(p - 1, share)
+        return model.time(p - 1, share, steps=1)
     if op == "broadcast":
-        return model.time(p - 1, (p - 1) * n)
+        return model.time(p - 1, (p - 1) * n, steps=1)
     if op == "reduce":
-        return model.time(p - 1, (p - 1) * n, (p - 1) * n)
+        return model.time(p - 1, (p - 1) * n, (p - 1) * n, steps=1)
     raise invalid("op", op, OPS)

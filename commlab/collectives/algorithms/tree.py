@@ -10,9 +10,11 @@ down at slot j+H+d, so the reduction of later segments overlaps the broadcast of
 
 Cost (p ranks, n bytes, k segments, H the height, m the most messages a rank handles per slot and phase,
 c the most partial sums a rank adds per slot; m = c = 2 for p >= 4):
-    allreduce  2(H+k-1) (m alpha + m (n/2k) beta) + (H+k-1) c (n/2k) gamma   (two overlapped phases)
-    broadcast  (H+k-1) (m alpha + m (n/k) beta)                              (m = most children)
-    reduce     (H+k-1) (m alpha + m (n/k) (beta + gamma))
+    allreduce  2(H+k-1) (step + m alpha + m (n/2k) beta) + (H+k-1) c (n/2k) gamma   (two overlapped phases)
+    broadcast  (H+k-1) (step + m alpha + m (n/k) beta)                              (m = most children)
+    reduce     (H+k-1) (step + m alpha + m (n/k) (beta + gamma))
+(`step` is the model's per-step cost; the other families have one message per step, so their formulas
+count it with alpha.)
 """
 
 from __future__ import annotations
@@ -192,9 +194,10 @@ def cost(op: str, world_size: int, nbytes: float, model: CostModel, segments: in
     if op == "allreduce":
         height, m, c = _shape(world_size, double=True)
         piece = n / (2 * k)
-        return 2 * (height + k - 1) * model.time(m, m * piece) + (height + k - 1) * c * piece * model.gamma
+        slot = model.time(m, m * piece, steps=1)
+        return 2 * (height + k - 1) * slot + (height + k - 1) * c * piece * model.gamma
     height, _, c = _shape(world_size, double=False)
     m = max(c, 1)
     if op == "broadcast":
-        return (height + k - 1) * model.time(m, m * n / k)
-    return (height + k - 1) * model.time(m, m * n / k, m * n / k)
+        return (height + k - 1) * model.time(m, m * n / k, steps=1)
+    return (height + k - 1) * model.time(m, m * n / k, m * n / k, steps=1)
