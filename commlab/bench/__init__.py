@@ -88,7 +88,9 @@ def parse_size(text: str) -> int:
     return number
 
 
-def _count(minimum: int):
+def count_at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`, with an error naming what is accepted."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -111,20 +113,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("op", choices=OPS, help="the collective")
     parser.add_argument("-b", "--minbytes", type=parse_size, default=8, help="smallest size (default 8)")
     parser.add_argument("-e", "--maxbytes", type=parse_size, default=64 << 20, help="largest size (64M)")
-    parser.add_argument("-f", "--stepfactor", type=_count(1), default=2, help="size multiplier (2)")
+    parser.add_argument("-f", "--stepfactor", type=count_at_least(1), default=2, help="size multiplier (2)")
     parser.add_argument(
         "--algorithm",
         default="auto",
         help="auto, an algorithm, a comma-separated list, or 'all' (auto and every algorithm of the op)",
     )
     parser.add_argument("--backend", choices=BACKENDS, default=None, help="gloo (default) or mpi")
-    parser.add_argument("-n", "--ranks", type=_count(1), default=4, help="ranks to launch (4)")
+    parser.add_argument("-n", "--ranks", type=count_at_least(1), default=4, help="ranks to launch (4)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--op", dest="redop", choices=REDUCE_OPS, default="sum", help="reduction (sum)")
-    parser.add_argument("-r", "--root", type=_count(0), default=0, help="root of broadcast and reduce (0)")
-    parser.add_argument("--iters", type=_count(1), default=20, help="calls per timed sample (20)")
-    parser.add_argument("--warmup", type=_count(0), default=5, help="untimed calls first (5)")
-    parser.add_argument("--repeats", type=_count(1), default=5, help="timed samples per row; median (5)")
+    parser.add_argument(
+        "-r", "--root", type=count_at_least(0), default=0, help="root of broadcast and reduce (0)"
+    )
+    parser.add_argument("--iters", type=count_at_least(1), default=20, help="calls per timed sample (20)")
+    parser.add_argument("--warmup", type=count_at_least(0), default=5, help="untimed calls first (5)")
+    parser.add_argument(
+        "--repeats", type=count_at_least(1), default=5, help="timed samples per row; median (5)"
+    )
     parser.add_argument(
         "--sample-seconds",
         type=float,

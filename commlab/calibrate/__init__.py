@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from commlab.bench import count_at_least, parse_size
 from commlab.errors import InvalidArgumentError, invalid
 
 BACKENDS = ("gloo", "mpi")
@@ -71,25 +72,6 @@ class CalibrateConfig:
 QUICK = {"max_bytes": 1 << 20, "factor": 4, "repeats": 3, "sample_seconds": 0.01, "dtypes": ["float32"]}
 
 
-def _size(text: str) -> int:
-    from commlab.bench import parse_size
-
-    return parse_size(text)
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not accepted; accepted: an integer >= {minimum}")
-        return value
-
-    return parse
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `commlab calibrate` on the CLI's subcommands."""
     parser = sub.add_parser(
@@ -98,15 +80,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--backend", choices=BACKENDS, default=None, help="gloo (default) or mpi")
-    parser.add_argument("-n", "--ranks", type=_count(2), default=4, help="ranks to launch (4)")
+    parser.add_argument("-n", "--ranks", type=count_at_least(2), default=4, help="ranks to launch (4)")
     parser.add_argument("-o", "--output", default=None, help="profile file (default commlab-<backend>.json)")
-    parser.add_argument("-b", "--minbytes", type=_size, default=None, help="smallest message (8)")
-    parser.add_argument("-e", "--maxbytes", type=_size, default=None, help="largest message (64M; quick 1M)")
+    parser.add_argument("-b", "--minbytes", type=parse_size, default=None, help="smallest message (8)")
     parser.add_argument(
-        "-f", "--stepfactor", type=_count(2), default=None, help="size multiplier (2; quick 4)"
+        "-e", "--maxbytes", type=parse_size, default=None, help="largest message (64M; quick 1M)"
     )
     parser.add_argument(
-        "--repeats", type=_count(1), default=None, help="samples per size; median (5; quick 3)"
+        "-f", "--stepfactor", type=count_at_least(2), default=None, help="size multiplier (2; quick 4)"
+    )
+    parser.add_argument(
+        "--repeats", type=count_at_least(1), default=None, help="samples per size; median (5; quick 3)"
     )
     parser.add_argument(
         "--sample-seconds", type=float, default=None, help="seconds per sample (0.04; quick 0.01)"
