@@ -3,6 +3,8 @@ pipeline depth (measured), stage partitioning, point-to-point timeouts and argum
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -146,3 +148,20 @@ def silent_peer() -> str:
 def test_a_missing_activation_times_out_with_a_clear_error(rank_pools):
     message = rank_pools(2).run(silent_peer, breaks_group=True)[1]
     assert "activation of microbatch 5 from stage 0" in message and "1 s" in message, message
+
+
+def late_sender() -> float:
+    """Stage 0 sends 0.3 s late: stage 1's receive counts that wait as idle time (the bubble's measure)."""
+    p2p = PointToPoint(mesh_of(1, 2, 1).pp_group, timeout=10.0)
+    if p2p.rank == 0:
+        time.sleep(0.3)
+        p2p.send(torch.ones(4), 1, 0, "activation")
+    else:
+        p2p.recv((4,), torch.float32, torch.device("cpu"), 0, 0, "activation")
+    p2p.flush()
+    return p2p.waited_s
+
+
+def test_time_blocked_on_a_peer_is_counted_as_idle(rank_pools):
+    sender, receiver = rank_pools(2).run(late_sender)
+    assert receiver >= 0.25 and sender < receiver, (sender, receiver)

@@ -48,6 +48,7 @@ class PointToPoint:
         self._deferred: list[Message] = []
         self._in_flight: list = []  # (request, message) of posted sends
         self.bytes_sent = 0
+        self.waited_s = 0.0  # seconds blocked waiting on peers (receives and flushes): the stage's idle time
 
     def send(self, tensor: torch.Tensor, peer: int, micro_batch: int, kind: str, defer: bool = False) -> None:
         """Post a send of `tensor` (kept alive until flush); deferred sends go out with the next recv."""
@@ -64,6 +65,7 @@ class PointToPoint:
         """Receive a tensor from stage `peer`, waiting at most the timeout."""
         buffer = torch.empty(shape, dtype=dtype, device=device)
         request = self._post([Message(buffer, peer, tag_of(micro_batch, kind))])[0]
+        start = time.perf_counter()
         try:
             request.wait(self.timeout)
         except CollectiveTimeoutError as error:
@@ -71,6 +73,8 @@ class PointToPoint:
                 f"pipeline stage {self.rank}: the {kind} of microbatch {micro_batch} from stage {peer} did "
                 f"not arrive within {self.timeout:g} s ({error})"
             ) from error
+        finally:
+            self.waited_s += time.perf_counter() - start
         return buffer
 
     def recv_header(self, device: torch.device, peer: int, micro_batch: int) -> tuple:
@@ -90,11 +94,15 @@ class PointToPoint:
             self._post([])
         deadline = time.monotonic() + self.timeout
         in_flight, self._in_flight = self._in_flight, []
-        for request, message in in_flight:
-            try:
-                request.wait(deadline - time.monotonic())
-            except CollectiveTimeoutError as error:
-                raise CollectiveTimeoutError(
-                    f"pipeline stage {self.rank}: a send to stage {message.peer} (tag {message.tag}) was "
-                    f"not received within {self.timeout:g} s ({error})"
-                ) from error
+        start = time.perf_counter()
+        try:
+            for request, message in in_flight:
+                try:
+                    request.wait(deadline - time.monotonic())
+                except CollectiveTimeoutError as error:
+                    raise CollectiveTimeoutError(
+                        f"pipeline stage {self.rank}: a send to stage {message.peer} (tag {message.tag}) "
+                        f"was not received within {self.timeout:g} s ({error})"
+                    ) from error
+        finally:
+            self.waited_s += time.perf_counter() - start
