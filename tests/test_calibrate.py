@@ -127,6 +127,35 @@ def test_simulator_charges_the_step_cost_once_per_step(tmp_path) -> None:
     assert direct.time == pytest.approx(70e-6 + 3 * 30e-6, rel=1e-6)  # 1 step, 3 messages posted in turn
 
 
+def test_concurrency_gain_is_fitted_from_the_large_fan_and_priced_alike_by_auto_and_simulator() -> None:
+    from commlab.calibrate.profile import concurrency_gain
+
+    sizes = [1 << (10 + i) for i in range(8)]  # 1 KiB .. 128 KiB: the fan's large sizes are 16 and 32 KiB
+    link, step, k, gain = LinkFit((Segment(math.inf, 100e-6, 1e-9),)), 70e-6, 3, 1.5
+    ring = {str(m): 100e-6 + m * 1e-9 for m in sizes}
+    fan = {str(m): step + k * 30e-6 + k * m * 1e-9 / gain for m in sizes}
+    assert concurrency_gain(fan, ring, k, link, step) == pytest.approx(gain)
+    assert concurrency_gain({}, ring, k, link, step) == 1.0  # not measured: no gain
+    slow = {m: 10 * t for m, t in fan.items()}  # slower than one after another: clamped to 1
+    assert concurrency_gain(slow, ring, k, link, step) == 1.0
+    model = PiecewiseCostModel.of(link, 0.0, step=step, concurrency=gain)
+    assert model.time(1, 1000) == pytest.approx(link.time(1000))  # one message per step: no gain
+    assert model.time(3, 3000, steps=1) == pytest.approx(70e-6 + 3 * 30e-6 + 3000e-9 / gain)
+    assert model.time(2, 2000, steps=1) == pytest.approx(70e-6 + 2 * 30e-6 + 2000e-9 / gain)  # min(k, c)
+    with pytest.raises(InvalidArgumentError, match="concurrency"):
+        PiecewiseCostModel.of(link, 0.0, concurrency=0.5)
+    # the simulator: 3 messages a rank sends at once share its port, together 1.5x one message's speed
+    levels = {p: Level(p, link, 0.0, (("float32", 0.0),), 0.0, 0.0, step, gain) for p in (2, 3, 4)}
+    profile = Profile.from_calibration(Calibration("gloo", levels, link, source="synthetic"))
+    n = 3 << 20  # allgather total on 4 ranks: one step of three 1 MiB messages per rank
+    for fidelity in ("analytic", "congestion", "flow"):
+        result = simulate_collective("allgather", "direct", local(4), 4 * (1 << 20), profile=profile,
+                                     fidelity=fidelity)  # fmt: skip
+        assert result.time == pytest.approx(step + 3 * 30e-6 + n * 1e-9 / gain, rel=1e-6), fidelity
+    ring_time = simulate_collective("allgather", "ring", local(4), 4 << 20, profile=profile).time
+    assert ring_time == pytest.approx(3 * (100e-6 + (1 << 20) * 1e-9), rel=1e-6)  # one at a time: no gain
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -146,6 +175,11 @@ def test_simulator_charges_the_step_cost_once_per_step(tmp_path) -> None:
             '{"format": "commlab-calibration", "version": 1, "backend": "gloo", "levels": {"2": {"link": '
             '{"segments": [{"max_bytes": 100, "alpha": 0, "beta": 0}]}}}}',
             "last one unbounded",
+        ),
+        (
+            '{"format": "commlab-calibration", "version": 1, "backend": "gloo", "levels": {"2": {"link": '
+            '{"segments": [{"max_bytes": null, "alpha": 0, "beta": 0}]}, "concurrency": 0.5}}}',
+            "concurrency",
         ),
     ],
 )

@@ -9,10 +9,11 @@ numbers include exactly what a collective pays per step (posting, waiting, Pytho
   ranks, that includes their sharing of the cores);
 - `launch p`: the same with one step per call, against the per-step time of the K-step calls: what a call
   costs beyond its steps;
-- `fan p`: ranks 0..p-1 each send FAN_MESSAGES(p) small messages (one to every other rank, or two to the
-  one peer when p = 2) and receive as many in one step, against `ring p`'s one: which part of a message's
-  latency a step pays once (the level's `step`, so `auto` sees that direct's p-1 messages in one step cost
-  less than ring's p-1 steps);
+- `fan p`: ranks 0..p-1 each send FAN_MESSAGES(p) messages (one to every other rank, or two to the
+  one peer when p = 2) and receive as many in one step, against `ring p`'s one: at small sizes, which part
+  of a message's latency a step pays once (the level's `step`, so `auto` sees that direct's p-1 messages
+  in one step cost less than ring's p-1 steps); at two large sizes, how much faster concurrent messages
+  move their bytes than one after another (the level's `concurrency`);
 - `reduce p`: ranks 0..p-1 add a tensor into another at once, per dtype (the executor's reduction; timed
   on its own, since next to a message's latency on a shared host it drowns in noise);
 - `clone p`, `copy p`: ranks 0..p-1 clone (fresh allocation) or copy a tensor at once: the local copies
@@ -128,6 +129,12 @@ def shift_schedule(world: int, active: int, steps: int, reduce: bool = False) ->
 def fan_messages(active: int) -> int:
     """Messages each rank sends (and receives) per step of `fan_schedule`: p-1, at least 2."""
     return max(2, active - 1)
+
+
+def fan_large_sizes(sizes: list[int]) -> list[int]:
+    """The two sizes at which the fan measures concurrency: the largest at most a quarter of the largest
+    message (big enough that latency is small next to the bytes, small enough to stay quick)."""
+    return [s for s in sizes if 4 * s <= sizes[-1]][-2:] if len(sizes) > 4 else []
 
 
 def fan_schedule(world: int, active: int, steps: int) -> Schedule:
@@ -279,7 +286,8 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
     sizes = config.sizes()
     reduce_sizes = config.reduce_sizes()
     launch_sizes = sizes[:2]
-    fan_sizes = sizes[:4]  # small messages: the fan's per-step share of alpha, a median over four sizes
+    # small messages: the fan's per-step share of alpha (a median over four sizes); large: its concurrency
+    fan_sizes = sorted(set(sizes[:4]) | set(fan_large_sizes(sizes)))
     total = len(sizes) + len(levels) * (len(config.dtypes) + 1)
     progress = Progress(group.rank == 0 and config.progress, total)
     done = 0

@@ -8,7 +8,7 @@ from typing import Any
 
 from commlab.calibrate import CalibrateConfig
 from commlab.calibrate.fit import fit_gamma, fit_piecewise, relative_errors
-from commlab.calibrate.measure import fan_messages
+from commlab.calibrate.measure import fan_large_sizes, fan_messages
 from commlab.collectives.calibration import Calibration, Level, LinkFit
 
 
@@ -54,6 +54,26 @@ def step_latency(fan: dict, ring: dict, messages: int, link: LinkFit) -> float:
     return min(max(0.0, statistics.median(samples)), min(s.alpha for s in link.segments))
 
 
+def concurrency_gain(fan: dict, ring: dict, messages: int, link: LinkFit, step: float) -> float:
+    """How much faster `messages` concurrent messages move their bytes than one after another, from the
+    large-size fan steps: (k x ring's bandwidth time) / (fan's bandwidth time), each less its latency
+    (a ring step: the fitted alpha; a fan step: step + k x (alpha - step)). The median over the sizes,
+    kept within 1..k; 1 without large fan measurements."""
+    sizes = [int(s) for s in fan if s in ring]
+    samples = []
+    for size in fan_large_sizes(sorted(int(s) for s in ring)):
+        if size not in sizes:
+            continue
+        alpha = link.segment(size).alpha
+        one = float(ring[str(size)]) - alpha
+        many = float(fan[str(size)]) - step - messages * (alpha - step)
+        if one > 0 and many > 0:
+            samples.append(messages * one / many)
+    if not samples:
+        return 1.0
+    return min(max(1.0, statistics.median(samples)), float(messages))
+
+
 def build_calibration(config: CalibrateConfig, measurements: dict, description: dict) -> Calibration:
     """Fit every level's message times, launch and reduction costs into a Calibration."""
     levels = {}
@@ -70,8 +90,11 @@ def build_calibration(config: CalibrateConfig, measurements: dict, description: 
         )
         clone = fit_gamma(*_series(measurements["clone"][key])) if measurements.get("clone") else 0.0
         copy = fit_gamma(*_series(measurements["copy"][key])) if measurements.get("copy") else 0.0
-        step = step_latency(measurements.get("fan", {}).get(key, {}), table, fan_messages(p), link)
-        levels[p] = Level(p, link, launch, gamma, clone, copy, step)
+        fan = measurements.get("fan", {}).get(key, {})
+        small = {s: t for s, t in fan.items() if int(s) not in fan_large_sizes(sorted(int(s) for s in table))}
+        step = step_latency(small, table, fan_messages(p), link)
+        concurrency = concurrency_gain(fan, table, fan_messages(p), link, step)
+        levels[p] = Level(p, link, launch, gamma, clone, copy, step, concurrency)
     pingpong = fit_piecewise(*_series(measurements["pingpong"])) if measurements.get("pingpong") else None
     settings = {
         "min_bytes": config.min_bytes,
@@ -146,7 +169,8 @@ def report(calibration: Calibration) -> str:
         gammas = ", ".join(f"{d} {1 / g / 1e9:.2f}" if g > 0 else f"{d} inf" for d, g in level.gamma)
         out.append(
             f"ring {p}: launch {level.launch * 1e6:.1f} us per call, "
-            f"{level.step * 1e6:.1f} us of alpha per step; reduction GB/s: {gammas}"
+            f"{level.step * 1e6:.1f} us of alpha per step, concurrent messages x{level.concurrency:.2f} "
+            f"bandwidth; reduction GB/s: {gammas}"
         )
         out.append(f"ring {p}: local copies GB/s: clone {_rate(level.clone)}, copy {_rate(level.copy)}")
     return "\n".join(out)

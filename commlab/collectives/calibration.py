@@ -7,6 +7,8 @@ one step of a ring), the profile holds:
   line alpha + beta x m (one to a few size ranges, e.g. below and above an eager/rendezvous switch);
 - `step`: the part of the link's alpha a step pays once, however many messages it carries (measured by a
   fan-out step of several messages per rank against the ring's one): a message's own alpha is the rest;
+- `concurrency`: how much faster a rank moves k large messages at once (to k peers) than one after
+  another, measured by the same fan-out step at large sizes (1 where it was not measured);
 - `launch`: seconds per collective call on top of its steps;
 - `gamma`: seconds per reduced byte, per dtype, while p ranks reduce at once.
 It also keeps the one-pair ping-pong fit, the machine description and the raw medians.
@@ -141,19 +143,25 @@ class PiecewiseCostModel(CostModel):
         size = moved / messages
         index = bisect.bisect_left([s.max_bytes for s in self.segments], size)
         seg = self.segments[min(index, len(self.segments) - 1)]
-        return steps * self.step + messages * seg.alpha + moved * seg.beta + reduced * self.gamma
+        bandwidth = moved * seg.beta / self.gain(messages, steps)
+        return steps * self.step + messages * seg.alpha + bandwidth + reduced * self.gamma
 
     @classmethod
     def of(
-        cls, link: LinkFit, gamma: float, extra_latency: float = 0.0, step: float = 0.0
+        cls,
+        link: LinkFit,
+        gamma: float,
+        extra_latency: float = 0.0,
+        step: float = 0.0,
+        concurrency: float = 1.0,
     ) -> PiecewiseCostModel:
         """The model of a fitted link (plus `extra_latency` per message) and a reduction cost, with `step`
         of each segment's alpha charged per step instead of per message (so a one-message step still
-        costs the fitted alpha)."""
+        costs the fitted alpha), and the bandwidth gain of concurrent messages."""
         step = min([step, *(s.alpha for s in link.segments)])
         segments = tuple(Segment(s.max_bytes, s.alpha - step + extra_latency, s.beta) for s in link.segments)
         last = segments[-1]
-        return cls(last.alpha, last.beta, gamma, step, segments)
+        return cls(last.alpha, last.beta, gamma, step, concurrency, segments)
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,7 @@ class Level:
     clone: float = 0.0  # seconds per byte of a tensor clone (fresh allocation), p ranks at once
     copy: float = 0.0  # seconds per byte of a copy into an existing tensor
     step: float = 0.0  # seconds of the link's alpha paid once per step, not per message (<= every alpha)
+    concurrency: float = 1.0  # bandwidth gain of concurrent messages of one rank (fan-out), >= 1
 
     def local_copy_time(self, op: str, nbytes: float, world_size: int) -> float:
         """Seconds of the copies the API makes around the schedule (see `api_copies`)."""
@@ -212,7 +221,9 @@ class Calibration:
     def cost_model(self, world_size: int, dtype: str = DEFAULT_DTYPE) -> PiecewiseCostModel:
         """The cost model `algorithm="auto"` ranks algorithms by for `world_size` ranks and `dtype`."""
         level = self.level(world_size)
-        return PiecewiseCostModel.of(level.link, level.gamma_of(dtype), step=level.step)
+        return PiecewiseCostModel.of(
+            level.link, level.gamma_of(dtype), step=level.step, concurrency=level.concurrency
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -230,6 +241,7 @@ class Calibration:
                     "clone": lv.clone,
                     "copy": lv.copy,
                     "step": lv.step,
+                    "concurrency": lv.concurrency,
                 }
                 for p, lv in sorted(self.levels.items())
             },
@@ -273,6 +285,7 @@ class Calibration:
                 _number(item.get("clone", 0.0), f"{where}.clone"),
                 _number(item.get("copy", 0.0), f"{where}.copy"),
                 _number(item.get("step", 0.0), f"{where}.step"),
+                _concurrency(item.get("concurrency", 1.0), f"{where}.concurrency"),
             )
         pingpong = data.get("pingpong")
         return cls(
@@ -331,6 +344,13 @@ def _number(value: object, where: str) -> float:
     ):
         raise _bad(where, f"a finite number >= 0 (got {value!r})")
     return float(value)
+
+
+def _concurrency(value: object, where: str) -> float:
+    number = _number(value, where)
+    if number < 1:
+        raise _bad(where, f"a finite number >= 1 (got {value!r})")
+    return number
 
 
 def _bad(where: str, accepted: str) -> InvalidArgumentError:

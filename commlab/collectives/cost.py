@@ -10,6 +10,9 @@ How the formulas count, the same way for every family:
   larger), and gamma per byte it reduces. The time is the sum over the steps on the critical path, a
   bulk-synchronous bound. `step` is 0 unless a calibrated profile measured it (then alpha is only the
   per-message part): with it, a step of p-1 messages (direct) costs less than p-1 steps of one (ring).
+- `concurrency` is how much faster k messages a rank moves at once are than one after another (1: no
+  faster; a calibrated profile measures it for a one-step fan-out): a step of k = messages / steps
+  messages moves its bytes at min(k, concurrency) times one message's bandwidth.
 - n is the bytes per rank for allreduce, broadcast and reduce; for reduce-scatter and allgather it is the
   total size (p blocks of n/p bytes), as nccl-tests counts it.
 - Pipelined algorithms split the buffer into k segments and trade alpha (more steps) for overlap;
@@ -31,18 +34,29 @@ MAX_SEGMENTS = 64  # the largest pipeline depth the tuner considers
 @dataclass(frozen=True)
 class CostModel:
     """Seconds per message (alpha), per byte sent or received (beta), per byte reduced (gamma), and per
-    step on the critical path (`step`, beyond its messages' alpha; see the module docstring)."""
+    step on the critical path (`step`, beyond its messages' alpha), and the bandwidth gain of concurrent
+    messages (`concurrency`; see the module docstring)."""
 
     alpha: float
     beta: float
     gamma: float = 0.0
     step: float = 0.0
+    concurrency: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma", "step"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
                 raise invalid(name, value, "a finite number of seconds >= 0")
+        c = self.concurrency
+        if not isinstance(c, numbers.Real) or not math.isfinite(c) or c < 1:
+            raise invalid("concurrency", c, "a finite number >= 1")
+
+    def gain(self, messages: float, steps: float) -> float:
+        """The bandwidth gain of a step of messages / steps concurrent messages: min(k, concurrency), >= 1."""
+        if self.concurrency == 1 or steps <= 0:
+            return 1.0
+        return min(max(messages / steps, 1.0), self.concurrency)
 
     @classmethod
     def from_rates(cls, latency: float, bandwidth: float, reduce_bandwidth: float = math.inf) -> CostModel:
@@ -56,7 +70,8 @@ class CostModel:
         """Seconds for `messages` messages in `steps` steps (default: one message per step) moving `moved`
         bytes, of which `reduced` bytes are reduced."""
         steps = messages if steps is None else steps
-        return steps * self.step + messages * self.alpha + moved * self.beta + reduced * self.gamma
+        bandwidth = moved * self.beta / self.gain(messages, steps)
+        return steps * self.step + messages * self.alpha + bandwidth + reduced * self.gamma
 
 
 DEFAULT_COST_MODEL = CostModel(alpha=40e-6, beta=1 / 2.5e9, gamma=1 / 4e9)

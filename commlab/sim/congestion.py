@@ -95,6 +95,8 @@ def run_congestion(
         key = (msg_round[msgs][owner] - first) * links + routes.links[pos]
         load = np.bincount(key, weights=work[msgs][owner], minlength=(last - first) * links)
         round_bandwidth[first:last] = (load.reshape(last - first, links) / capacity).max(axis=1)
+    if costs is not None and costs.cap is not None:
+        np.maximum.at(round_bandwidth, msg_round, work / costs.cap)
 
     reduced = np.bincount(
         plan.msg_dst_step[plan.msg_reduce], weights=msg_bytes[plan.msg_reduce], minlength=plan.num_steps

@@ -58,7 +58,8 @@ class _FlowRun:
         self.step = np.broadcast_to(np.asarray(step, float), (plan.num_messages,))
         self.gamma = profile.gamma
         self.capacity = topology.compiled.bandwidth * profile.efficiency
-        self.solo = routes.bandwidth[self.pair] * profile.efficiency
+        self.cap = None if costs is None else costs.cap  # per-flow rate limit (calibrated concurrency)
+        self.solo = solo_rates(routed, profile, costs)
         self.latency = routes.latency[self.pair]
         m, s = plan.num_messages, plan.num_steps
         self.left = np.diff(plan.step_msg_ptr).copy()
@@ -204,7 +205,13 @@ class _FlowRun:
             contended = flows[shared]
             keep = shared[owner]
             local = np.cumsum(shared) - 1
-            rates = max_min_rates(local[owner[keep]], links[keep], self.capacity, len(contended))
+            flow_of, link_of, capacity = local[owner[keep]], links[keep], self.capacity
+            if self.cap is not None:  # each flow's own limit, as a link only it crosses
+                mine = np.arange(len(contended))
+                flow_of = np.concatenate([flow_of, mine])
+                link_of = np.concatenate([link_of, len(capacity) + mine])
+                capacity = np.concatenate([capacity, self.cap[contended]])
+            rates = max_min_rates(flow_of, link_of, capacity, len(contended))
             self.set_rates(contended, rates, now)
 
     def arrive(self, msgs: np.ndarray, now: float, activate_now: list) -> None:
@@ -267,6 +274,12 @@ class _FlowRun:
         return Timing(total, self.step_start, self.step_end, self.msg_start, self.msg_end, self.events)
 
 
+def solo_rates(routed: RoutedPlan, profile: Profile, costs: MessageCosts | None = None) -> np.ndarray:
+    """Each message's rate alone on its route: the route's bandwidth, or its cap when lower."""
+    solo = routed.routes.bandwidth[routed.msg_pair] * profile.efficiency
+    return solo if costs is None or costs.cap is None else np.minimum(solo, costs.cap)
+
+
 def solo_timeline(
     routed: RoutedPlan, msg_bytes: np.ndarray, profile: Profile, costs: MessageCosts | None = None
 ) -> tuple:
@@ -278,7 +291,7 @@ def solo_timeline(
     plan, routes = routed.plan, routed.routes
     msg_round, _, end_round = rendezvous_rounds(plan)
     rounds = int(end_round.max()) + 1 if len(end_round) else 0
-    solo = routes.bandwidth[routed.msg_pair] * profile.efficiency
+    solo = solo_rates(routed, profile, costs)
     work = msg_bytes if costs is None else costs.work
     duration = np.divide(work, solo, out=np.zeros(len(msg_bytes)), where=work > 0)
     latency = routes.latency[routed.msg_pair]

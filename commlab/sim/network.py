@@ -18,9 +18,11 @@ reduces costs `profile.gamma` per reduced byte at its end; the collective costs 
 A calibrated profile (`commlab calibrate`) prices messages by size instead: a message of m bytes costs
 alpha(m) to post and, alone on its route, m x beta(m) to move (the fit of the level of the ranks busy
 in its rendezvous round, or the ping-pong fit for a transfer alone: `message_costs`).
-It puts m x beta(m) x (its route's bandwidth) "work bytes" on its links, so alone it takes
-exactly the calibrated time, and messages that share a link (two sends of one rank on its port of a
-`local` host) slow each other as real bytes would. Gamma and launch come from the same level. A level's
+A message runs at most at its `cap`, its route's bandwidth / the level's `concurrency` c, and puts
+m x beta(m) x cap "work bytes" on its links, so alone it takes exactly the calibrated time, and messages
+that share a link (two sends of one rank on its port of a `local` host) slow each other as real bytes
+would, k of them together moving their bytes min(k, c) times faster than one after another (as in the
+`auto` model). Gamma and launch come from the same level. A level's
 `step` is paid once per step before its first message is posted, and taken off every message's alpha(m),
 as in the `auto` model: a one-message step costs the calibrated time, a direct step of p-1 messages less
 than p-1 such steps.
@@ -81,12 +83,14 @@ def itemsize_of(dtype: str) -> int:
 
 @dataclass(frozen=True)
 class MessageCosts:
-    """Per-message posting cost (s), the bytes each message puts on its links, and what a step pays once
-    before its first message is posted (a calibrated run: its level's `step`)."""
+    """Per-message posting cost (s), the bytes each message puts on its links, what a step pays once
+    before its first message is posted (a calibrated run: its level's `step`), and the most bytes/s each
+    message may run at (None: its route's bandwidth)."""
 
     alpha: np.ndarray
     work: np.ndarray
     step: np.ndarray | float = 0.0
+    cap: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,9 @@ def _model(
     model (plus the route latency) for `world_size` ranks and `dtype`."""
     if profile.calibration is not None:
         level = profile.calibration.level(world_size)
-        return PiecewiseCostModel.of(level.link, level.gamma_of(dtype), latency, level.step)
+        return PiecewiseCostModel.of(
+            level.link, level.gamma_of(dtype), latency, level.step, level.concurrency
+        )
     if world_size == 1:
         return CostModel(profile.alpha, 0.0, profile.gamma)
     return CostModel(profile.alpha + latency, 1.0 / (bandwidth * profile.efficiency), profile.gamma)
@@ -256,20 +262,22 @@ def message_costs(
         return None
     busy = busy_ranks(routed.plan)
     alpha, beta, step = np.zeros(len(msg_bytes)), np.zeros(len(msg_bytes)), np.zeros(len(msg_bytes))
+    concurrency = np.ones(len(msg_bytes))
     for count in np.unique(busy):
         if count == 1 and calibration.pingpong is not None:
             model = PiecewiseCostModel.of(calibration.pingpong, 0.0)
         else:
             level = calibration.level(min(max(int(count), 2), world_size))
-            model = PiecewiseCostModel.of(level.link, 0.0, step=level.step)
+            model = PiecewiseCostModel.of(level.link, 0.0, step=level.step, concurrency=level.concurrency)
         mine = busy == count
         bounds = np.array([s.max_bytes for s in model.segments])
         index = np.minimum(np.searchsorted(bounds, msg_bytes[mine], side="left"), len(model.segments) - 1)
         alpha[mine] = np.array([s.alpha for s in model.segments])[index]
         beta[mine] = np.array([s.beta for s in model.segments])[index]
         step[mine] = model.step
-    solo = routed.routes.bandwidth[routed.msg_pair] * profile.efficiency
-    return MessageCosts(alpha, msg_bytes * beta * solo, step)
+        concurrency[mine] = model.concurrency
+    cap = routed.routes.bandwidth[routed.msg_pair] * profile.efficiency / concurrency
+    return MessageCosts(alpha, msg_bytes * beta * cap, step, cap)
 
 
 def busy_ranks(plan: Plan) -> np.ndarray:
