@@ -8,7 +8,9 @@
 2. Measurement: for every backend and world size it launches the ranks, which time commlab's own
    execution (check=False) of every algorithm of allreduce, reduce_scatter and allgather at every size:
    `repeats` interleaved samples (the first algorithm rotates), a sample being the slowest rank's mean
-   time per call; the median sample is kept.
+   time per call; the median sample is kept. Algorithms whose schedules coincide at a world size (on 2
+   ranks ring, direct and halving-doubling send the same messages) run the same program: it is timed
+   once for all of them, so noise cannot make one of two identical programs look faster than the other.
 3. Prediction: the same schedule (same segments and slices) simulated on `local:p` with the calibrated
    profile (flow fidelity).
 Reported: per case the measured and predicted time and the relative error; the median and max absolute
@@ -127,6 +129,7 @@ def worker(config: Config) -> None:
     """Time every algorithm of every op at every size on these ranks; rank 0 writes the rows."""
     import torch
 
+    from commlab.collectives.algorithms import build_schedule
     from commlab.collectives.tuning import resolve
 
     comm, rank, world, barrier, max_all, close = _join(config)
@@ -139,26 +142,34 @@ def worker(config: Config) -> None:
             model = comm.cost_model_for(torch.float32)
             for algorithm in _algorithms(op):
                 choice = resolve(op, algorithm, world, nbytes, model, comm.piece_bytes)
+                schedule = build_schedule(op, algorithm, world, segments=choice.segments)
                 variants.append(
                     {"op": op, "algorithm": algorithm, "nbytes": nbytes, "segments": choice.segments,
-                     "pieces": choice.pieces, "call": _call(op, algorithm, comm, count, world)}
+                     "pieces": choice.pieces, "call": _call(op, algorithm, comm, count, world),
+                     "program": (op, schedule.num_chunks, schedule.steps, choice.pieces)}
                 )  # fmt: skip
             auto = resolve(op, "auto", world, nbytes, model, comm.piece_bytes)
             for v in variants[-len(_algorithms(op)) :]:
                 v["auto"] = auto.algorithm
-        warm = torch.zeros(len(variants), dtype=torch.float64)
+        # Algorithms whose schedules coincide here (ring, direct, halving-doubling... on 2 ranks) are one
+        # program: it is timed once and its samples stand for each of them.
+        first = {}
         for i, v in enumerate(variants):
+            first.setdefault(v["program"], i)
+        timed = sorted(first.values())
+        warm = torch.zeros(len(variants), dtype=torch.float64)
+        for i in timed:
             barrier()
-            v["call"]()
+            variants[i]["call"]()
             start = time.perf_counter()
-            v["call"]()
+            variants[i]["call"]()
             warm[i] = time.perf_counter() - start
         warm = max_all(warm)
         iters = [max(1, min(50, int(config.sample_seconds / max(float(w), 1e-7)))) for w in warm]
         samples = torch.zeros(config.repeats, len(variants), dtype=torch.float64)
         for rep in range(config.repeats):
-            for shift in range(len(variants)):
-                i = (rep + shift) % len(variants)
+            for shift in range(len(timed)):
+                i = timed[(rep + shift) % len(timed)]
                 barrier()
                 start = time.perf_counter()
                 for _ in range(iters[i]):
@@ -166,6 +177,7 @@ def worker(config: Config) -> None:
                 samples[rep, i] = (time.perf_counter() - start) / iters[i]
         samples = max_all(samples)
         for i, v in enumerate(variants):
+            samples[:, i], iters[i] = samples[:, first[v["program"]]], iters[first[v["program"]]]
             row = {k: v[k] for k in ("op", "algorithm", "nbytes", "segments", "pieces", "auto")}
             row.update(backend=config.backend, world_size=world, size=size, iters=iters[i])
             row["samples_s"] = samples[:, i].tolist()

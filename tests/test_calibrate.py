@@ -13,12 +13,14 @@ import pytest
 
 from commlab.calibrate.fit import fit_gamma, fit_line, fit_piecewise
 from commlab.cli import main
+from commlab.collectives.algorithms import get_algorithm
 from commlab.collectives.calibration import (
     PROFILE_ENV,
     Calibration,
     Level,
     LinkFit,
     PiecewiseCostModel,
+    RateCurve,
     Segment,
     api_copies,
     default_profile_path,
@@ -156,6 +158,33 @@ def test_concurrency_gain_is_fitted_from_the_large_fan_and_priced_alike_by_auto_
     assert ring_time == pytest.approx(3 * (100e-6 + (1 << 20) * 1e-9), rel=1e-6)  # one at a time: no gain
 
 
+def test_reduction_and_copy_costs_follow_the_buffer_size() -> None:
+    curve = RateCurve.from_times(
+        {"65536": 65536 / 10e9, str(1 << 20): (1 << 20) / 20e9, str(64 << 20): (64 << 20) / 5e9}
+    )
+    assert curve.at(1 << 20) == pytest.approx(1 / 20e9) and curve.at(8) == pytest.approx(1 / 10e9)
+    assert curve.at(1 << 30) == pytest.approx(1 / 5e9)  # beyond the measured sizes: the nearest one
+    assert curve.at(8 << 20) == pytest.approx((1 / 20e9 + 1 / 5e9) / 2)  # halfway in log(size)
+    with pytest.raises(InvalidArgumentError, match="points"):
+        RateCurve(((2.0, 1e-9), (1.0, 1e-9)))
+    link = LinkFit((Segment(math.inf, 10e-6, 1e-9),), 1.0, 0.0)
+    level = Level(2, link, 0.0, (("float32", 1 / 5e9),), 1e-9, 1 / 5e9, 0.0, 1.0, (("float32", curve),),
+                  None, curve)  # fmt: skip
+    cal = Calibration("mpi", {2: level}, link, source="synthetic")
+    assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))).levels[2] == level  # round trip
+    model = cal.cost_model(2, "float64")  # an unmeasured dtype takes float32's curve
+    assert model.time(1, 1 << 20, 1 << 20) == pytest.approx(10e-6 + (1 << 20) * (1e-9 + 1 / 20e9))
+    assert model.time(1, 64 << 20, 64 << 20) == pytest.approx(10e-6 + (64 << 20) * (1e-9 + 1 / 5e9))
+    assert level.local_copy_time("allgather", 2 << 20, 2) == pytest.approx((1 << 20) / 20e9)
+    # the simulator reduces each received message at its size's rate, as auto prices it
+    profile = Profile.from_calibration(cal)
+    for n in (2 << 20, 128 << 20):
+        expected = get_algorithm("ring").cost("allreduce", 2, n, model)
+        for fidelity in ("analytic", "congestion", "flow"):
+            result = simulate_collective("allreduce", "ring", local(2), n, profile=profile, fidelity=fidelity)
+            assert result.time == pytest.approx(expected, rel=1e-9), (n, fidelity)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -180,6 +209,12 @@ def test_concurrency_gain_is_fitted_from_the_large_fan_and_priced_alike_by_auto_
             '{"format": "commlab-calibration", "version": 1, "backend": "gloo", "levels": {"2": {"link": '
             '{"segments": [{"max_bytes": null, "alpha": 0, "beta": 0}]}, "concurrency": 0.5}}}',
             "concurrency",
+        ),
+        (
+            '{"format": "commlab-calibration", "version": 1, "backend": "gloo", "levels": {"2": {"link": '
+            '{"segments": [{"max_bytes": null, "alpha": 0, "beta": 0}]}, "gamma_by_size": '
+            '{"float32": {"big": 1e-9}}}}}',
+            "gamma_by_size.float32",
         ),
     ],
 )
@@ -302,8 +337,20 @@ def calibrate(backend: str, tmp_path: Path) -> Calibration:
     return cal
 
 
-def test_calibrate_gloo_end_to_end(tmp_path) -> None:
-    calibrate("gloo", tmp_path)
+def test_calibrate_gloo_end_to_end_and_refit(tmp_path, capsys) -> None:
+    cal = calibrate("gloo", tmp_path)
+    refitted = tmp_path / "refitted.json"
+    assert main(["calibrate", "--refit", str(tmp_path / "gloo.json"), "-o", str(refitted)]) == 0
+    assert "ring 2 (one message per rank and step)" in capsys.readouterr().out
+    again = Calibration.load(refitted)  # the same measurements through the same fits: the same profile
+    assert again.measurements == cal.measurements and again.settings == cal.settings
+    assert (
+        again.levels[2].link.segments == cal.levels[2].link.segments
+        and again.levels[2].step == cal.levels[2].step
+    )
+    synthetic(1e-6, 1e-9).save(tmp_path / "bare.json")  # a profile without measurements: a clear error
+    assert main(["calibrate", "--refit", str(tmp_path / "bare.json")]) == 2
+    assert "holds no measurements" in capsys.readouterr().err
 
 
 def test_calibrate_mpi_end_to_end(tmp_path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 
 from commlab.bench import count_at_least, parse_size
@@ -36,7 +37,9 @@ class CalibrateConfig:
     min_bytes: int = 8
     max_bytes: int = 64 << 20
     factor: int = 2
-    repeats: int = 5  # interleaved samples per size and variant; the median is kept
+    repeats: int = 3  # interleaved samples per size, variant and pass; the median is kept
+    passes: int = 3  # sweeps over all message sizes (the median over passes is kept): minutes-long drift
+    # of a shared host then lands on every size alike instead of bending the fitted curve
     sample_seconds: float = 0.04  # about this long per sample (calls per sample follow from a warm-up)
     steps: int = 8  # steps per timed call (a call's launch cost is spread over them)
     dtypes: list[str] = field(default_factory=lambda: list(DTYPES))
@@ -69,7 +72,14 @@ class CalibrateConfig:
         return cls(**json.loads(os.environ[CONFIG_ENV]))
 
 
-QUICK = {"max_bytes": 1 << 20, "factor": 4, "repeats": 3, "sample_seconds": 0.01, "dtypes": ["float32"]}
+QUICK = {
+    "max_bytes": 1 << 20,
+    "factor": 4,
+    "repeats": 3,
+    "passes": 1,
+    "sample_seconds": 0.01,
+    "dtypes": ["float32"],
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -90,7 +100,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "-f", "--stepfactor", type=count_at_least(2), default=None, help="size multiplier (2; quick 4)"
     )
     parser.add_argument(
-        "--repeats", type=count_at_least(1), default=None, help="samples per size; median (5; quick 3)"
+        "--repeats", type=count_at_least(1), default=None, help="samples per size and pass; median (3)"
+    )
+    parser.add_argument(
+        "--passes", type=count_at_least(1), default=None, help="sweeps over all sizes; median (3; quick 1)"
     )
     parser.add_argument(
         "--sample-seconds", type=float, default=None, help="seconds per sample (0.04; quick 0.01)"
@@ -99,6 +112,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dtypes", default=None, help=f"reduction dtypes, comma-separated (default all: {','.join(DTYPES)})"
     )
     parser.add_argument("--quick", action="store_true", help="a coarse profile in seconds (for tests)")
+    parser.add_argument(
+        "--refit",
+        metavar="PROFILE",
+        default=None,
+        help="measure nothing: fit the measurements stored in PROFILE again (after the fitting code "
+        "changed) and write the result to -o (default: PROFILE itself)",
+    )
     parser.add_argument("--json", action="store_true", help="print the profile instead of the report")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for any one call (300)")
@@ -119,6 +139,7 @@ def config_from_args(args: argparse.Namespace, launched: str | None) -> Calibrat
         ("max_bytes", args.maxbytes),
         ("factor", args.stepfactor),
         ("repeats", args.repeats),
+        ("passes", args.passes),
         ("sample_seconds", args.sample_seconds),
     ):
         if given is not None:
@@ -152,6 +173,12 @@ def main(args: argparse.Namespace) -> int:
     from commlab.bench.launch import detect_launcher
     from commlab.calibrate.worker import launch, run_worker
 
+    if args.refit is not None:
+        try:
+            return refit(args.refit, args.output or args.refit, args.json)
+        except InvalidArgumentError as error:
+            print(f"commlab calibrate: error: {error}", file=sys.stderr)
+            return 2
     launched = detect_launcher()
     config = config_from_args(args, launched)
     config_json = args.json
@@ -159,3 +186,21 @@ def main(args: argparse.Namespace) -> int:
         run_worker(config, print_json=config_json)
         return 0
     return launch(config, print_json=config_json)
+
+
+def refit(source: str, output: str, print_json: bool = False) -> int:
+    """Fit the measurements stored in the profile `source` again and save the result to `output`."""
+    from commlab.calibrate.profile import build_calibration, report
+    from commlab.collectives.calibration import Calibration
+
+    stored = Calibration.load(source)  # checks the file; its measurements are fitted again below
+    if not stored.measurements.get("ring"):
+        raise InvalidArgumentError(f"--refit {source}: the profile holds no measurements to fit")
+    known = set(CalibrateConfig.__dataclass_fields__)
+    settings = {k: v for k, v in stored.settings.items() if k in known}
+    config = CalibrateConfig(backend=stored.backend, output=os.path.abspath(output), **settings)
+    calibration = build_calibration(config, stored.measurements, stored.machine)
+    calibration.save(config.output)
+    print(json.dumps(calibration.to_dict(), indent=1) if print_json else report(calibration))
+    print(f"profile refitted from {source}, written to {config.output}", file=sys.stderr)
+    return 0

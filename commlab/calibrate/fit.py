@@ -5,9 +5,11 @@ as much as a 64 MiB one: alpha comes from the small sizes, beta from the large o
 >= 0 (a negative one is pinned at 0 and the other refitted).
 
 `fit_piecewise` tries 1..max_segments size ranges, each range contiguous in the measured sizes with at
-least `min_points` of them, breakpoints searched exhaustively, and keeps more ranges only while they cut
-the RMS relative error clearly (by `improvement`) and the error is not already small (`good_enough`): a
-transport with an eager/rendezvous switch gets two lines, a plain one keeps one.
+least `min_points` of them, breakpoints searched exhaustively, and takes k ranges over the fewer ones it
+has only where they cut the RMS relative error clearly (by `improvement`) while the error is not already
+small (`good_enough`): a transport with an eager/rendezvous switch gets two lines, a plain one keeps one,
+and one with a switch and a cache cliff gets three even where two alone would not pay (each of the two
+kinks is only half the story).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from commlab.collectives.calibration import LinkFit, Segment
 from commlab.errors import invalid
 
 GOOD_ENOUGH = 0.03  # RMS relative error below which one more range is not worth it
-IMPROVEMENT = 0.7  # one more range must bring the RMS relative error below this fraction of the last
+IMPROVEMENT = 0.7  # more ranges must bring the RMS relative error below this fraction of the fewer
 
 
 def fit_line(sizes: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
@@ -106,9 +108,8 @@ def fit_piecewise(
         if not options:
             break
         candidate = min((_candidate(s, t, cuts) for cuts in options), key=lambda c: c.rms)
-        if candidate.rms >= improvement * best.rms:
-            break
-        best = candidate
+        if candidate.rms < improvement * best.rms:
+            best = candidate
     segments = []
     for i, (alpha, beta) in enumerate(best.lines):
         bound = math.inf if i == len(best.lines) - 1 else math.sqrt(s[best.cuts[i] - 1] * s[best.cuts[i]])

@@ -288,41 +288,41 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
     launch_sizes = sizes[:2]
     # small messages: the fan's per-step share of alpha (a median over four sizes); large: its concurrency
     fan_sizes = sorted(set(sizes[:4]) | set(fan_large_sizes(sizes)))
-    total = len(sizes) + len(levels) * (len(config.dtypes) + 1)
+    total = len(sizes) * config.passes + len(levels) * (len(config.dtypes) + 1)
     progress = Progress(group.rank == 0 and config.progress, total)
     done = 0
+    pingpong = pingpong_schedule(world, steps) if world >= 2 else None
+    rings = {p: shift_schedule(world, p, steps) for p in levels}
+    singles = {p: shift_schedule(world, p, 1) for p in levels}
+    fans = {p: fan_schedule(world, p, steps) for p in levels}
+    passes: dict[int, dict[str, list[float]]] = {size: {} for size in sizes}
+    for number in range(config.passes):  # each pass sweeps every size: slow drift hits all sizes alike
+        for size in sizes:
+            progress.update(done, f"messages of {size} B, pass {number + 1}/{config.passes}")
+            variants = []
+            if pingpong is not None:
+                variants.append(Variant("pingpong", steps, runner.executor_call(pingpong, size)))
+            for p in levels:
+                variants.append(Variant(f"ring {p}", steps, runner.executor_call(rings[p], size)))
+            for p in levels:
+                if size in launch_sizes:
+                    variants.append(Variant(f"launch {p}", 1, runner.executor_call(singles[p], size)))
+                if size in fan_sizes:
+                    variants.append(Variant(f"fan {p}", steps, runner.executor_call(fans[p], size)))
+            for variant, seconds in zip(variants, runner.time_variants(variants), strict=True):
+                passes[size].setdefault(variant.name, []).append(seconds)
+            done += 1
     result: dict = {
         "pingpong": {},
         "ring": {str(p): {} for p in levels},
         "launch": {str(p): {} for p in levels},
         "fan": {str(p): {} for p in levels},
     }
-    pingpong = pingpong_schedule(world, steps) if world >= 2 else None
-    rings = {p: shift_schedule(world, p, steps) for p in levels}
-    singles = {p: shift_schedule(world, p, 1) for p in levels}
-    fans = {p: fan_schedule(world, p, steps) for p in levels}
-    for size in sizes:
-        progress.update(done, f"messages of {size} B")
-        variants = []
-        if pingpong is not None:
-            variants.append(Variant("pingpong", steps, runner.executor_call(pingpong, size)))
-        for p in levels:
-            variants.append(Variant(f"ring {p}", steps, runner.executor_call(rings[p], size)))
-        for p in levels:
-            if size in launch_sizes:
-                variants.append(Variant(f"launch {p}", 1, runner.executor_call(singles[p], size)))
-            if size in fan_sizes:
-                variants.append(Variant(f"fan {p}", steps, runner.executor_call(fans[p], size)))
-        times = dict(zip([v.name for v in variants], runner.time_variants(variants), strict=True))
-        if pingpong is not None:
-            result["pingpong"][str(size)] = times["pingpong"]
-        for p in levels:
-            result["ring"][str(p)][str(size)] = times[f"ring {p}"]
-            if size in launch_sizes:
-                result["launch"][str(p)][str(size)] = times[f"launch {p}"]
-            if size in fan_sizes:
-                result["fan"][str(p)][str(size)] = times[f"fan {p}"]
-        done += 1
+    for size, by_name in passes.items():
+        for name, values in by_name.items():
+            kind, _, p = name.partition(" ")
+            table = result[kind] if not p else result[kind][p]
+            table[str(size)] = statistics.median(values)
     result["reduce"] = {str(p): {} for p in levels}
     result["clone"] = {str(p): {} for p in levels}
     result["copy"] = {str(p): {} for p in levels}

@@ -9,7 +9,7 @@ from typing import Any
 from commlab.calibrate import CalibrateConfig
 from commlab.calibrate.fit import fit_gamma, fit_piecewise, relative_errors
 from commlab.calibrate.measure import fan_large_sizes, fan_messages
-from commlab.collectives.calibration import Calibration, Level, LinkFit
+from commlab.collectives.calibration import Calibration, Level, LinkFit, RateCurve
 
 
 def machine(config: CalibrateConfig, world: int, detail: str) -> dict[str, Any]:
@@ -90,17 +90,29 @@ def build_calibration(config: CalibrateConfig, measurements: dict, description: 
         )
         clone = fit_gamma(*_series(measurements["clone"][key])) if measurements.get("clone") else 0.0
         copy = fit_gamma(*_series(measurements["copy"][key])) if measurements.get("copy") else 0.0
+        curves = tuple(
+            (dtype, RateCurve.from_times(times))
+            for dtype, times in measurements["reduce"].get(key, {}).items()
+            if times
+        )
+        clone_curve, copy_curve = (
+            RateCurve.from_times(measurements[kind][key]) if measurements.get(kind, {}).get(key) else None
+            for kind in ("clone", "copy")
+        )
         fan = measurements.get("fan", {}).get(key, {})
         small = {s: t for s, t in fan.items() if int(s) not in fan_large_sizes(sorted(int(s) for s in table))}
         step = step_latency(small, table, fan_messages(p), link)
         concurrency = concurrency_gain(fan, table, fan_messages(p), link, step)
-        levels[p] = Level(p, link, launch, gamma, clone, copy, step, concurrency)
+        levels[p] = Level(
+            p, link, launch, gamma, clone, copy, step, concurrency, curves, clone_curve, copy_curve
+        )
     pingpong = fit_piecewise(*_series(measurements["pingpong"])) if measurements.get("pingpong") else None
     settings = {
         "min_bytes": config.min_bytes,
         "max_bytes": config.max_bytes,
         "factor": config.factor,
         "repeats": config.repeats,
+        "passes": config.passes,
         "sample_seconds": config.sample_seconds,
         "steps": config.steps,
         "quick": config.quick,
@@ -135,6 +147,8 @@ def _rate(per_byte: float) -> str:
 
 def report(calibration: Calibration) -> str:
     """The human report: machine, fits per level, the relative error at every size, launch and gamma."""
+    from commlab.bench.report import format_size
+
     m = calibration.machine
     out = [
         f"# commlab calibrate: {calibration.backend} on {m.get('hostname', '?')} "
@@ -173,4 +187,8 @@ def report(calibration: Calibration) -> str:
             f"bandwidth; reduction GB/s: {gammas}"
         )
         out.append(f"ring {p}: local copies GB/s: clone {_rate(level.clone)}, copy {_rate(level.copy)}")
+        curve = level.gamma_curve("float32")
+        if curve is not None:
+            by_size = ", ".join(f"{format_size(int(n))} {_rate(r)}" for n, r in curve.points)
+            out.append(f"ring {p}: float32 reduction GB/s by size (in cache, then not): {by_size}")
     return "\n".join(out)

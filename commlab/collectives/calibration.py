@@ -10,7 +10,10 @@ one step of a ring), the profile holds:
 - `concurrency`: how much faster a rank moves k large messages at once (to k peers) than one after
   another, measured by the same fan-out step at large sizes (1 where it was not measured);
 - `launch`: seconds per collective call on top of its steps;
-- `gamma`: seconds per reduced byte, per dtype, while p ranks reduce at once.
+- `gamma`: seconds per reduced byte, per dtype, while p ranks reduce at once; and `gamma_by_size` (with
+  `clone_by_size`, `copy_by_size` for the API's local copies): the same per-byte costs at each measured
+  size, since a buffer that fits in the caches is reduced or copied 2-4x faster than one that does not.
+  Between measured sizes the cost is interpolated in log(size); beyond them the nearest one holds.
 It also keeps the one-pair ping-pong fit, the machine description and the raw medians.
 
 `algorithm="auto"` ranks algorithms by their formulas under `PiecewiseCostModel`, which prices each
@@ -116,13 +119,54 @@ class LinkFit:
                 )
             )
         try:
-            return cls(
-                tuple(segments),
-                float(data.get("r2", math.nan) or math.nan),
-                float(data.get("max_relative_error", math.nan) or math.nan),
-            )
+            return cls(tuple(segments), _optional(data.get("r2")), _optional(data.get("max_relative_error")))
         except InvalidArgumentError as error:
             raise InvalidArgumentError(f"{where}: {error}") from None
+
+
+@dataclass(frozen=True)
+class RateCurve:
+    """Seconds per byte at measured sizes ((size, seconds per byte), by increasing size), interpolated
+    linearly in log(size) between them and held constant beyond them."""
+
+    points: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        sizes = [size for size, _ in self.points]
+        if not self.points or sizes != sorted(set(sizes)) or sizes[0] <= 0:
+            raise invalid("points", self.points, "(size > 0, seconds per byte) pairs by increasing size")
+        for _, per_byte in self.points:
+            if not isinstance(per_byte, numbers.Real) or not math.isfinite(per_byte) or per_byte < 0:
+                raise invalid("seconds per byte", per_byte, "a finite number >= 0")
+
+    def at(self, nbytes: float) -> float:
+        """Seconds per byte for a buffer of `nbytes`."""
+        points = self.points
+        if nbytes <= points[0][0]:
+            return points[0][1]
+        if nbytes >= points[-1][0]:
+            return points[-1][1]
+        index = bisect.bisect_right([size for size, _ in points], nbytes)
+        (s0, r0), (s1, r1) = points[index - 1], points[index]
+        weight = math.log(nbytes / s0) / math.log(s1 / s0)
+        return r0 + weight * (r1 - r0)
+
+    def to_dict(self) -> dict[str, float]:
+        return {str(int(size)): per_byte for size, per_byte in self.points}
+
+    @classmethod
+    def from_times(cls, times: dict) -> RateCurve:
+        """From measured {size: seconds} (keys may be strings)."""
+        return cls(tuple(sorted((float(size), float(t) / float(size)) for size, t in times.items())))
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> RateCurve:
+        if not isinstance(data, dict) or not data:
+            raise _bad(where, "a table of size in bytes -> seconds per byte")
+        try:
+            return cls(tuple(sorted((float(k), _number(v, f"{where}[{k!r}]")) for k, v in data.items())))
+        except (ValueError, InvalidArgumentError) as error:
+            raise _bad(where, f"a table of size in bytes (> 0) -> seconds per byte ({error})") from None
 
 
 @dataclass(frozen=True)
@@ -135,6 +179,7 @@ class PiecewiseCostModel(CostModel):
     """
 
     segments: tuple[Segment, ...] = ()
+    gamma_curve: RateCurve | None = None  # gamma by the size reduced at once (a message's); else `gamma`
 
     def time(self, messages: float, moved: float, reduced: float = 0.0, steps: float | None = None) -> float:
         if not self.segments or messages <= 0:
@@ -144,7 +189,8 @@ class PiecewiseCostModel(CostModel):
         index = bisect.bisect_left([s.max_bytes for s in self.segments], size)
         seg = self.segments[min(index, len(self.segments) - 1)]
         bandwidth = moved * seg.beta / self.gain(messages, steps)
-        return steps * self.step + messages * seg.alpha + bandwidth + reduced * self.gamma
+        gamma = self.gamma if self.gamma_curve is None or not reduced else self.gamma_curve.at(size)
+        return steps * self.step + messages * seg.alpha + bandwidth + reduced * gamma
 
     @classmethod
     def of(
@@ -154,14 +200,16 @@ class PiecewiseCostModel(CostModel):
         extra_latency: float = 0.0,
         step: float = 0.0,
         concurrency: float = 1.0,
+        gamma_curve: RateCurve | None = None,
     ) -> PiecewiseCostModel:
-        """The model of a fitted link (plus `extra_latency` per message) and a reduction cost, with `step`
-        of each segment's alpha charged per step instead of per message (so a one-message step still
-        costs the fitted alpha), and the bandwidth gain of concurrent messages."""
+        """The model of a fitted link (plus `extra_latency` per message) and a reduction cost (by size
+        where a curve is given), with `step` of each segment's alpha charged per step instead of per
+        message (so a one-message step still costs the fitted alpha), and the bandwidth gain of concurrent
+        messages."""
         step = min([step, *(s.alpha for s in link.segments)])
         segments = tuple(Segment(s.max_bytes, s.alpha - step + extra_latency, s.beta) for s in link.segments)
         last = segments[-1]
-        return cls(last.alpha, last.beta, gamma, step, concurrency, segments)
+        return cls(last.alpha, last.beta, gamma, step, concurrency, segments, gamma_curve)
 
 
 @dataclass(frozen=True)
@@ -176,11 +224,27 @@ class Level:
     copy: float = 0.0  # seconds per byte of a copy into an existing tensor
     step: float = 0.0  # seconds of the link's alpha paid once per step, not per message (<= every alpha)
     concurrency: float = 1.0  # bandwidth gain of concurrent messages of one rank (fan-out), >= 1
+    gamma_curves: tuple[tuple[str, RateCurve], ...] = ()  # gamma by size, per dtype (where measured)
+    clone_curve: RateCurve | None = None  # clone and copy costs by size (where measured)
+    copy_curve: RateCurve | None = None
 
     def local_copy_time(self, op: str, nbytes: float, world_size: int) -> float:
-        """Seconds of the copies the API makes around the schedule (see `api_copies`)."""
+        """Seconds of the copies the API makes around the schedule (see `api_copies`), each priced at the
+        size it copies."""
         cloned, copied = api_copies(op, nbytes, world_size)
-        return cloned * self.clone + copied * self.copy
+        clone = self.clone if self.clone_curve is None or not cloned else self.clone_curve.at(cloned)
+        copy = self.copy if self.copy_curve is None or not copied else self.copy_curve.at(copied)
+        return cloned * clone + copied * copy
+
+    def gamma_curve(self, dtype: str) -> RateCurve | None:
+        """Gamma by size for `dtype` (float32's when the dtype was not measured); None if not measured."""
+        table = dict(self.gamma_curves)
+        return table.get(dtype, table.get(DEFAULT_DTYPE))
+
+    def gamma_at(self, dtype: str, nbytes: float) -> float:
+        """Seconds per reduced byte of `dtype` when `nbytes` are reduced at once."""
+        curve = self.gamma_curve(dtype)
+        return self.gamma_of(dtype) if curve is None else curve.at(nbytes)
 
     def gamma_of(self, dtype: str) -> float:
         """Seconds per reduced byte of `dtype` (float32's when the dtype was not measured)."""
@@ -222,7 +286,11 @@ class Calibration:
         """The cost model `algorithm="auto"` ranks algorithms by for `world_size` ranks and `dtype`."""
         level = self.level(world_size)
         return PiecewiseCostModel.of(
-            level.link, level.gamma_of(dtype), step=level.step, concurrency=level.concurrency
+            level.link,
+            level.gamma_of(dtype),
+            step=level.step,
+            concurrency=level.concurrency,
+            gamma_curve=level.gamma_curve(dtype),
         )
 
     def to_dict(self) -> dict:
@@ -242,6 +310,9 @@ class Calibration:
                     "copy": lv.copy,
                     "step": lv.step,
                     "concurrency": lv.concurrency,
+                    "gamma_by_size": {dtype: curve.to_dict() for dtype, curve in lv.gamma_curves},
+                    "clone_by_size": None if lv.clone_curve is None else lv.clone_curve.to_dict(),
+                    "copy_by_size": None if lv.copy_curve is None else lv.copy_curve.to_dict(),
                 }
                 for p, lv in sorted(self.levels.items())
             },
@@ -286,6 +357,9 @@ class Calibration:
                 _number(item.get("copy", 0.0), f"{where}.copy"),
                 _number(item.get("step", 0.0), f"{where}.step"),
                 _concurrency(item.get("concurrency", 1.0), f"{where}.concurrency"),
+                _gamma_curves(item.get("gamma_by_size") or {}, f"{where}.gamma_by_size"),
+                _curve(item.get("clone_by_size"), f"{where}.clone_by_size"),
+                _curve(item.get("copy_by_size"), f"{where}.copy_by_size"),
             )
         pingpong = data.get("pingpong")
         return cls(
@@ -344,6 +418,21 @@ def _number(value: object, where: str) -> float:
     ):
         raise _bad(where, f"a finite number >= 0 (got {value!r})")
     return float(value)
+
+
+def _optional(value: object) -> float:
+    """A fit-quality number from JSON (None, for NaN, reads back as NaN)."""
+    return math.nan if value is None else float(value)
+
+
+def _curve(data: object, where: str) -> RateCurve | None:
+    return None if data is None else RateCurve.from_dict(data, where)
+
+
+def _gamma_curves(data: object, where: str) -> tuple[tuple[str, RateCurve], ...]:
+    if not isinstance(data, dict):
+        raise _bad(where, "a table of dtype name -> (size -> seconds per byte)")
+    return tuple((str(name), RateCurve.from_dict(table, f"{where}.{name}")) for name, table in data.items())
 
 
 def _concurrency(value: object, where: str) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from commlab.errors import ScheduleError
-from commlab.sim.network import MessageCosts, RoutedPlan, Timing
+from commlab.sim.network import MessageCosts, RoutedPlan, Timing, reduce_time
 from commlab.sim.profile import Profile
 from commlab.sim.routing import _expand, unique_ints
 from commlab.sim.topology import Topology
@@ -98,11 +98,8 @@ def run_congestion(
     if costs is not None and costs.cap is not None:
         np.maximum.at(round_bandwidth, msg_round, work / costs.cap)
 
-    reduced = np.bincount(
-        plan.msg_dst_step[plan.msg_reduce], weights=msg_bytes[plan.msg_reduce], minlength=plan.num_steps
-    )
     round_reduce = np.zeros(rounds)
-    np.maximum.at(round_reduce, end, profile.gamma * reduced)
+    np.maximum.at(round_reduce, end, reduce_time(plan, msg_bytes, profile, costs))
 
     duration = round_latency + round_bandwidth + round_reduce
     clock = np.concatenate([[0.0], np.cumsum(duration)])

@@ -29,7 +29,7 @@ import numpy as np
 from commlab.errors import ScheduleError
 from commlab.sim.congestion import rendezvous_rounds
 from commlab.sim.maxmin import max_min_rates
-from commlab.sim.network import MessageCosts, RoutedPlan, Timing
+from commlab.sim.network import MessageCosts, RoutedPlan, Timing, reduce_time
 from commlab.sim.profile import Profile
 from commlab.sim.routing import _expand, unique_ints
 from commlab.sim.topology import Topology
@@ -56,7 +56,6 @@ class _FlowRun:
         self.alpha = np.broadcast_to(np.asarray(alpha, float), (plan.num_messages,))
         step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
         self.step = np.broadcast_to(np.asarray(step, float), (plan.num_messages,))
-        self.gamma = profile.gamma
         self.capacity = topology.compiled.bandwidth * profile.efficiency
         self.cap = None if costs is None else costs.cap  # per-flow rate limit (calibrated concurrency)
         self.solo = solo_rates(routed, profile, costs)
@@ -64,9 +63,7 @@ class _FlowRun:
         m, s = plan.num_messages, plan.num_steps
         self.left = np.diff(plan.step_msg_ptr).copy()
         self.following = plan.step_next()
-        self.reduced = np.bincount(
-            plan.msg_dst_step[plan.msg_reduce], weights=msg_bytes[plan.msg_reduce], minlength=s
-        )
+        self.reduce_s = reduce_time(plan, msg_bytes, profile, costs)
         self.step_start = np.full(s, np.nan)
         self.step_end = np.full(s, np.nan)
         self.ends = np.zeros(m, np.int8)
@@ -129,7 +126,7 @@ class _FlowRun:
         self.push(at[~due], ready[~due], _ACTIVATE)
 
     def end_steps(self, steps: np.ndarray, now: float, activate_now: list) -> None:
-        finish = now + self.gamma * self.reduced[steps]
+        finish = now + self.reduce_s[steps]
         self.step_end[steps] = finish
         nxt = self.following[steps]
         keep = nxt >= 0
@@ -295,9 +292,7 @@ def solo_timeline(
     work = msg_bytes if costs is None else costs.work
     duration = np.divide(work, solo, out=np.zeros(len(msg_bytes)), where=work > 0)
     latency = routes.latency[routed.msg_pair]
-    reduced = np.bincount(
-        plan.msg_dst_step[plan.msg_reduce], weights=msg_bytes[plan.msg_reduce], minlength=plan.num_steps
-    )
+    reduce_s = reduce_time(plan, msg_bytes, profile, costs)
     following = plan.step_next()
     step_start = np.full(plan.num_steps, np.nan)
     step_start[plan.step_ptr[:-1][np.diff(plan.step_ptr) > 0]] = 0.0
@@ -332,7 +327,7 @@ def solo_timeline(
                 offsets = np.concatenate([[0], np.cumsum(counts[busy])[:-1]])
                 ends[busy] = np.maximum.reduceat(arrival[plan.step_msgs[pos]], offsets)
             ends[~busy] = step_start[ss[~busy]]
-            ends += profile.gamma * reduced[ss]
+            ends += reduce_s[ss]
             step_end[ss] = ends
             nxt = following[ss]
             keep = nxt >= 0

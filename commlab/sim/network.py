@@ -22,7 +22,8 @@ A message runs at most at its `cap`, its route's bandwidth / the level's `concur
 m x beta(m) x cap "work bytes" on its links, so alone it takes exactly the calibrated time, and messages
 that share a link (two sends of one rank on its port of a `local` host) slow each other as real bytes
 would, k of them together moving their bytes min(k, c) times faster than one after another (as in the
-`auto` model). Gamma and launch come from the same level. A level's
+`auto` model). Gamma and launch come from the same level; a step reduces each message it receives at
+gamma(m), the level's reduction cost for buffers of that size (in cache faster than out of it). A level's
 `step` is paid once per step before its first message is posted, and taken off every message's alpha(m),
 as in the `auto` model: a one-message step costs the calibrated time, a direct step of p-1 messages less
 than p-1 such steps.
@@ -91,6 +92,7 @@ class MessageCosts:
     work: np.ndarray
     step: np.ndarray | float = 0.0
     cap: np.ndarray | None = None
+    reduce: np.ndarray | None = None  # seconds each step spends reducing (None: gamma x bytes reduced)
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,12 @@ def _model(
     if profile.calibration is not None:
         level = profile.calibration.level(world_size)
         return PiecewiseCostModel.of(
-            level.link, level.gamma_of(dtype), latency, level.step, level.concurrency
+            level.link,
+            level.gamma_of(dtype),
+            latency,
+            level.step,
+            level.concurrency,
+            level.gamma_curve(dtype),
         )
     if world_size == 1:
         return CostModel(profile.alpha, 0.0, profile.gamma)
@@ -248,7 +255,7 @@ def link_model(
 
 
 def message_costs(
-    profile: Profile, routed: RoutedPlan, msg_bytes: np.ndarray, world_size: int
+    profile: Profile, routed: RoutedPlan, msg_bytes: np.ndarray, world_size: int, dtype: str = "float32"
 ) -> MessageCosts | None:
     """Per-message alpha, link work and per-step cost under a calibrated profile (None for a plain one),
     priced by the same model as `auto` (a one-message step costs the fitted alpha(m) + m beta(m)).
@@ -277,7 +284,35 @@ def message_costs(
         step[mine] = model.step
         concurrency[mine] = model.concurrency
     cap = routed.routes.bandwidth[routed.msg_pair] * profile.efficiency / concurrency
-    return MessageCosts(alpha, msg_bytes * beta * cap, step, cap)
+    reduce = reduce_seconds(profile, routed.plan, msg_bytes, world_size, dtype)
+    return MessageCosts(alpha, msg_bytes * beta * cap, step, cap, reduce)
+
+
+def reduce_seconds(
+    profile: Profile, plan: Plan, msg_bytes: np.ndarray, world_size: int, dtype: str
+) -> np.ndarray | None:
+    """Seconds each step spends reducing under a calibrated profile with reduction costs by size: every
+    message it reduces at gamma(its size); None without such costs (then gamma x bytes reduced)."""
+    level = profile.calibration.level(world_size) if profile.calibration is not None else None
+    curve = None if level is None else level.gamma_curve(dtype)
+    if curve is None:
+        return None
+    sizes = msg_bytes[plan.msg_reduce]
+    known, per_byte = np.array(curve.points).T  # RateCurve.at, vectorized: linear in log(size), clamped
+    seconds = sizes * np.interp(np.log(np.maximum(sizes, 1.0)), np.log(known), per_byte)
+    return np.bincount(plan.msg_dst_step[plan.msg_reduce], weights=seconds, minlength=plan.num_steps)
+
+
+def reduce_time(
+    plan: Plan, msg_bytes: np.ndarray, profile: Profile, costs: MessageCosts | None
+) -> np.ndarray:
+    """Seconds each step spends reducing: the calibrated per-step times, else gamma x bytes reduced."""
+    if costs is not None and costs.reduce is not None:
+        return costs.reduce
+    reduced = np.bincount(
+        plan.msg_dst_step[plan.msg_reduce], weights=msg_bytes[plan.msg_reduce], minlength=plan.num_steps
+    )
+    return profile.gamma * reduced
 
 
 def busy_ranks(plan: Plan) -> np.ndarray:
@@ -352,7 +387,7 @@ def simulate(
     plan = routed.plan
     msg_bytes = plan.message_bytes(plan.chunk_bytes(nbytes, itemsize)).astype(float)
     run = run_congestion if fidelity == "congestion" else run_flow
-    costs = message_costs(profile, routed, msg_bytes, p)
+    costs = message_costs(profile, routed, msg_bytes, p, dtype)
     copies = profile.local_copy_time(schedule.op, nbytes, p)
     profile = profile.for_run(p, dtype)
     if copies:  # the API's copies around the schedule count like launch: once, before the steps
