@@ -65,16 +65,9 @@ class PointToPoint:
         """Receive a tensor from stage `peer`, waiting at most the timeout."""
         buffer = torch.empty(shape, dtype=dtype, device=device)
         request = self._post([Message(buffer, peer, tag_of(micro_batch, kind))])[0]
-        start = time.perf_counter()
-        try:
-            request.wait(self.timeout)
-        except CollectiveTimeoutError as error:
-            raise CollectiveTimeoutError(
-                f"pipeline stage {self.rank}: the {kind} of microbatch {micro_batch} from stage {peer} did "
-                f"not arrive within {self.timeout:g} s ({error})"
-            ) from error
-        finally:
-            self.waited_s += time.perf_counter() - start
+        self._wait(
+            request, self.timeout, f"the {kind} of microbatch {micro_batch} from stage {peer} did not arrive"
+        )
         return buffer
 
     def recv_header(self, device: torch.device, peer: int, micro_batch: int) -> tuple:
@@ -94,15 +87,18 @@ class PointToPoint:
             self._post([])
         deadline = time.monotonic() + self.timeout
         in_flight, self._in_flight = self._in_flight, []
+        for request, message in in_flight:
+            what = f"a send to stage {message.peer} (tag {message.tag}) was not received"
+            self._wait(request, deadline - time.monotonic(), what)
+
+    def _wait(self, request, timeout: float, what: str) -> None:
+        """Wait for `request`, counting the time as idle (`waited_s`); a timeout says `what` failed."""
         start = time.perf_counter()
         try:
-            for request, message in in_flight:
-                try:
-                    request.wait(deadline - time.monotonic())
-                except CollectiveTimeoutError as error:
-                    raise CollectiveTimeoutError(
-                        f"pipeline stage {self.rank}: a send to stage {message.peer} (tag {message.tag}) "
-                        f"was not received within {self.timeout:g} s ({error})"
-                    ) from error
+            request.wait(timeout)
+        except CollectiveTimeoutError as error:
+            raise CollectiveTimeoutError(
+                f"pipeline stage {self.rank}: {what} within {self.timeout:g} s ({error})"
+            ) from error
         finally:
             self.waited_s += time.perf_counter() - start

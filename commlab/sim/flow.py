@@ -3,8 +3,9 @@
 Events, processed in time order and in batches of (nearly) equal times:
 - a step starts: its messages whose other end has started too become ready; each is activated once both
   ends have posted it (the k-th message of a step is posted k x alpha after the step starts);
-- a flow activates: it takes its route; alone on its links it runs at its route's bottleneck bandwidth,
-  else the rates of all flows on shared links are recomputed max-min fairly;
+- a flow activates: it takes its route; alone on its links it runs at its route's bottleneck bandwidth
+  (or its cap under a calibrated profile, `MessageCosts.cap`), else the rates of all flows on shared
+  links are recomputed max-min fairly, each cap acting as a link of its own flow;
 - a flow's last byte leaves: the links it used are freed (rates of flows that shared them recomputed),
   and the message arrives one route latency later;
 - a message arrives: the steps at both ends count it; a step whose messages all arrived ends after its
