@@ -8,7 +8,8 @@ repetition, median of --repeats), and measures the machine's memcpy bandwidth as
 It prints one table and the two targets of the performance work:
   1. at sizes >= 1 MiB the best commlab algorithm reaches >= 1.0x the native busbw;
   2. at 4 KiB to 64 KiB `algorithm="auto"` takes <= 2x the native time;
-and writes everything (every row and sample, the machine) to JSON.
+and writes everything (every row and sample, the machine) to JSON. `--no-arg-check` times commlab without
+its cross-rank argument check (on by default; one native allgather per call), to show what it costs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def run_bench(backend: str, ranks: int, args: argparse.Namespace) -> dict:
             "--algorithm", "all", "--backend", backend, "-n", str(ranks),
             "--iters", str(args.iters), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
             "--sample-seconds", str(args.sample_seconds), "--json", path, "--no-progress",
-        ]  # fmt: skip
+        ] + ([] if args.arg_check else ["--no-arg-check"])  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1")
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
         if done.returncode != 0:
@@ -129,6 +130,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per sweep")
     parser.add_argument("--json", default="out/collectives.json", help="where to write the results")
     parser.add_argument("--verbose", action="store_true", help="print every sweep's full table too")
+    parser.add_argument(
+        "--no-arg-check",
+        dest="arg_check",
+        action="store_false",
+        help="commlab calls with check=False (no cross-rank argument check: one native allgather less)",
+    )
     args = parser.parse_args()
     if args.repeats < 5:
         print("note: fewer than 5 repeats; medians of at least 5 are the standard here", file=sys.stderr)
@@ -146,7 +153,7 @@ def main() -> None:
     cpu, cores, load = machine.get("cpu", "?"), machine.get("logical_cores", "?"), machine.get("load_average")
     print(
         f"# allreduce float32 sum: commlab vs native, median of {args.repeats} interleaved samples; "
-        f"{cpu}, {cores} cores, load {load}"
+        f"{cpu}, {cores} cores, load {load}; commlab's argument check {'on' if args.arg_check else 'off'}"
     )
     print(f"# memcpy (1 thread, {memcpy['bytes'] >> 20} MiB): {memcpy['gbps']:.2f} GB/s")
     print(
