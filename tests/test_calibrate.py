@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from commlab.calibrate.fit import fit_gamma, fit_line, fit_piecewise
@@ -165,6 +166,8 @@ def test_reduction_and_copy_costs_follow_the_buffer_size() -> None:
     assert curve.at(1 << 20) == pytest.approx(1 / 20e9) and curve.at(8) == pytest.approx(1 / 10e9)
     assert curve.at(1 << 30) == pytest.approx(1 / 5e9)  # beyond the measured sizes: the nearest one
     assert curve.at(8 << 20) == pytest.approx((1 / 20e9 + 1 / 5e9) / 2)  # halfway in log(size)
+    sizes = [8, 65536, 300000, 1 << 20, 8 << 20, 64 << 20, 1 << 30]
+    assert curve.at_sizes(np.array(sizes, float)) == pytest.approx([curve.at(n) for n in sizes])
     with pytest.raises(InvalidArgumentError, match="points"):
         RateCurve(((2.0, 1e-9), (1.0, 1e-9)))
     link = LinkFit((Segment(math.inf, 10e-6, 1e-9),), 1.0, 0.0)

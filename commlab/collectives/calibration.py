@@ -37,6 +37,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from commlab.collectives.cost import CostModel
 from commlab.errors import InvalidArgumentError, invalid
 
@@ -151,6 +153,11 @@ class RateCurve:
         weight = math.log(nbytes / s0) / math.log(s1 / s0)
         return r0 + weight * (r1 - r0)
 
+    def at_sizes(self, nbytes: np.ndarray) -> np.ndarray:
+        """`at` for an array of sizes at once (the simulator prices every message of a plan)."""
+        sizes, per_byte = np.array(self.points).T
+        return np.interp(np.log(np.maximum(nbytes, sizes[0])), np.log(sizes), per_byte)
+
     def to_dict(self) -> dict[str, float]:
         return {str(int(size)): per_byte for size, per_byte in self.points}
 
@@ -240,11 +247,6 @@ class Level:
         """Gamma by size for `dtype` (float32's when the dtype was not measured); None if not measured."""
         table = dict(self.gamma_curves)
         return table.get(dtype, table.get(DEFAULT_DTYPE))
-
-    def gamma_at(self, dtype: str, nbytes: float) -> float:
-        """Seconds per reduced byte of `dtype` when `nbytes` are reduced at once."""
-        curve = self.gamma_curve(dtype)
-        return self.gamma_of(dtype) if curve is None else curve.at(nbytes)
 
     def gamma_of(self, dtype: str) -> float:
         """Seconds per reduced byte of `dtype` (float32's when the dtype was not measured)."""

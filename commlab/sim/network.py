@@ -298,8 +298,7 @@ def reduce_seconds(
     if curve is None:
         return None
     sizes = msg_bytes[plan.msg_reduce]
-    known, per_byte = np.array(curve.points).T  # RateCurve.at, vectorized: linear in log(size), clamped
-    seconds = sizes * np.interp(np.log(np.maximum(sizes, 1.0)), np.log(known), per_byte)
+    seconds = sizes * curve.at_sizes(sizes)
     return np.bincount(plan.msg_dst_step[plan.msg_reduce], weights=seconds, minlength=plan.num_steps)
 
 
