@@ -7,6 +7,7 @@ import json
 import sys
 
 from commlab import __version__
+from commlab.errors import CommlabError
 
 
 def _algorithms(args: argparse.Namespace) -> int:
@@ -97,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except CommlabError as error:  # bad input, a bad file, a wrong schedule: one line, not a traceback
+        print(f"commlab {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from commlab.errors import CommlabError, InvalidArgumentError, invalid
+from commlab.errors import CommlabError, invalid
 
 OPS = ("allreduce", "reduce_scatter", "allgather", "broadcast", "reduce")
 BACKENDS = ("gloo", "mpi")
@@ -152,14 +152,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace, launched: str | None) -> BenchConfig:
     """Validate the arguments into a BenchConfig (`launched`: the launcher found, if any)."""
+    from commlab.bench.launch import backend_for
     from commlab.collectives.algorithms import algorithms_for
 
-    backend = args.backend or ("mpi" if launched == "mpi" else "gloo")
-    if launched and backend != launched:
-        raise InvalidArgumentError(
-            f"--backend {backend} is not accepted inside {'mpiexec' if launched == 'mpi' else 'torchrun'}; "
-            f"accepted: --backend {launched} (or run commlab bench on its own to launch {backend} ranks)"
-        )
+    backend = backend_for(args.backend, launched, "bench")
     known = algorithms_for(args.op)
     if args.algorithm == "all":
         algorithms = ["auto", *known]

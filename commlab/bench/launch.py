@@ -13,9 +13,11 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 
 from commlab.bench import CONFIG_ENV, BenchConfig
-from commlab.errors import CommlabError
+from commlab.errors import CommlabError, InvalidArgumentError
 
 
 def detect_launcher() -> str | None:
@@ -25,6 +27,18 @@ def detect_launcher() -> str | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return "gloo"
     return None
+
+
+def backend_for(given: str | None, launched: str | None, command: str) -> str:
+    """The backend `commlab <command>` runs on: --backend if given, else the launcher's, else gloo; an error
+    when --backend names another backend than the launcher it runs inside."""
+    backend = given or ("mpi" if launched == "mpi" else "gloo")
+    if launched and backend != launched:
+        raise InvalidArgumentError(
+            f"--backend {backend} is not accepted inside {'mpiexec' if launched == 'mpi' else 'torchrun'}; "
+            f"accepted: --backend {launched} (or run commlab {command} on its own to launch {backend} ranks)"
+        )
+    return backend
 
 
 def find_mpiexec() -> str:
@@ -54,18 +68,35 @@ def rank_environment(config: BenchConfig) -> dict[str, str]:
 
 def launch(config: BenchConfig, worker: tuple[str, ...] = ("-m", "commlab.bench.worker")) -> int:
     """Start `config.ranks` ranks running `worker`, wait for them; the exit status of the first failure."""
-    env = rank_environment(config)
+    return start_ranks(config.backend, config.ranks, worker, rank_environment(config))
+
+
+def start_ranks(backend: str, ranks: int, worker: tuple[str, ...], env: dict[str, str]) -> int:
+    """Run `python *worker` on `ranks` ranks (`mpiexec -n`, or gloo processes with torchrun's variables;
+    only rank 0 prints), wait for them all; the exit status of the first failure."""
     command = [sys.executable, *worker]
-    if config.backend == "mpi":
-        procs = [subprocess.Popen([find_mpiexec(), "-n", str(config.ranks), *command], env=env)]
+    if backend == "mpi":
+        procs = [subprocess.Popen([find_mpiexec(), "-n", str(ranks), *command], env=env)]
     else:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(config.ranks))
+        env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks))
         procs = []
-        for rank in range(config.ranks):
-            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
+        for rank in range(ranks):
+            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(ranks))
             out = None if rank == 0 else subprocess.DEVNULL
             procs.append(subprocess.Popen(command, env=rank_env, stdout=out))
     return wait_for(procs)
+
+
+def worker_main(run: Callable[[], None]) -> int:
+    """A rank process's entry: run, and on any error print the traceback and exit 1 (the launcher then
+    stops the other ranks)."""
+    try:
+        run()
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
+    return 0
 
 
 def wait_for(procs: list[subprocess.Popen]) -> int:

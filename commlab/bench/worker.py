@@ -15,7 +15,6 @@ import contextlib
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +24,7 @@ import torch
 
 import commlab
 from commlab.bench import BenchConfig
+from commlab.bench.launch import worker_main
 from commlab.bench.report import Reporter
 from commlab.collectives.tuning import resolve
 from commlab.errors import invalid
@@ -364,13 +364,7 @@ def run_worker(config: BenchConfig) -> None:
 
 
 def main() -> int:
-    try:
-        run_worker(BenchConfig.from_env())
-    except Exception:
-        traceback.print_exc()
-        sys.stderr.flush()
-        return 1
-    return 0
+    return worker_main(lambda: run_worker(BenchConfig.from_env()))
 
 
 if __name__ == "__main__":

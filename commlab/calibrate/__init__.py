@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from commlab.bench import count_at_least, parse_size
+from commlab.bench.launch import backend_for
 from commlab.errors import InvalidArgumentError, invalid
 
 BACKENDS = ("gloo", "mpi")
@@ -127,12 +128,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace, launched: str | None) -> CalibrateConfig:
     """Validate the arguments into a CalibrateConfig (`launched`: the launcher found, if any)."""
-    backend = args.backend or ("mpi" if launched == "mpi" else "gloo")
-    if launched and backend != launched:
-        raise InvalidArgumentError(
-            f"--backend {backend} is not accepted inside {'mpiexec' if launched == 'mpi' else 'torchrun'}; "
-            f"accepted: --backend {launched} (or run commlab calibrate on its own to launch {backend} ranks)"
-        )
+    backend = backend_for(args.backend, launched, "calibrate")
     values = dict(QUICK) if args.quick else {}
     for key, given in (
         ("min_bytes", args.minbytes),
@@ -174,11 +170,7 @@ def main(args: argparse.Namespace) -> int:
     from commlab.calibrate.worker import launch, run_worker
 
     if args.refit is not None:
-        try:
-            return refit(args.refit, args.output or args.refit, args.json)
-        except InvalidArgumentError as error:
-            print(f"commlab calibrate: error: {error}", file=sys.stderr)
-            return 2
+        return refit(args.refit, args.output or args.refit, args.json)
     launched = detect_launcher()
     config = config_from_args(args, launched)
     config_json = args.json

@@ -56,17 +56,14 @@ def step_latency(fan: dict, ring: dict, messages: int, link: LinkFit) -> float:
 
 def concurrency_gain(fan: dict, ring: dict, messages: int, link: LinkFit, step: float) -> float:
     """How much faster `messages` concurrent messages move their bytes than one after another, from the
-    large-size fan steps: (k x ring's bandwidth time) / (fan's bandwidth time), each less its latency
-    (a ring step: the fitted alpha; a fan step: step + k x (alpha - step)). The median over the sizes,
-    kept within 1..k; 1 without large fan measurements."""
-    sizes = [int(s) for s in fan if s in ring]
+    large-size fan steps (`fan`, seconds per step by size): (k x ring's bandwidth time) / (fan's bandwidth
+    time), each less its latency (a ring step: the fitted alpha; a fan step: step + k x (alpha - step)).
+    The median over the sizes, kept within 1..k; 1 without large fan measurements."""
     samples = []
-    for size in fan_large_sizes(sorted(int(s) for s in ring)):
-        if size not in sizes:
-            continue
-        alpha = link.segment(size).alpha
-        one = float(ring[str(size)]) - alpha
-        many = float(fan[str(size)]) - step - messages * (alpha - step)
+    for size, fan_time in fan.items():
+        alpha = link.segment(float(size)).alpha
+        one = float(ring[size]) - alpha
+        many = float(fan_time) - step - messages * (alpha - step)
         if one > 0 and many > 0:
             samples.append(messages * one / many)
     if not samples:
@@ -99,10 +96,13 @@ def build_calibration(config: CalibrateConfig, measurements: dict, description: 
             RateCurve.from_times(measurements[kind][key]) if measurements.get(kind, {}).get(key) else None
             for kind in ("clone", "copy")
         )
-        fan = measurements.get("fan", {}).get(key, {})
-        small = {s: t for s, t in fan.items() if int(s) not in fan_large_sizes(sorted(int(s) for s in table))}
+        fan = {s: t for s, t in measurements.get("fan", {}).get(key, {}).items() if s in table}
+        large = {str(s) for s in fan_large_sizes(sorted(int(s) for s in table))}
+        small = {s: t for s, t in fan.items() if s not in large}
         step = step_latency(small, table, fan_messages(p), link)
-        concurrency = concurrency_gain(fan, table, fan_messages(p), link, step)
+        concurrency = concurrency_gain(
+            {s: t for s, t in fan.items() if s in large}, table, fan_messages(p), link, step
+        )
         levels[p] = Level(
             p, link, launch, gamma, clone, copy, step, concurrency, curves, clone_curve, copy_curve
         )

@@ -62,23 +62,17 @@ def show(args: argparse.Namespace) -> int:
     if not args.show:
         print("commlab tune: nothing to do; accepted: --show (print auto's decision table)", file=sys.stderr)
         return 2
-    try:
-        if args.profile:
-            calibration = as_calibration(args.profile)
-        else:
-            path = active_profile_path(args.backend)
-            if path is None:
-                raise CommlabError(
-                    f"no profile for backend {args.backend}: run commlab calibrate, or --profile"
-                )
-            calibration = as_calibration(path)
-        ops = [args.op] if args.op else list(OPS)
-        if args.op and args.op not in OPS:
-            raise invalid("--op", args.op, OPS)
-        tables = {op: {p: decision_table(calibration, op, p, args.dtype) for p in args.ranks} for op in ops}
-    except CommlabError as error:
-        print(f"commlab tune: error: {error}", file=sys.stderr)
-        return 2
+    if args.profile:
+        calibration = as_calibration(args.profile)
+    else:
+        path = active_profile_path(args.backend)
+        if path is None:
+            raise CommlabError(f"no profile for backend {args.backend}: run commlab calibrate, or --profile")
+        calibration = as_calibration(path)
+    ops = [args.op] if args.op else list(OPS)
+    if args.op and args.op not in OPS:
+        raise invalid("--op", args.op, OPS)
+    tables = {op: {p: decision_table(calibration, op, p, args.dtype) for p in args.ranks} for op in ops}
     if args.json:
         print(json.dumps({"profile": calibration.source, "dtype": args.dtype, "tables": tables}, indent=1))
         return 0

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import traceback
 
 from commlab.calibrate import CONFIG_ENV, CalibrateConfig
 
@@ -18,23 +16,12 @@ PRINT_JSON_ENV = "COMMLAB_CALIBRATE_JSON"
 
 def launch(config: CalibrateConfig, print_json: bool = False) -> int:
     """Start `config.ranks` ranks of this module (gloo processes or `mpiexec -n`); wait for them all."""
-    from commlab.bench.launch import find_mpiexec, free_port, wait_for
+    from commlab.bench.launch import start_ranks
 
-    env = dict(os.environ)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env[CONFIG_ENV] = config.to_env()
     env[PRINT_JSON_ENV] = "1" if print_json else "0"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    command = [sys.executable, "-m", "commlab.calibrate.worker"]
-    if config.backend == "mpi":
-        procs = [subprocess.Popen([find_mpiexec(), "-n", str(config.ranks), *command], env=env)]
-    else:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(config.ranks))
-        procs = []
-        for rank in range(config.ranks):
-            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(config.ranks))
-            out = None if rank == 0 else subprocess.DEVNULL
-            procs.append(subprocess.Popen(command, env=rank_env, stdout=out))
-    return wait_for(procs)
+    return start_ranks(config.backend, config.ranks, ("-m", "commlab.calibrate.worker"), env)
 
 
 def run_worker(config: CalibrateConfig, print_json: bool = False) -> None:
@@ -62,13 +49,9 @@ def run_worker(config: CalibrateConfig, print_json: bool = False) -> None:
 
 
 def main() -> int:
-    try:
-        run_worker(CalibrateConfig.from_env(), os.environ.get(PRINT_JSON_ENV) == "1")
-    except Exception:
-        traceback.print_exc()
-        sys.stderr.flush()
-        return 1
-    return 0
+    from commlab.bench.launch import worker_main
+
+    return worker_main(lambda: run_worker(CalibrateConfig.from_env(), os.environ.get(PRINT_JSON_ENV) == "1"))
 
 
 if __name__ == "__main__":

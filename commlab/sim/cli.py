@@ -14,7 +14,6 @@ import time
 
 from commlab.collectives.algorithms import algorithms_for
 from commlab.collectives.schedule import OPS
-from commlab.errors import CommlabError
 from commlab.sim.network import DTYPES, FIDELITIES, SimResult, simulate_collective
 from commlab.sim.profile import IDEAL, Profile
 from commlab.sim.routing import ROUTINGS
@@ -162,19 +161,6 @@ def _topology(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(run):
-    """Turn commlab's argument and topology errors into a one-line message and exit status 2."""
-
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except CommlabError as error:
-            print(f"commlab sim: error: {error}", file=sys.stderr)
-            return 2
-
-    return wrapped
-
-
 def add_sim_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `commlab sim` and its subcommands on the top-level subparsers."""
     sim = sub.add_parser("sim", help="simulate collectives on modelled networks")
@@ -200,7 +186,7 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     coll.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace JSON here")
     coll.add_argument("--plot", default=None, help="write a busbw-vs-size PNG here")
     coll.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    coll.set_defaults(run=_guard(_collective))
+    coll.set_defaults(run=_collective)
 
     topo = simsub.add_parser("topology", help="summarize (and draw) a topology")
     topo.add_argument("--topology", required=True, help=TOPOLOGY_HELP)
@@ -210,7 +196,7 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--no-bisection", action="store_true", help="skip the bisection max-flow on huge graphs"
     )
     topo.add_argument("--json", action="store_true", help="print JSON instead of text")
-    topo.set_defaults(run=_guard(_topology))
+    topo.set_defaults(run=_topology)
     from commlab.sim.train_cli import add_train_parser
 
     add_train_parser(simsub)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from commlab.errors import CommlabError, invalid
+from commlab.errors import invalid
 from commlab.sim.clusters import CLUSTERS, cluster_spec
 from commlab.sim.compute import Efficiency, load_efficiency
 from commlab.sim.memory import MemoryReport
@@ -188,19 +187,6 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(prog: str, run):
-    """Turn commlab's argument errors into a one-line message and exit status 2."""
-
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except CommlabError as error:
-            print(f"{prog}: error: {error}", file=sys.stderr)
-            return 2
-
-    return wrapped
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument(
@@ -236,7 +222,7 @@ def add_train_parser(simsub: argparse._SubParsersAction) -> argparse.ArgumentPar
     train.add_argument("--fp32-grads", action="store_true", help="fp32 main gradients (18 bytes/parameter)")
     train.add_argument("--fidelity", choices=("auto", *FIDELITIES), default="auto", help="collective timing")
     train.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of the step here")
-    train.set_defaults(run=_guard("commlab sim train", _train))
+    train.set_defaults(run=_train)
     return train
 
 
@@ -259,5 +245,5 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="analytic",
         help="collective timing (default analytic)",
     )
-    parser.set_defaults(run=_guard("commlab plan", _plan))
+    parser.set_defaults(run=_plan)
     return parser
