@@ -14,9 +14,10 @@ import pytest
 
 from commlab.calibrate.fit import fit_gamma, fit_line, fit_piecewise
 from commlab.cli import main
-from commlab.collectives.algorithms import get_algorithm
+from commlab.collectives.algorithms import algorithms_for, get_algorithm
 from commlab.collectives.calibration import (
     PROFILE_ENV,
+    AlgorithmTimes,
     Calibration,
     Level,
     LinkFit,
@@ -26,6 +27,7 @@ from commlab.collectives.calibration import (
     api_copies,
     default_profile_path,
 )
+from commlab.collectives.schedule import OPS
 from commlab.collectives.tuning import choose
 from commlab.errors import InvalidArgumentError
 from commlab.sim import Topology
@@ -219,6 +221,12 @@ def test_reduction_and_copy_costs_follow_the_buffer_size() -> None:
             '{"float32": {"big": 1e-9}}}}}',
             "gamma_by_size.float32",
         ),
+        (
+            '{"format": "commlab-calibration", "version": 1, "backend": "gloo", "levels": {"2": {"link": '
+            '{"segments": [{"max_bytes": null, "alpha": 0, "beta": 0}]}, "algorithms": '
+            '{"allreduce": {"ring": {"1024": -1}}}}}}',
+            "algorithms.allreduce.ring",
+        ),
     ],
 )
 def test_bad_profile_files_are_clear_errors(tmp_path, content: str, message: str) -> None:
@@ -280,6 +288,52 @@ def test_tune_show_prints_the_decision_table(tmp_path, capsys) -> None:
     assert "cannot read calibration profile" in capsys.readouterr().err
 
 
+def test_measured_algorithm_times_decide_auto_where_measured(tmp_path, capsys) -> None:
+    cal = synthetic(alpha=50e-6, beta=1 / 2e9, gamma=1 / 4e9)
+    formula_small = choose("allreduce", 3, 4 << 10, cal.cost_model(3)).algorithm
+    formula_large = choose("allreduce", 3, 64 << 20, cal.cost_model(3)).algorithm
+    # measured: tree is fastest up to 64 KiB, ring beyond; the crossover lies between 64 KiB and 1 MiB
+    times = {"ring": {"4096": 4e-3, "65536": 5e-3, "1048576": 6e-3}, "tree": {"4096": 1e-3, "65536": 2e-3,
+             "1048576": 20e-3}}  # fmt: skip
+    cal.levels[3] = Level(
+        3, cal.levels[3].link, 0.0, (("float32", 1 / 4e9),), algorithms=AlgorithmTimes.from_dict(
+            {"allreduce": times}, "test")
+    )  # fmt: skip
+    path = tmp_path / "measured.json"
+    cal.save(path)
+    cal = Calibration.load(path)  # the times survive the file
+    assert cal.levels[3].algorithms.to_dict() == {"allreduce": times}
+    model = cal.cost_model(3)
+    pick = {n: choose("allreduce", 3, n, model).algorithm for n in (8, 4 << 10, 64 << 10, 1 << 20, 1 << 30)}
+    assert pick == {8: "tree", 4 << 10: "tree", 64 << 10: "tree", 1 << 20: "ring", 1 << 30: "ring"}
+    # log-log interpolation: tree 2 ms -> 20 ms and ring 5 -> 6 ms cross near 64 KiB x 16^0.42 = 207 KiB
+    assert choose("allreduce", 3, 160 << 10, model).algorithm == "tree"
+    assert choose("allreduce", 3, 256 << 10, model).algorithm == "ring"
+    choice = choose("allreduce", 3, 1 << 20, model)  # segments and the predicted time still by the formula
+    assert choice.predicted_time == pytest.approx(get_algorithm("ring").cost("allreduce", 3, 1 << 20, model))
+    # ops and world sizes without measurements: the formulas decide
+    assert choose("allreduce", 2, 4 << 10, cal.cost_model(2)).algorithm == formula_small
+    assert choose("allreduce", 4, 4 << 10, cal.cost_model(4)).algorithm == formula_small
+    assert model.measured_choice("allgather", 4 << 10, ("ring", "direct")) is None
+    assert cal.levels[3].algorithms.fastest("allreduce", 4 << 10, among=("ring",)) == "ring"
+    # one slow sample cannot flip a decision: times are made non-decreasing in size before comparing
+    noisy = AlgorithmTimes.from_dict(
+        {"allgather": {"ring": {"1024": 1e-3, "4096": 5e-3, "16384": 2e-3, "65536": 6e-3},
+                       "bruck": {"1024": 2e-3, "4096": 2.5e-3, "16384": 3e-3, "65536": 7e-3}}}, "test"
+    )  # fmt: skip
+    assert noisy.fastest("allgather", 1024) == "ring" and noisy.fastest("allgather", 16384) == "bruck"
+    assert dict(noisy.smoothed["allgather"]["ring"]) == {1024: 1e-3, 4096: 3.5e-3, 16384: 3.5e-3, 65536: 6e-3}
+    assert noisy.to_dict()["allgather"]["ring"]["16384"] == 2e-3  # the file keeps what was measured
+    argv = ["tune", "--show", "--profile", str(path), "--ranks", "2,3", "--op", "allreduce"]
+    assert main(argv) == 0
+    three = capsys.readouterr().out.split("  3 ranks")[1].splitlines()[1:]
+    assert "tree" in three[0] and "(measured)" in three[0] and "ring" in three[-1]
+    assert main([*argv, "--formulas"]) == 0
+    three = capsys.readouterr().out.split("  3 ranks")[1].splitlines()[1:]
+    assert formula_small in three[0] and formula_large in three[-1] and "(formulas)" in three[-1]
+    assert "(measured)" not in "\n".join(three)
+
+
 def auto_choices(latency_profile: str, bandwidth_profile: str) -> tuple[str, str, float]:
     """On every rank: auto's allreduce under $COMMLAB_PROFILE and under the profile= argument, and a
     correct sum computed with auto (argument check on: the ranks agree)."""
@@ -337,6 +391,17 @@ def calibrate(backend: str, tmp_path: Path) -> Calibration:
     profile = Profile.load(path)
     result = simulate_collective("allreduce", "ring", Topology(local(2)), 1 << 20, profile=profile)
     assert result.time > 0
+    # every algorithm of every op timed at 1 KiB, 16 KiB, 256 KiB and 1 MiB; auto decides by them
+    timed = level.algorithms
+    assert timed is not None and set(timed.ops()) == set(OPS)
+    for op in OPS:
+        assert set(timed.times[op]) == set(algorithms_for(op)), op
+        for points in timed.times[op].values():
+            assert [n for n, _ in points] == [1 << 10, 16 << 10, 256 << 10, 1 << 20] and all(
+                t > 0 for _, t in points
+            )
+    fastest = timed.fastest("allgather", 16 << 10)
+    assert choose("allgather", 2, 16 << 10, cal.cost_model(2)).algorithm == fastest
     return cal
 
 
@@ -347,6 +412,7 @@ def test_calibrate_gloo_end_to_end_and_refit(tmp_path, capsys) -> None:
     assert "ring 2 (one message per rank and step)" in capsys.readouterr().out
     again = Calibration.load(refitted)  # the same measurements through the same fits: the same profile
     assert again.measurements == cal.measurements and again.settings == cal.settings
+    assert again.levels[2].algorithms.to_dict() == cal.levels[2].algorithms.to_dict()
     assert (
         again.levels[2].link.segments == cal.levels[2].link.segments
         and again.levels[2].step == cal.levels[2].step
@@ -390,3 +456,29 @@ def test_simulator_prices_a_transfer_alone_by_the_pingpong_fit() -> None:
         for p in (alone_fast, alone_slow)
     ]
     assert times[0] < 0.7 * times[1]  # the fold transfers take the ping-pong speed
+
+
+def test_ranks_crowding_the_cores_post_a_round_at_its_messages_per_rank() -> None:
+    from commlab.collectives.algorithms import build_schedule
+    from commlab.sim.network import posting_alphas, round_load
+    from commlab.sim.plan import compile_schedule
+
+    plan = compile_schedule(build_schedule("allreduce", "tree", 4, segments=1))
+    busy, share = round_load(plan)
+    # the first round: 4 messages among 4 ranks, though ranks 1 and 2 each receive two of them
+    first = plan.msg_recv_pos.argmax()
+    assert plan.msg_recv_pos[first] == 1 and share[first] == 1.0 and busy[first] == 4
+    send, recv = posting_alphas(plan, busy, share, cores=2)
+    assert recv[first] == 1.0 and np.all(recv <= np.maximum(share, 1.0))
+    for cores in (0, 4):  # unknown, or a core per rank: each message waits for its own rank's earlier ones
+        send, recv = posting_alphas(plan, busy, share, cores=cores)
+        assert recv[first] == 2.0 and np.array_equal(send, plan.msg_send_pos + 1.0)
+    link = LinkFit((Segment(math.inf, 100e-6, 1e-10),))
+    levels = {4: Level(4, link, 0.0, (("float32", 0.0),))}
+
+    def tree_time(cores: int) -> float:
+        cal = Calibration("gloo", levels, None, {"logical_cores": cores}, source="synthetic")
+        profile = Profile.from_calibration(cal)
+        return simulate_collective("allreduce", "tree", local(4), 4096, segments=1, profile=profile).time
+
+    assert tree_time(2) < tree_time(64)  # two receives in a step: one alpha each when ranks share cores

@@ -48,6 +48,7 @@ class CalibrateConfig:
     quick: bool = False
     timeout: float = 300.0
     progress: bool = True
+    algorithms: bool = True  # also time every algorithm of every op (auto's measured decisions)
 
     def sizes(self) -> list[int]:
         sizes, size = [], self.min_bytes
@@ -64,6 +65,19 @@ class CalibrateConfig:
         return [
             s for s in (64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20) if s <= max(self.max_bytes, 16 << 20)
         ]
+
+    def algorithm_sizes(self) -> list[int]:
+        """Total sizes at which every algorithm is timed: 1 KiB x 4^i (quick: x 16^i) up to the largest
+        message, and the largest message itself ([] with algorithms off)."""
+        if not self.algorithms:
+            return []
+        factor, size, sizes = (16 if self.quick else 4), 1 << 10, []
+        while size <= self.max_bytes:
+            sizes.append(size)
+            size *= factor
+        if self.max_bytes not in sizes and self.max_bytes >= 1 << 10:
+            sizes.append(self.max_bytes)
+        return sizes
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -120,6 +134,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="measure nothing: fit the measurements stored in PROFILE again (after the fitting code "
         "changed) and write the result to -o (default: PROFILE itself)",
     )
+    parser.add_argument(
+        "--no-algorithms",
+        dest="algorithms",
+        action="store_false",
+        help="do not time the algorithms themselves (then auto ranks them by the fitted formulas alone)",
+    )
     parser.add_argument("--json", action="store_true", help="print the profile instead of the report")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for any one call (300)")
@@ -153,6 +173,7 @@ def config_from_args(args: argparse.Namespace, launched: str | None) -> Calibrat
         quick=args.quick,
         timeout=args.timeout,
         progress=args.progress,
+        algorithms=args.algorithms,
         **values,
     )
     if config.max_bytes < config.min_bytes:

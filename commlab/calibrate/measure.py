@@ -342,3 +342,63 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
         done += 1
     progress.update(done, "done")
     return result
+
+
+def padded(schedule: Schedule, world: int) -> Schedule:
+    """A p-rank schedule as one of `world` ranks whose ranks p.. idle: the same steps and chunks (as a
+    single-block op, so chunk sizes stay total / num_chunks), runnable by the calibration's executor."""
+    steps = schedule.steps + ((),) * (world - schedule.world_size)
+    return Schedule("broadcast", schedule.algorithm, world, schedule.num_chunks, steps, 0)
+
+
+def algorithm_variants(runner: Runner, calibration, p: int, size: int) -> list[tuple[str, str, Variant]]:
+    """(op, algorithm, variant) for every algorithm of every op on ranks 0..p-1 at total `size` bytes,
+    with the segments and pieces a call would use under `calibration`; algorithms whose programs coincide
+    (ring, direct and halving-doubling allreduce on 2 ranks...) share one variant, timed once."""
+    from commlab.collectives.algorithms import algorithms_for, build_schedule
+    from commlab.collectives.schedule import OPS, ROOTED_OPS, subdivide
+    from commlab.collectives.tuning import piece_bytes_for_host, pieces_for, segments_for
+
+    model = calibration.cost_model(p)
+    world = runner.group.world
+    programs: dict[tuple, Variant] = {}
+    result = []
+    for op in OPS:
+        root = 0 if op in ROOTED_OPS else None
+        for name in algorithms_for(op):
+            segments = segments_for(name, op, p, size, model)
+            pieces = pieces_for(op, name, p, size, segments, piece_bytes_for_host(p))
+            schedule = subdivide(build_schedule(op, name, p, root, segments), pieces)
+            key = (schedule.num_chunks, schedule.steps)
+            if key not in programs:
+                per_chunk = size // schedule.num_chunks
+                call = runner.executor_call(padded(schedule, world), per_chunk, torch.float32)
+                programs[key] = Variant(f"{op} {name} {p}", 1, call)
+            result.append((op, name, programs[key]))
+    return result
+
+
+def measure_algorithms(group: Group, config: CalibrateConfig, calibration) -> dict:
+    """Every algorithm of every op timed through the executor on p = 2..N ranks at the config's algorithm
+    sizes (float32 sums; `calibration` picks pipeline segments as a call would): {p: {op: {algorithm:
+    {size: seconds per call}}}}, the median over passes, the same dict on every rank."""
+    runner = Runner(group, config)
+    sizes = config.algorithm_sizes()
+    levels = list(range(2, group.world + 1))
+    progress = Progress(group.rank == 0 and config.progress, len(sizes) * config.passes)
+    samples: dict[tuple[int, str, str, int], list[float]] = {}
+    for number in range(config.passes):
+        for i, size in enumerate(sizes):
+            progress.update(number * len(sizes) + i, f"algorithms at {size} B, pass {number + 1}")
+            rows = [(p, *row) for p in levels for row in algorithm_variants(runner, calibration, p, size)]
+            unique = list({id(v): v for *_, v in rows}.values())
+            seconds = dict(zip((id(v) for v in unique), runner.time_variants(unique), strict=True))
+            for p, op, name, variant in rows:
+                samples.setdefault((p, op, name, size), []).append(seconds[id(variant)])
+    progress.update(len(sizes) * config.passes, "algorithms done")
+    result: dict = {}
+    for (p, op, name, size), values in samples.items():
+        result.setdefault(str(p), {}).setdefault(op, {}).setdefault(name, {})[str(size)] = statistics.median(
+            values
+        )
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from commlab.calibrate import CalibrateConfig
 from commlab.calibrate.fit import fit_gamma, fit_piecewise, relative_errors
 from commlab.calibrate.measure import fan_large_sizes, fan_messages
-from commlab.collectives.calibration import Calibration, Level, LinkFit, RateCurve
+from commlab.collectives.calibration import AlgorithmTimes, Calibration, Level, LinkFit, RateCurve
 
 
 def machine(config: CalibrateConfig, world: int, detail: str) -> dict[str, Any]:
@@ -103,9 +104,12 @@ def build_calibration(config: CalibrateConfig, measurements: dict, description: 
         concurrency = concurrency_gain(
             {s: t for s, t in fan.items() if s in large}, table, fan_messages(p), link, step
         )
+        timed = measurements.get("algorithms", {}).get(key)
+        algorithms = AlgorithmTimes.from_dict(timed, f"algorithms[{key!r}]") if timed else None
         levels[p] = Level(
-            p, link, launch, gamma, clone, copy, step, concurrency, curves, clone_curve, copy_curve
-        )
+            p, link, launch, gamma, clone, copy, step, concurrency, curves, clone_curve, copy_curve,
+            algorithms,
+        )  # fmt: skip
     pingpong = fit_piecewise(*_series(measurements["pingpong"])) if measurements.get("pingpong") else None
     settings = {
         "min_bytes": config.min_bytes,
@@ -117,6 +121,7 @@ def build_calibration(config: CalibrateConfig, measurements: dict, description: 
         "steps": config.steps,
         "quick": config.quick,
         "dtypes": list(config.dtypes),
+        "algorithm_sizes": config.algorithm_sizes(),
     }
     return Calibration(config.backend, levels, pingpong, description, settings, measurements, config.output)
 
@@ -191,4 +196,17 @@ def report(calibration: Calibration) -> str:
         if curve is not None:
             by_size = ", ".join(f"{format_size(int(n))} {_rate(r)}" for n, r in curve.points)
             out.append(f"ring {p}: float32 reduction GB/s by size (in cache, then not): {by_size}")
+    timed = [(p, level.algorithms) for p, level in sorted(calibration.levels.items()) if level.algorithms]
+    if timed:
+        out.append("")
+        out.append("# fastest measured algorithm (time per call) by total size: what auto picks there")
+    for p, algorithms in timed:
+        for op, per_alg in algorithms.times.items():
+            sizes = sorted({n for points in per_alg.values() for n, _ in points})
+            cells = []
+            for n in sizes:
+                name = algorithms.fastest(op, n)
+                seconds = dict(per_alg[name])[n] if name else math.nan
+                cells.append(f"{format_size(int(n))} {name} {seconds * 1e6:.0f} us")
+            out.append(f"{p} ranks {op}: " + ", ".join(cells))
     return "\n".join(out)

@@ -4,12 +4,14 @@
 
 For every op and world size it sweeps message sizes (powers of two), asks the tuner which algorithm it
 picks (`tuning.choose`, exactly what a call with algorithm="auto" resolves to) and prints the size ranges
-over which each choice holds.
+over which each choice holds, and whether the profile's measured algorithm times or the fitted formulas
+decided it (`--formulas`: the formulas' table even where measurements exist).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -21,20 +23,33 @@ DTYPES = ("float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8"
 
 
 def decision_table(
-    calibration: Calibration, op: str, world_size: int, dtype: str = "float32", max_bytes: int = 1 << 30
+    calibration: Calibration,
+    op: str,
+    world_size: int,
+    dtype: str = "float32",
+    max_bytes: int = 1 << 30,
+    formulas: bool = False,
 ) -> list[dict]:
-    """[{min_bytes, max_bytes, algorithm, segments}] over sizes 8 B..max_bytes (powers of two)."""
+    """[{min_bytes, max_bytes, algorithm, source}] over sizes 8 B..max_bytes (powers of two); source is
+    'measured' (the profile's algorithm times decide) or 'formulas'; `formulas`: ignore the measurements."""
+    from commlab.collectives.algorithms import algorithms_for
     from commlab.collectives.tuning import choose
 
     model = calibration.cost_model(world_size, dtype)
+    if formulas:
+        model = dataclasses.replace(model, measured=None)
     rows: list[dict] = []
     size = 8
     while size <= max_bytes:
         choice = choose(op, world_size, size, model)
-        if rows and rows[-1]["algorithm"] == choice.algorithm:
+        measured = model.measured_choice(op, size, algorithms_for(op)) is not None
+        source = "measured" if measured else "formulas"
+        if rows and rows[-1]["algorithm"] == choice.algorithm and rows[-1]["source"] == source:
             rows[-1]["max_bytes"] = size
         else:
-            rows.append({"min_bytes": size, "max_bytes": size, "algorithm": choice.algorithm})
+            rows.append(
+                {"min_bytes": size, "max_bytes": size, "algorithm": choice.algorithm, "source": source}
+            )
         size *= 2
     return rows
 
@@ -72,7 +87,10 @@ def show(args: argparse.Namespace) -> int:
     ops = [args.op] if args.op else list(OPS)
     if args.op and args.op not in OPS:
         raise invalid("--op", args.op, OPS)
-    tables = {op: {p: decision_table(calibration, op, p, args.dtype) for p in args.ranks} for op in ops}
+    tables = {
+        op: {p: decision_table(calibration, op, p, args.dtype, formulas=args.formulas) for p in args.ranks}
+        for op in ops
+    }
     if args.json:
         print(json.dumps({"profile": calibration.source, "dtype": args.dtype, "tables": tables}, indent=1))
         return 0
@@ -93,7 +111,7 @@ def show(args: argparse.Namespace) -> int:
             print(f"  {p} ranks{note}")
             for row in rows:
                 span = f"{_fmt(row['min_bytes'])} .. {_fmt(row['max_bytes'])}"
-                print(f"    {span:>22}  {row['algorithm']}")
+                print(f"    {span:>22}  {row['algorithm']:<20} ({row['source']})")
     return 0
 
 
@@ -106,5 +124,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--ranks", type=_ranks, default=[2, 3, 4, 8], help="world sizes (2,3,4,8)")
     parser.add_argument("--op", default=None, choices=OPS, help="one op (default: all)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="reduction dtype (float32)")
+    parser.add_argument(
+        "--formulas",
+        action="store_true",
+        help="rank by the fitted formulas alone, ignoring the profile's measured algorithm times",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=show)

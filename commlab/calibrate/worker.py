@@ -26,7 +26,7 @@ def launch(config: CalibrateConfig, print_json: bool = False) -> int:
 
 def run_worker(config: CalibrateConfig, print_json: bool = False) -> None:
     """Measure on every rank; on rank 0 fit, save the profile and print the report (or the JSON)."""
-    from commlab.calibrate.measure import join, measure
+    from commlab.calibrate.measure import join, measure, measure_algorithms
     from commlab.calibrate.profile import build_calibration, machine, report
 
     group = join(config)
@@ -34,8 +34,12 @@ def run_worker(config: CalibrateConfig, print_json: bool = False) -> None:
         if group.world < 2:
             raise ValueError(f"calibration needs at least 2 ranks; this run has {group.world}")
         measurements = measure(group, config)
+        description = machine(config, group.world, group.detail)
+        if config.algorithms:  # every rank fits the same numbers: the segments of the timed algorithms
+            fitted = build_calibration(config, measurements, description)
+            measurements["algorithms"] = measure_algorithms(group, config, fitted)
         if group.rank == 0:
-            calibration = build_calibration(config, measurements, machine(config, group.world, group.detail))
+            calibration = build_calibration(config, measurements, description)
             calibration.save(config.output)
             if print_json:
                 print(json.dumps(calibration.to_dict(), indent=1))

@@ -14,11 +14,14 @@ one step of a ring), the profile holds:
   `clone_by_size`, `copy_by_size` for the API's local copies): the same per-byte costs at each measured
   size, since a buffer that fits in the caches is reduced or copied 2-4x faster than one that does not.
   Between measured sizes the cost is interpolated in log(size); beyond them the nearest one holds.
+- `algorithms`: the measured time of every algorithm of each op at a few sizes (`AlgorithmTimes`).
 It also keeps the one-pair ping-pong fit, the machine description and the raw medians.
 
-`algorithm="auto"` ranks algorithms by their formulas under `PiecewiseCostModel`, which prices each
-message by the size range it falls in. Which profile is active: an explicit one (argument), else the file
-named by $COMMLAB_PROFILE, else the default shipped for the backend (`commlab/profiles/<backend>.json`).
+`algorithm="auto"` on a measured world size picks the algorithm with the least measured time at the call's
+size (interpolated between the measured sizes); for ops or world sizes not measured it ranks algorithms
+by their formulas under `PiecewiseCostModel`, which prices each message by the size range it falls in.
+Which profile is active: an explicit one (argument), else the file named by $COMMLAB_PROFILE, else the
+default shipped for the backend (`commlab/profiles/<backend>.json`).
 Every rank must see the same profile, or ranks may choose different algorithms (the argument check then
 fails the call with CollectiveMismatchError): set COMMLAB_PROFILE alike on every rank.
 
@@ -176,6 +179,101 @@ class RateCurve:
             raise _bad(where, f"a table of size in bytes (> 0) -> seconds per byte ({error})") from None
 
 
+@dataclass(frozen=True, eq=False)
+class AlgorithmTimes:
+    """Measured seconds of every algorithm of each op on one world size, at a few total sizes:
+    {op: {algorithm: ((nbytes, seconds), ...) by increasing nbytes}} (float32).
+
+    `fastest` compares the algorithms' *smoothed* times: a larger buffer never takes less time with the
+    same algorithm, so each algorithm's times are made non-decreasing in size (pool-adjacent-violators:
+    a dip is averaged with the sizes before it), which keeps one slow sample (gloo's vary up to 3x at
+    small sizes here) from flipping the decision at one size; they are interpolated linearly in log(size)
+    and log(time) between the measured sizes (the nearest measured size holds beyond them). That is the
+    measured part of `auto`'s decision (see docs/calibration.md). Compared and hashed by identity (a
+    profile's table is one object), so models holding it stay cheap keys for the tuner's cache.
+    """
+
+    times: dict[str, dict[str, tuple[tuple[float, float], ...]]]
+    smoothed: dict[str, dict[str, tuple[tuple[float, float], ...]]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        smoothed = {
+            op: {
+                name: tuple(zip((n for n, _ in points), non_decreasing([t for _, t in points]), strict=True))
+                for name, points in per_alg.items()
+            }
+            for op, per_alg in self.times.items()
+        }
+        object.__setattr__(self, "smoothed", smoothed)
+
+    def ops(self) -> tuple[str, ...]:
+        return tuple(self.times)
+
+    def fastest(self, op: str, nbytes: float, among: tuple[str, ...] | None = None) -> str | None:
+        """The algorithm of `op` with the least interpolated time at `nbytes` (of `among`, if given); None
+        when `op` was not measured."""
+        best, best_time = None, math.inf
+        for name, points in self.smoothed.get(op, {}).items():
+            if among is not None and name not in among:
+                continue
+            seconds = _log_interp(points, nbytes)
+            if seconds < best_time:
+                best, best_time = name, seconds
+        return best
+
+    def to_dict(self) -> dict:
+        return {
+            op: {name: {str(int(n)): t for n, t in points} for name, points in per_alg.items()}
+            for op, per_alg in self.times.items()
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> AlgorithmTimes:
+        """From {op: {algorithm: {size: seconds}}} (sizes may be strings)."""
+        if not isinstance(data, dict):
+            raise _bad(where, "a table of op -> algorithm -> (size in bytes -> seconds)")
+        times: dict[str, dict[str, tuple[tuple[float, float], ...]]] = {}
+        for op, per_alg in data.items():
+            if not isinstance(per_alg, dict):
+                raise _bad(f"{where}.{op}", "a table of algorithm -> (size in bytes -> seconds)")
+            times[str(op)] = {}
+            for name, table in per_alg.items():
+                at = f"{where}.{op}.{name}"
+                if not isinstance(table, dict) or not table:
+                    raise _bad(at, "a table of size in bytes -> seconds")
+                try:
+                    points = tuple(sorted((float(k), _number(v, f"{at}[{k!r}]")) for k, v in table.items()))
+                except ValueError:
+                    raise _bad(at, "a table of size in bytes -> seconds") from None
+                if any(n <= 0 or t <= 0 for n, t in points):
+                    raise _bad(at, "sizes and seconds > 0")
+                times[str(op)][str(name)] = points
+        return cls(times)
+
+
+def non_decreasing(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence to `values` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count] of pooled runs
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, c1), (m0, c0) = blocks.pop(), blocks.pop()
+            blocks.append([(m0 * c0 + m1 * c1) / (c0 + c1), c0 + c1])
+    return [mean for mean, count in blocks for _ in range(int(count))]
+
+
+def _log_interp(points: tuple[tuple[float, float], ...], nbytes: float) -> float:
+    """Seconds at `nbytes` from (size, seconds) points: linear in log-log between them, nearest beyond."""
+    if nbytes <= points[0][0]:
+        return points[0][1]
+    if nbytes >= points[-1][0]:
+        return points[-1][1]
+    index = bisect.bisect_right([n for n, _ in points], nbytes)
+    (n0, t0), (n1, t1) = points[index - 1], points[index]
+    weight = math.log(nbytes / n0) / math.log(n1 / n0)
+    return math.exp(math.log(t0) + weight * (math.log(t1) - math.log(t0)))
+
+
 @dataclass(frozen=True)
 class PiecewiseCostModel(CostModel):
     """A CostModel whose alpha and beta depend on the message size, by the segments of a LinkFit.
@@ -187,6 +285,11 @@ class PiecewiseCostModel(CostModel):
 
     segments: tuple[Segment, ...] = ()
     gamma_curve: RateCurve | None = None  # gamma by the size reduced at once (a message's); else `gamma`
+    measured: AlgorithmTimes | None = None  # measured algorithm times of this world size (for `auto`)
+
+    def measured_choice(self, op: str, nbytes: float, among: tuple[str, ...]) -> str | None:
+        """The fastest measured algorithm of `among` for `op` at `nbytes`, or None where not measured."""
+        return None if self.measured is None else self.measured.fastest(op, nbytes, among)
 
     def time(self, messages: float, moved: float, reduced: float = 0.0, steps: float | None = None) -> float:
         if not self.segments or messages <= 0:
@@ -208,6 +311,7 @@ class PiecewiseCostModel(CostModel):
         step: float = 0.0,
         concurrency: float = 1.0,
         gamma_curve: RateCurve | None = None,
+        measured: AlgorithmTimes | None = None,
     ) -> PiecewiseCostModel:
         """The model of a fitted link (plus `extra_latency` per message) and a reduction cost (by size
         where a curve is given), with `step` of each segment's alpha charged per step instead of per
@@ -216,7 +320,7 @@ class PiecewiseCostModel(CostModel):
         step = min([step, *(s.alpha for s in link.segments)])
         segments = tuple(Segment(s.max_bytes, s.alpha - step + extra_latency, s.beta) for s in link.segments)
         last = segments[-1]
-        return cls(last.alpha, last.beta, gamma, step, concurrency, segments, gamma_curve)
+        return cls(last.alpha, last.beta, gamma, step, concurrency, segments, gamma_curve, measured)
 
 
 @dataclass(frozen=True)
@@ -234,6 +338,7 @@ class Level:
     gamma_curves: tuple[tuple[str, RateCurve], ...] = ()  # gamma by size, per dtype (where measured)
     clone_curve: RateCurve | None = None  # clone and copy costs by size (where measured)
     copy_curve: RateCurve | None = None
+    algorithms: AlgorithmTimes | None = None  # every algorithm's measured time, per op and size
 
     def local_copy_time(self, op: str, nbytes: float, world_size: int) -> float:
         """Seconds of the copies the API makes around the schedule (see `api_copies`), each priced at the
@@ -293,6 +398,7 @@ class Calibration:
             step=level.step,
             concurrency=level.concurrency,
             gamma_curve=level.gamma_curve(dtype),
+            measured=level.algorithms if level.world_size == world_size else None,
         )
 
     def to_dict(self) -> dict:
@@ -315,6 +421,7 @@ class Calibration:
                     "gamma_by_size": {dtype: curve.to_dict() for dtype, curve in lv.gamma_curves},
                     "clone_by_size": None if lv.clone_curve is None else lv.clone_curve.to_dict(),
                     "copy_by_size": None if lv.copy_curve is None else lv.copy_curve.to_dict(),
+                    "algorithms": None if lv.algorithms is None else lv.algorithms.to_dict(),
                 }
                 for p, lv in sorted(self.levels.items())
             },
@@ -362,6 +469,7 @@ class Calibration:
                 _gamma_curves(item.get("gamma_by_size") or {}, f"{where}.gamma_by_size"),
                 _curve(item.get("clone_by_size"), f"{where}.clone_by_size"),
                 _curve(item.get("copy_by_size"), f"{where}.copy_by_size"),
+                _algorithm_times(item.get("algorithms"), f"{where}.algorithms"),
             )
         pingpong = data.get("pingpong")
         return cls(
@@ -429,6 +537,10 @@ def _optional(value: object) -> float:
 
 def _curve(data: object, where: str) -> RateCurve | None:
     return None if data is None else RateCurve.from_dict(data, where)
+
+
+def _algorithm_times(data: object, where: str) -> AlgorithmTimes | None:
+    return None if data is None else AlgorithmTimes.from_dict(data, where)
 
 
 def _gamma_curves(data: object, where: str) -> tuple[tuple[str, RateCurve], ...]:

@@ -66,6 +66,11 @@ class CostModel:
                 raise invalid(name, rate, "bytes per second > 0")
         return cls(latency, 1.0 / bandwidth, 1.0 / reduce_bandwidth)
 
+    def measured_choice(self, op: str, nbytes: float, among: tuple[str, ...]) -> str | None:
+        """The algorithm measurements say is fastest for `op` at `nbytes` (of `among`), if this model
+        holds any (a calibrated profile's; see `calibration.AlgorithmTimes`); None: rank by the formulas."""
+        return None
+
     def time(self, messages: float, moved: float, reduced: float = 0.0, steps: float | None = None) -> float:
         """Seconds for `messages` messages in `steps` steps (default: one message per step) moving `moved`
         bytes, of which `reduced` bytes are reduced."""

@@ -1,6 +1,8 @@
 """`algorithm="auto"` and the runtime knobs of a call: algorithm, pipeline segments and slices.
 
-The algorithm is the cheapest by its alpha-beta-gamma cost formula. Pipeline `segments` belong to an
+The algorithm is the fastest measured one where the cost model carries a calibrated profile's measured
+algorithm times for the op and world size (`calibration.AlgorithmTimes`), else the cheapest by its
+alpha-beta-gamma cost formula. Pipeline `segments` belong to an
 algorithm's schedule (trees, chains) and come from its formula too. `pieces` slice every chunk of a
 schedule into independent copies run step-major (`schedule.subdivide`), so the executor overlaps one
 slice's reduction with the next one's transfer; a chunk is sliced into pieces of about `piece_bytes`.
@@ -42,9 +44,15 @@ def segments_for(algorithm: str, op: str, world_size: int, nbytes: int, model: C
 
 
 def choose(op: str, world_size: int, nbytes: int, model: CostModel = DEFAULT_COST_MODEL) -> Choice:
-    """The cheapest algorithm for `op` on `world_size` ranks moving `nbytes` per rank, by its formula."""
+    """The cheapest algorithm for `op` on `world_size` ranks moving `nbytes` per rank: the fastest measured
+    one where the model holds measurements of this op (a calibrated profile), else by the formulas."""
+    names = algorithms_for(op)
+    measured = model.measured_choice(op, nbytes, names) if world_size > 1 else None
+    if measured is not None:
+        segments = segments_for(measured, op, world_size, nbytes, model)
+        return Choice(measured, segments, ALGORITHMS[measured].cost(op, world_size, nbytes, model, segments))
     best: Choice | None = None
-    for name in algorithms_for(op):
+    for name in names:
         segments = segments_for(name, op, world_size, nbytes, model)
         time = ALGORITHMS[name].cost(op, world_size, nbytes, model, segments)
         if best is None or time < best.predicted_time:

@@ -75,7 +75,10 @@ def run_congestion(
     capacity = topology.compiled.bandwidth * profile.efficiency
     links = len(capacity)
 
-    posting = np.maximum(plan.msg_send_pos, plan.msg_recv_pos) + 1
+    send_posts, recv_posts = (
+        (plan.msg_send_pos + 1, plan.msg_recv_pos + 1) if costs is None else costs.posts(plan)
+    )
+    posting = np.maximum(send_posts, recv_posts)
     alpha = profile.alpha if costs is None else costs.alpha
     work = msg_bytes if costs is None else costs.work
     step = 0.0 if costs is None else costs.step  # paid once per step, before its first message

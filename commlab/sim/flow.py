@@ -57,6 +57,9 @@ class _FlowRun:
         self.alpha = np.broadcast_to(np.asarray(alpha, float), (plan.num_messages,))
         step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
         self.step = np.broadcast_to(np.asarray(step, float), (plan.num_messages,))
+        self.send_posts, self.recv_posts = (
+            (plan.msg_send_pos + 1, plan.msg_recv_pos + 1) if costs is None else costs.posts(plan)
+        )
         self.capacity = topology.compiled.bandwidth * profile.efficiency
         self.cap = None if costs is None else costs.cap  # per-flow rate limit (calibrated concurrency)
         self.solo = solo_rates(routed, profile, costs)
@@ -115,10 +118,8 @@ class _FlowRun:
             return
         at = (
             np.maximum(
-                self.step_start[plan.msg_src_step[ready]]
-                + self.alpha[ready] * (plan.msg_send_pos[ready] + 1),
-                self.step_start[plan.msg_dst_step[ready]]
-                + self.alpha[ready] * (plan.msg_recv_pos[ready] + 1),
+                self.step_start[plan.msg_src_step[ready]] + self.alpha[ready] * self.send_posts[ready],
+                self.step_start[plan.msg_dst_step[ready]] + self.alpha[ready] * self.recv_posts[ready],
             )
             + self.step[ready]
         )
@@ -306,8 +307,11 @@ def solo_timeline(
     s_bounds = np.searchsorted(end_round[s_order], np.arange(rounds + 1))
     alpha = profile.alpha if costs is None else costs.alpha
     step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
-    send_post = step + alpha * (plan.msg_send_pos + 1)
-    recv_post = step + alpha * (plan.msg_recv_pos + 1)
+    send_posts, recv_posts = (
+        (plan.msg_send_pos + 1, plan.msg_recv_pos + 1) if costs is None else costs.posts(plan)
+    )
+    send_post = step + alpha * send_posts
+    recv_post = step + alpha * recv_posts
     ptr = plan.step_msg_ptr
     for t in range(rounds):
         ms = m_order[m_bounds[t] : m_bounds[t + 1]]
