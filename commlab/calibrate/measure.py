@@ -17,7 +17,9 @@ numbers include exactly what a collective pays per step (posting, waiting, Pytho
 - `reduce p`: ranks 0..p-1 add a tensor into another at once, per dtype (the executor's reduction; timed
   on its own, since next to a message's latency on a shared host it drowns in noise);
 - `clone p`, `copy p`: ranks 0..p-1 clone (fresh allocation) or copy a tensor at once: the local copies
-  the API makes around a schedule (reduce_scatter clones its input, allgather copies its block in).
+  the API makes around a schedule (reduce_scatter copies its input into staging, allgather its block in);
+- `algorithms` (`measure_algorithms`, after the fits): every algorithm of every op run on ranks 0..p-1 at
+  a few total sizes, the times `auto` decides by on the measured world sizes.
 Idle ranks wait in a barrier that does not spin. Every size runs its variants in `repeats` interleaved
 rounds (the first variant rotates), so a noisy moment hits all of them; the slowest active rank's mean
 time per call is a sample, the median sample is kept.
@@ -35,6 +37,7 @@ from datetime import timedelta
 import torch
 
 from commlab.calibrate import CalibrateConfig
+from commlab.collectives.calibration import Calibration
 from commlab.collectives.executor import REDUCERS, Plan, compile_plan, execute
 from commlab.collectives.schedule import Recv, Schedule, Send, Step
 
@@ -351,7 +354,9 @@ def padded(schedule: Schedule, world: int) -> Schedule:
     return Schedule("broadcast", schedule.algorithm, world, schedule.num_chunks, steps, 0)
 
 
-def algorithm_variants(runner: Runner, calibration, p: int, size: int) -> list[tuple[str, str, Variant]]:
+def algorithm_variants(
+    runner: Runner, calibration: Calibration, p: int, size: int
+) -> list[tuple[str, str, Variant]]:
     """(op, algorithm, variant) for every algorithm of every op on ranks 0..p-1 at total `size` bytes,
     with the segments and pieces a call would use under `calibration`; algorithms whose programs coincide
     (ring, direct and halving-doubling allreduce on 2 ranks...) share one variant, timed once."""
@@ -378,7 +383,7 @@ def algorithm_variants(runner: Runner, calibration, p: int, size: int) -> list[t
     return result
 
 
-def measure_algorithms(group: Group, config: CalibrateConfig, calibration) -> dict:
+def measure_algorithms(group: Group, config: CalibrateConfig, calibration: Calibration) -> dict:
     """Every algorithm of every op timed through the executor on p = 2..N ranks at the config's algorithm
     sizes (float32 sums; `calibration` picks pipeline segments as a call would): {p: {op: {algorithm:
     {size: seconds per call}}}}, the median over passes, the same dict on every rank."""

@@ -186,7 +186,7 @@ class AlgorithmTimes:
 
     `fastest` compares the algorithms' *smoothed* times: a larger buffer never takes less time with the
     same algorithm, so each algorithm's times are made non-decreasing in size (pool-adjacent-violators:
-    a dip is averaged with the sizes before it), which keeps one slow sample (gloo's vary up to 3x at
+    a dip is averaged with the sizes before it), which keeps one slow sample (gloo's vary up to 5x at
     small sizes here) from flipping the decision at one size; they are interpolated linearly in log(size)
     and log(time) between the measured sizes (the nearest measured size holds beyond them). That is the
     measured part of `auto`'s decision (see docs/calibration.md). Compared and hashed by identity (a
