@@ -146,15 +146,7 @@ class RateCurve:
 
     def at(self, nbytes: float) -> float:
         """Seconds per byte for a buffer of `nbytes`."""
-        points = self.points
-        if nbytes <= points[0][0]:
-            return points[0][1]
-        if nbytes >= points[-1][0]:
-            return points[-1][1]
-        index = bisect.bisect_right([size for size, _ in points], nbytes)
-        (s0, r0), (s1, r1) = points[index - 1], points[index]
-        weight = math.log(nbytes / s0) / math.log(s1 / s0)
-        return r0 + weight * (r1 - r0)
+        return _interpolate(self.points, nbytes)
 
     def at_sizes(self, nbytes: np.ndarray) -> np.ndarray:
         """`at` for an array of sizes at once (the simulator prices every message of a plan)."""
@@ -216,7 +208,7 @@ class AlgorithmTimes:
         for name, points in self.smoothed.get(op, {}).items():
             if among is not None and name not in among:
                 continue
-            seconds = _log_interp(points, nbytes)
+            seconds = _interpolate(points, nbytes, log_value=True)
             if seconds < best_time:
                 best, best_time = name, seconds
         return best
@@ -262,16 +254,19 @@ def non_decreasing(values: list[float]) -> list[float]:
     return [mean for mean, count in blocks for _ in range(int(count))]
 
 
-def _log_interp(points: tuple[tuple[float, float], ...], nbytes: float) -> float:
-    """Seconds at `nbytes` from (size, seconds) points: linear in log-log between them, nearest beyond."""
+def _interpolate(points: tuple[tuple[float, float], ...], nbytes: float, log_value: bool = False) -> float:
+    """The value at `nbytes` from (size, value) points by increasing size: linear in log(size) (and in
+    log(value) with `log_value`) between them, the nearest point's value beyond them."""
     if nbytes <= points[0][0]:
         return points[0][1]
     if nbytes >= points[-1][0]:
         return points[-1][1]
     index = bisect.bisect_right([n for n, _ in points], nbytes)
-    (n0, t0), (n1, t1) = points[index - 1], points[index]
+    (n0, v0), (n1, v1) = points[index - 1], points[index]
     weight = math.log(nbytes / n0) / math.log(n1 / n0)
-    return math.exp(math.log(t0) + weight * (math.log(t1) - math.log(t0)))
+    if log_value:
+        return math.exp(math.log(v0) + weight * (math.log(v1) - math.log(v0)))
+    return v0 + weight * (v1 - v0)
 
 
 @dataclass(frozen=True)
