@@ -68,18 +68,25 @@ def mpi_fault_job(how: str, report: Path, *mpiexec_options: str) -> tuple[int, s
 @pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py")
 def test_mpi_survivor_of_a_dead_peer_gets_a_clear_error_within_the_timeout(tmp_path):
     """Under `mpiexec -disable-auto-cleanup` the survivor's collective raises CollectiveTimeoutError naming
-    the collective, the peer and the timeout (5 s) within the timeout, then ends the job (MPI_Abort)."""
+    the collective, the peer and the timeout (5 s) within the timeout (or, if the death cuts a rendezvous
+    copy short, the transport's error at once), then ends the job (MPI_Abort)."""
     code, out, err, _ = mpi_fault_job("exit", tmp_path / "report", "-disable-auto-cleanup")
     lines = [line for line in out.splitlines() if line.startswith("MPI_FAULT ")]
     assert len(lines) == 1, f"exit {code}:\n{out}\n{err[-2000:]}"
     report = json.loads(lines[0].removeprefix("MPI_FAULT "))
     assert report["rank"] == 0 and report["calls"] > 0, report
     message = report["error"] or ""
-    assert message.startswith("CollectiveTimeoutError: all_reduce"), message
+    # Usually the 5 s timeout. When the peer dies while the survivor copies a large message out of its
+    # memory (MPICH's rendezvous by process_vm_readv), that receive fails at once instead ("... failed: ...
+    # process_vm_readv failed (errno 3)", seen once in ~10 runs): the transport's error, as clear.
+    timed_out = message.startswith("CollectiveTimeoutError: all_reduce")
+    assert timed_out or message.startswith("TransportError: all_reduce"), message
     # the peer dies in the schedule ("... from rank 1") or in the argument check ("an allgather with rank 1")
-    assert "rank 1" in message and "[timeout 5 s]" in message, message
-    # the call in flight at the death started before it; allow for the ranks' skew on a busy host
-    assert 3.0 < report["seconds_after_death"] < 10.0, report
+    assert "rank 1" in message, message
+    if timed_out:  # the call in flight at the death started before it; allow for the ranks' skew
+        assert "[timeout 5 s]" in message and 3.0 < report["seconds_after_death"] < 10.0, report
+    else:
+        assert report["seconds_after_death"] < 10.0, report
     assert code != 0
 
 
