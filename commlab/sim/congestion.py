@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from commlab.errors import ScheduleError
-from commlab.sim.network import MessageCosts, RoutedPlan, Timing, reduce_time
+from commlab.sim.network import MessageCosts, RoutedPlan, Timing, message_posts, reduce_time
 from commlab.sim.profile import Profile
 from commlab.sim.routing import _expand, unique_ints
 from commlab.sim.topology import Topology
@@ -75,9 +75,7 @@ def run_congestion(
     capacity = topology.compiled.bandwidth * profile.efficiency
     links = len(capacity)
 
-    send_posts, recv_posts = (
-        (plan.msg_send_pos + 1, plan.msg_recv_pos + 1) if costs is None else costs.posts(plan)
-    )
+    send_posts, recv_posts = message_posts(plan, costs)
     posting = np.maximum(send_posts, recv_posts)
     alpha = profile.alpha if costs is None else costs.alpha
     work = msg_bytes if costs is None else costs.work

@@ -30,7 +30,7 @@ import numpy as np
 from commlab.errors import ScheduleError
 from commlab.sim.congestion import rendezvous_rounds
 from commlab.sim.maxmin import max_min_rates
-from commlab.sim.network import MessageCosts, RoutedPlan, Timing, reduce_time
+from commlab.sim.network import MessageCosts, RoutedPlan, Timing, message_posts, reduce_time
 from commlab.sim.profile import Profile
 from commlab.sim.routing import _expand, unique_ints
 from commlab.sim.topology import Topology
@@ -57,9 +57,7 @@ class _FlowRun:
         self.alpha = np.broadcast_to(np.asarray(alpha, float), (plan.num_messages,))
         step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
         self.step = np.broadcast_to(np.asarray(step, float), (plan.num_messages,))
-        self.send_posts, self.recv_posts = (
-            (plan.msg_send_pos + 1, plan.msg_recv_pos + 1) if costs is None else costs.posts(plan)
-        )
+        self.send_posts, self.recv_posts = message_posts(plan, costs)
         self.capacity = topology.compiled.bandwidth * profile.efficiency
         self.cap = None if costs is None else costs.cap  # per-flow rate limit (calibrated concurrency)
         self.solo = solo_rates(routed, profile, costs)
@@ -307,9 +305,7 @@ def solo_timeline(
     s_bounds = np.searchsorted(end_round[s_order], np.arange(rounds + 1))
     alpha = profile.alpha if costs is None else costs.alpha
     step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
-    send_posts, recv_posts = (
-        (plan.msg_send_pos + 1, plan.msg_recv_pos + 1) if costs is None else costs.posts(plan)
-    )
+    send_posts, recv_posts = message_posts(plan, costs)
     send_post = step + alpha * send_posts
     recv_post = step + alpha * recv_posts
     ptr = plan.step_msg_ptr

@@ -96,11 +96,13 @@ class MessageCosts:
     send_posts: np.ndarray | None = None  # alphas before each message is posted at its sender and at its
     recv_posts: np.ndarray | None = None  # receiver (None: its position in the step + 1)
 
-    def posts(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-        """How many alphas pass before each message is posted at its sender and at its receiver."""
-        send = plan.msg_send_pos + 1 if self.send_posts is None else self.send_posts
-        recv = plan.msg_recv_pos + 1 if self.recv_posts is None else self.recv_posts
-        return send, recv
+
+def message_posts(plan: Plan, costs: MessageCosts | None) -> tuple[np.ndarray, np.ndarray]:
+    """How many alphas pass before each message is posted at its sender and at its receiver: the calibrated
+    run's own (`MessageCosts.send_posts`, `recv_posts`), else its position in its step + 1."""
+    if costs is not None and costs.send_posts is not None and costs.recv_posts is not None:
+        return costs.send_posts, costs.recv_posts
+    return plan.msg_send_pos + 1.0, plan.msg_recv_pos + 1.0
 
 
 @dataclass(frozen=True)
