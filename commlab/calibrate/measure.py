@@ -18,8 +18,9 @@ numbers include exactly what a collective pays per step (posting, waiting, Pytho
   on its own, since next to a message's latency on a shared host it drowns in noise);
 - `clone p`, `copy p`: ranks 0..p-1 clone (fresh allocation) or copy a tensor at once: the local copies
   the API makes around a schedule (reduce_scatter copies its input into staging, allgather its block in);
-- `algorithms` (`measure_algorithms`, after the fits): every algorithm of every op run on ranks 0..p-1 at
-  a few total sizes, the times `auto` decides by on the measured world sizes.
+- `algorithms` (`measure_algorithms`, after the fits): every algorithm of every op called through the API
+  on a sub-group of ranks 0..p-1 at a few total sizes, the times `auto` decides by on the measured world
+  sizes.
 Idle ranks wait in a barrier that does not spin. Every size runs its variants in `repeats` interleaved
 rounds (the first variant rotates), so a noisy moment hits all of them; the slowest active rank's mean
 time per call is a sample, the median sample is kept.
@@ -38,6 +39,8 @@ import torch
 
 from commlab.calibrate import CalibrateConfig
 from commlab.collectives.calibration import Calibration
+from commlab.collectives.communicator import Communicator
+from commlab.collectives.cost import CostModel
 from commlab.collectives.executor import REDUCERS, Plan, compile_plan, execute
 from commlab.collectives.schedule import Recv, Schedule, Send, Step
 
@@ -57,6 +60,7 @@ class Group:
     detail: str
     tag_calls: int
     close: Callable[[], None]
+    subgroup: Callable[[int], object | None]  # ranks 0..p-1 as a transport (None on the others); collective
 
 
 def join(config: CalibrateConfig) -> Group:
@@ -80,9 +84,15 @@ def join(config: CalibrateConfig) -> Group:
 
         calls = max(1, min(1024, (transport.max_tag + 1) // _TAG_WINDOW))
         detail = MPI.Get_library_version().splitlines()[0].strip()
+
+        def mpi_subgroup(p: int) -> MPITransport | None:
+            sub = world.Split(0 if world.Get_rank() < p else MPI.UNDEFINED, world.Get_rank())
+            return None if sub == MPI.COMM_NULL else MPITransport(sub, timeout=config.timeout)
+
         return Group(
-            world.Get_rank(), world.Get_size(), transport, barrier, max_all, detail, calls, lambda: None
-        )
+            world.Get_rank(), world.Get_size(), transport, barrier, max_all, detail, calls, lambda: None,
+            mpi_subgroup,
+        )  # fmt: skip
     import torch.distributed as dist
 
     from commlab.collectives.transport import TorchTransport
@@ -99,9 +109,15 @@ def join(config: CalibrateConfig) -> Group:
     close = dist.destroy_process_group if created else (lambda: None)
     detail = f"torch {torch.__version__} gloo"
     transport = TorchTransport()
+
+    def gloo_subgroup(p: int) -> TorchTransport | None:
+        sub = dist.new_group(list(range(p)))
+        return TorchTransport(sub) if dist.get_rank() < p else None
+
     return Group(
-        dist.get_rank(), dist.get_world_size(), transport, dist.barrier, gloo_max, detail, 1024, close
-    )
+        dist.get_rank(), dist.get_world_size(), transport, dist.barrier, gloo_max, detail, 1024, close,
+        gloo_subgroup,
+    )  # fmt: skip
 
 
 def _wait_napping(request) -> None:
@@ -347,63 +363,91 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
     return result
 
 
-def padded(schedule: Schedule, world: int) -> Schedule:
-    """A p-rank schedule as one of `world` ranks whose ranks p.. idle: the same steps and chunks (as a
-    single-block op, so chunk sizes stay total / num_chunks), runnable by the calibration's executor."""
-    steps = schedule.steps + ((),) * (world - schedule.world_size)
-    return Schedule("broadcast", schedule.algorithm, world, schedule.num_chunks, steps, 0)
+def api_call(op: str, algorithm: str, comm: Communicator, size: int) -> Callable[[], None]:
+    """A blocking commlab call of `op` with `algorithm` on a float32 buffer of `size` bytes in total (the
+    full buffer for reduce-scatter and allgather, as `auto` counts it), root 0 for the rooted ops."""
+    import commlab
+
+    count = max(comm.size, size // 4 // comm.size * comm.size)
+    full, block = torch.zeros(count), torch.zeros(count // comm.size)
+    if op == "allreduce":
+        return lambda: commlab.all_reduce(full, algorithm=algorithm, group=comm)
+    if op == "reduce_scatter":
+        return lambda: commlab.reduce_scatter(block, full, algorithm=algorithm, group=comm)
+    if op == "allgather":
+        return lambda: commlab.all_gather(full, block, algorithm=algorithm, group=comm)
+    if op == "broadcast":
+        return lambda: commlab.broadcast(full, 0, algorithm=algorithm, group=comm)
+    return lambda: commlab.reduce(full, 0, algorithm=algorithm, group=comm)
 
 
 def algorithm_variants(
-    runner: Runner, calibration: Calibration, p: int, size: int
+    comm: Communicator | None, model: CostModel, piece_bytes: int, p: int, size: int
 ) -> list[tuple[str, str, Variant]]:
-    """(op, algorithm, variant) for every algorithm of every op on ranks 0..p-1 at total `size` bytes,
-    with the segments and pieces a call would use under `calibration`; algorithms whose programs coincide
-    (ring, direct and halving-doubling allreduce on 2 ranks...) share one variant, timed once."""
+    """(op, algorithm, variant) for every algorithm of every op through commlab's API on `comm` (ranks
+    0..p-1; None on the others, whose variants are idle) at total `size` bytes, with the segments and
+    pieces a call resolves to under `model` and `piece_bytes` (the same on every rank, so every rank lists
+    the same variants); algorithms whose programs coincide (ring, direct and halving-doubling allreduce on
+    2 ranks...) share one variant, timed once."""
     from commlab.collectives.algorithms import algorithms_for, build_schedule
     from commlab.collectives.schedule import OPS, ROOTED_OPS, subdivide
-    from commlab.collectives.tuning import piece_bytes_for_host, pieces_for, segments_for
+    from commlab.collectives.tuning import resolve
 
-    model = calibration.cost_model(p)
-    world = runner.group.world
     programs: dict[tuple, Variant] = {}
     result = []
     for op in OPS:
         root = 0 if op in ROOTED_OPS else None
         for name in algorithms_for(op):
-            segments = segments_for(name, op, p, size, model)
-            pieces = pieces_for(op, name, p, size, segments, piece_bytes_for_host(p))
-            schedule = subdivide(build_schedule(op, name, p, root, segments), pieces)
+            choice = resolve(op, name, p, size, model, piece_bytes)
+            schedule = subdivide(build_schedule(op, name, p, root, choice.segments), choice.pieces)
             key = (schedule.num_chunks, schedule.steps)
             if key not in programs:
-                per_chunk = size // schedule.num_chunks
-                call = runner.executor_call(padded(schedule, world), per_chunk, torch.float32)
+                call = None if comm is None else api_call(op, name, comm, size)
                 programs[key] = Variant(f"{op} {name} {p}", 1, call)
             result.append((op, name, programs[key]))
     return result
 
 
 def measure_algorithms(group: Group, config: CalibrateConfig, calibration: Calibration) -> dict:
-    """Every algorithm of every op timed through the executor on p = 2..N ranks at the config's algorithm
-    sizes (float32 sums; `calibration` picks pipeline segments as a call would): {p: {op: {algorithm:
-    {size: seconds per call}}}}, the median over passes, the same dict on every rank."""
+    """Every algorithm of every op timed through commlab's API on p = 2..N ranks (sub-groups) at the
+    config's algorithm sizes (float32 sums; `calibration` picks pipeline segments as a call would):
+    {p: {op: {algorithm: {size: seconds per call}}}}, medians over passes, the same on every rank."""
+    from commlab.collectives.communicator import Communicator
+
     runner = Runner(group, config)
     sizes = config.algorithm_sizes()
     levels = list(range(2, group.world + 1))
+    comms = {}
+    for p in levels:  # collective: every rank takes part in forming every sub-group
+        transport = group.subgroup(p)
+        comms[p] = None if transport is None else Communicator(transport, check=False, profile=calibration)
+    # what every call resolves to must be known on every rank: the members' slicing, shared
+    mine = [float(comms[p].piece_bytes) if comms[p] is not None else 0.0 for p in levels]
+    shared = group.max_all(torch.tensor(mine, dtype=torch.float64)).tolist()
+    piece_bytes = {p: int(b) for p, b in zip(levels, shared, strict=True)}
+    models = {p: calibration.cost_model(p) for p in levels}
     progress = Progress(group.rank == 0 and config.progress, len(sizes) * config.passes)
     samples: dict[tuple[int, str, str, int], list[float]] = {}
-    for number in range(config.passes):
-        for i, size in enumerate(sizes):
-            progress.update(number * len(sizes) + i, f"algorithms at {size} B, pass {number + 1}")
-            rows = [(p, *row) for p in levels for row in algorithm_variants(runner, calibration, p, size)]
-            unique = list({id(v): v for *_, v in rows}.values())
-            seconds = dict(zip((id(v) for v in unique), runner.time_variants(unique), strict=True))
-            for p, op, name, variant in rows:
-                samples.setdefault((p, op, name, size), []).append(seconds[id(variant)])
+    try:
+        for number in range(config.passes):
+            for i, size in enumerate(sizes):
+                progress.update(number * len(sizes) + i, f"algorithms at {size} B, pass {number + 1}")
+                rows = [
+                    (p, *row)
+                    for p in levels
+                    for row in algorithm_variants(comms[p], models[p], piece_bytes[p], p, size)
+                ]
+                unique = list({id(v): v for *_, v in rows}.values())
+                seconds = dict(zip((id(v) for v in unique), runner.time_variants(unique), strict=True))
+                for p, op, name, variant in rows:
+                    samples.setdefault((p, op, name, size), []).append(seconds[id(variant)])
+    finally:
+        for comm in comms.values():
+            if comm is not None:
+                comm.close()
     progress.update(len(sizes) * config.passes, "algorithms done")
-    result: dict = {}
+    timed: dict = {}
     for (p, op, name, size), values in samples.items():
-        result.setdefault(str(p), {}).setdefault(op, {}).setdefault(name, {})[str(size)] = statistics.median(
-            values
-        )
-    return result
+        per_size = timed.setdefault(str(p), {}).setdefault(op, {}).setdefault(name, {})
+        per_size[str(size)] = statistics.median(values)
+    return timed
