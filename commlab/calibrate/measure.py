@@ -412,12 +412,10 @@ def measure_algorithms(group: Group, config: CalibrateConfig, calibration: Calib
     """Every algorithm of every op timed through commlab's API on p = 2..N ranks (sub-groups) at the
     config's algorithm sizes (float32 sums; `calibration` picks pipeline segments as a call would):
     {p: {op: {algorithm: {size: seconds per call}}}}, medians over passes, the same on every rank."""
-    from commlab.collectives.communicator import Communicator
-
     runner = Runner(group, config)
     sizes = config.algorithm_sizes()
     levels = list(range(2, group.world + 1))
-    comms = {}
+    comms: dict[int, Communicator | None] = {}
     for p in levels:  # collective: every rank takes part in forming every sub-group
         transport = group.subgroup(p)
         comms[p] = None if transport is None else Communicator(transport, check=False, profile=calibration)
