@@ -393,7 +393,7 @@ def calibrate(backend: str, tmp_path: Path) -> Calibration:
     assert result.time > 0
     # every algorithm of every op timed at 1 KiB, 16 KiB, 256 KiB and 1 MiB; auto decides by them
     timed = level.algorithms
-    assert timed is not None and set(timed.ops()) == set(OPS)
+    assert timed is not None and set(timed.times) == set(OPS)
     for op in OPS:
         assert set(timed.times[op]) == set(algorithms_for(op)), op
         for points in timed.times[op].values():

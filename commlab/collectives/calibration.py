@@ -198,9 +198,6 @@ class AlgorithmTimes:
         }
         object.__setattr__(self, "smoothed", smoothed)
 
-    def ops(self) -> tuple[str, ...]:
-        return tuple(self.times)
-
     def fastest(self, op: str, nbytes: float, among: tuple[str, ...] | None = None) -> str | None:
         """The algorithm of `op` with the least interpolated time at `nbytes` (of `among`, if given); None
         when `op` was not measured."""

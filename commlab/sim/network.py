@@ -26,7 +26,8 @@ would, k of them together moving their bytes min(k, c) times faster than one aft
 gamma(m), the level's reduction cost for buffers of that size (in cache faster than out of it). A level's
 `step` is paid once per step before its first message is posted, and taken off every message's alpha(m),
 as in the `auto` model: a one-message step costs the calibrated time, a direct step of p-1 messages less
-than p-1 such steps.
+than p-1 such steps. Where a round has more busy ranks than the profile's host has cores, a message waits
+for the round's messages per busy rank rather than its position in its step (`posting_alphas`).
 """
 
 from __future__ import annotations
@@ -362,9 +363,10 @@ def round_load(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         if len(msgs) == 0:
             continue
         src, dst = plan.msg_src[msgs], plan.msg_dst[msgs]
+        ranks = len(np.unique(np.concatenate([src, dst])))
         one_way = len(np.unique(src)) == 1 and len(np.unique(dst)) == 1
-        busy[msgs] = 1 if one_way else len(np.unique(np.concatenate([src, dst])))
-        share[msgs] = len(msgs) / len(np.unique(np.concatenate([src, dst])))
+        busy[msgs] = 1 if one_way else ranks
+        share[msgs] = len(msgs) / ranks
     return busy, share
 
 
