@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-allreduce test lint format env clean
+.PHONY: demo demo-allreduce test test-portability lint format env clean
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# The numerics tests under every CPU kernel path this machine has, the timing tests with every core busy.
+test-portability: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m tests.portability
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

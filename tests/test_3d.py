@@ -1,4 +1,4 @@
-"""Training under dp x pp x tp equals one process: losses and final parameters, fp32, rtol 1e-5.
+"""Training under dp x pp x tp equals one process: losses and final parameters.
 
 Every rank builds the model from seed SEED + dp_rank (so DataParallel's broadcast is exercised; tensor and
 pipeline peers of one replica share the seed), keeps its tensor-parallel shard and pipeline stage, and
@@ -6,6 +6,11 @@ trains on its data-parallel share of fixed global batches with SGD + momentum an
 that is active. The reference trains seed SEED on the whole batches in this process. A rank returns the
 losses (rank-averaged) and its parameters by their names in the whole model; shards are compared with
 the matching slice of the reference.
+
+Both run in float64 and compare at the bound of 3 SGD steps whose gradients differ only by summation order
+(tests/numerics.py), doubled for the clip (it scales a difference by at most 2 CLIP / |g|, < 2 here): about
+5e-12. A float32 comparison would depend on the CPU's kernels; a wrong shard or a missed gradient moves
+weights by ~lr = 0.1.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ import commlab
 from commlab.models import GPT, GPTConfig, ViT, ViTConfig
 from commlab.parallel import Pipeline, tensor_parallel_layers
 from commlab.parallel.sequence import sequence_parallel_layers
+from tests.numerics import float64, sgd_tolerance
 from tests.test_data_parallel import make_batches, shard
 from tests.test_tensor_parallel import mesh_of, my_slice
 
+pytestmark = pytest.mark.numerics
+
 SEED, STEPS, GLOBAL_BATCH = 100, 3, 8
-RTOL, ATOL = 1e-5, 1e-6
+LR, MOMENTUM = 0.1, 0.9
+TOLERANCE = sgd_tolerance(STEPS, LR, MOMENTUM, clip_gain=2.0)
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = 0.5  # below the gradient norms (tiny GPT about 0.61-0.63, ViT 2.2-2.8): every step is clipped
 
@@ -44,9 +53,10 @@ def build(kind: str, seed: int, layers=None, checkpoint: str = "none", n_layer: 
 def optimizer(params) -> torch.optim.Optimizer:
     """SGD with momentum: Adam would divide each gradient entry by its own magnitude, so reduction-order
     differences of 1e-9 on entries near 1e-8 (TP splits matmul sums) would move updates by ~1e-5."""
-    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=0.01)
 
 
+@float64()
 def reference(kind: str, checkpoint: str = "none") -> tuple[list[float], dict[str, torch.Tensor]]:
     model = build(kind, SEED, checkpoint=checkpoint)
     opt = optimizer(model.parameters())
@@ -61,6 +71,7 @@ def reference(kind: str, checkpoint: str = "none") -> tuple[list[float], dict[st
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@float64()
 def train_3d(
     kind: str, dp: int, pp: int, tp: int, micro: int = 2, schedule: str = "1f1b", checkpoint: str = "none",
     sequence_parallel: bool = False,
@@ -90,11 +101,14 @@ def assert_matches(results: list, expected: tuple[list[float], dict[str, torch.T
     want_losses, want_params = expected
     seen = set()
     for losses, params in results:
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(want_losses), rtol=TOLERANCE, atol=TOLERANCE
+        )
         for name, (param, shard_of) in params.items():
             holder = type("P", (), {"shard_of": shard_of, "shape": param.shape})
             want = my_slice(want_params[name], holder)
-            torch.testing.assert_close(param, want, rtol=RTOL, atol=ATOL, msg=name)
+            assert param.dtype == want.dtype == torch.float64, name
+            torch.testing.assert_close(param, want, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
             seen.add(name)
     assert seen == set(want_params), set(want_params) ^ seen
 

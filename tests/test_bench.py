@@ -79,6 +79,7 @@ def test_bad_size_is_a_usage_error(capsys) -> None:
     assert "accepted: a byte count like 8, 4K, 64M, 1G" in capsys.readouterr().err
 
 
+@pytest.mark.timing
 def test_gloo_sweep_of_every_algorithm_with_json_and_plot(tmp_path) -> None:
     path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     try:
@@ -104,6 +105,7 @@ def test_gloo_sweep_of_every_algorithm_with_json_and_plot(tmp_path) -> None:
         assert plot.stat().st_size > 1000
 
 
+@pytest.mark.timing
 def test_mpi_sweeps_launched_by_bench(tmp_path) -> None:
     pytest.importorskip("mpi4py")
     path = tmp_path / "mpi.json"
@@ -115,6 +117,7 @@ def test_mpi_sweeps_launched_by_bench(tmp_path) -> None:
     assert "n/a" in out and "# Out of bounds values : 0 OK" in out  # MPI has no bfloat16 reduction
 
 
+@pytest.mark.timing
 def test_runs_inside_mpiexec_and_torchrun_style_launchers() -> None:
     pytest.importorskip("mpi4py")
     from commlab.bench.launch import find_mpiexec

@@ -79,6 +79,23 @@ def test_fit_keeps_coefficients_non_negative_and_finds_gamma() -> None:
         fit_line([8, 16], [1e-5, -1.0])
 
 
+def test_fits_on_noisy_timings_stay_close_and_valid() -> None:
+    """What a loaded host gives, seeded: 10% log-normal noise on every size, then a burst in which busy
+    cores slow three sizes 20x. The fit logic is judged here on synthetic timings; the live calibrations
+    below check only the profile's structure, since their fit depends on what else the machine runs."""
+    rng = np.random.default_rng(0)
+    truth = np.array([20e-6 + s / 3e9 for s in SIZES])
+    noisy = truth * rng.lognormal(0.0, 0.1, len(SIZES))
+    alpha, beta = fit_line(SIZES, noisy)  # relative least squares: each size weighs alike
+    assert alpha == pytest.approx(20e-6, rel=0.2) and beta == pytest.approx(1 / 3e9, rel=0.2)
+    burst = noisy.copy()
+    burst[[2, 5, 9]] *= 20
+    fit = fit_piecewise(SIZES, burst)
+    assert 1 <= len(fit.segments) <= 3 and fit.segments[-1].max_bytes == math.inf
+    assert all(seg.alpha >= 0 and seg.beta >= 0 for seg in fit.segments)
+    assert all(fit.time(n) > 0 for n in SIZES) and math.isfinite(fit.max_relative_error)
+
+
 def test_profile_round_trip_and_piecewise_model(tmp_path) -> None:
     low, high = Segment(4096.0, 10e-6, 1e-9), Segment(math.inf, 30e-6, 2e-10)
     link = LinkFit((low, high), 0.99, 0.05)
@@ -361,6 +378,7 @@ def auto_choices(latency_profile: str, bandwidth_profile: str) -> tuple[str, str
     return env_choice, arg_choice, float(x[0])
 
 
+@pytest.mark.timing
 def test_auto_uses_the_environment_profile_and_the_argument(tmp_path, rank_pools) -> None:
     latency, bandwidth = tmp_path / "latency.json", tmp_path / "bandwidth.json"
     synthetic(alpha=1.0, beta=1e-12).save(latency)  # messages cost everything: fewest messages wins
@@ -385,7 +403,10 @@ def calibrate(backend: str, tmp_path: Path) -> Calibration:
     assert cal.backend == backend and cal.world_sizes == (2,) and cal.machine["ranks"] == 2
     assert cal.machine["hostname"] and cal.machine["torch"] and cal.machine["time"]
     level = cal.levels[2]
-    assert level.link.time(8) > 0 and level.link.time(1 << 20) > level.link.time(8)
+    # Structure only: under load the fitted line may come out flat (beta 0), so no monotonic time or fit
+    # quality is asked. Non-negative fits of positive times are positive, so these hold on any machine.
+    assert level.link.segments and all(seg.alpha >= 0 and seg.beta >= 0 for seg in level.link.segments)
+    assert level.link.time(8) > 0 and level.link.time(1 << 20) > 0
     assert level.gamma_of("float32") > 0 and level.clone > 0
     assert set(cal.measurements["ring"]["2"]) == {str(8 * 4**i) for i in range(10) if 8 * 4**i <= 1 << 20}
     profile = Profile.load(path)
@@ -405,6 +426,7 @@ def calibrate(backend: str, tmp_path: Path) -> Calibration:
     return cal
 
 
+@pytest.mark.timing
 def test_calibrate_gloo_end_to_end_and_refit(tmp_path, capsys) -> None:
     cal = calibrate("gloo", tmp_path)
     refitted = tmp_path / "refitted.json"
@@ -422,6 +444,7 @@ def test_calibrate_gloo_end_to_end_and_refit(tmp_path, capsys) -> None:
     assert "holds no measurements" in capsys.readouterr().err
 
 
+@pytest.mark.timing
 def test_calibrate_mpi_end_to_end(tmp_path) -> None:
     pytest.importorskip("mpi4py")
     calibrate("mpi", tmp_path)

@@ -12,6 +12,8 @@ import torch.distributed as dist
 
 from commlab.parallel.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 
+pytestmark = pytest.mark.numerics
+
 LAYOUT = {"dp": 2, "tp": 1, "pp": 1}
 
 

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import commlab
 from commlab.errors import CollectiveTimeoutError, TransportError
 
+pytestmark = pytest.mark.timing
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

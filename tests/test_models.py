@@ -24,6 +24,11 @@ from commlab.models import (
     training_flops_per_token,
 )
 from commlab.models.gpt import Attention
+from tests.numerics import float64, one_pass_tolerance
+
+pytestmark = pytest.mark.numerics
+
+ONE_PASS = one_pass_tolerance()  # checkpointing and head shards reorder sums only (tests/numerics.py)
 
 
 def build_gpt(seed: int = 0, **overrides) -> GPT:
@@ -140,6 +145,7 @@ def loss_and_grads(model: nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tenso
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
+@float64()
 def test_checkpointing_gives_same_loss_and_gradients(mode):
     idx, targets = random_tokens((2, 32)), random_tokens((2, 32), seed=2)
     ref_loss, ref_grads = loss_and_grads(build_gpt(), idx, targets)
@@ -149,9 +155,9 @@ def test_checkpointing_gives_same_loss_and_gradients(mode):
     assert switched.config.checkpoint == mode
     for model in (built, switched):
         loss, grads = loss_and_grads(model, idx, targets)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(loss, ref_loss, rtol=ONE_PASS, atol=ONE_PASS)
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(grad, ref_grads[name], rtol=ONE_PASS, atol=ONE_PASS, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -197,6 +203,7 @@ def test_generate_is_reproducible_and_crops_context():
     assert torch.equal(greedy[:, 30], model(prompt)[0][:, -1].argmax(-1))
 
 
+@float64()
 def test_attention_runs_on_a_head_shard_and_shards_sum_to_the_full_output():
     """The tensor-parallel contract: contiguous column shards of qkv hold whole heads."""
     config = GPTConfig.preset("tiny", n_head=4)
@@ -221,7 +228,7 @@ def test_attention_runs_on_a_head_shard_and_shards_sum_to_the_full_output():
             d = config.d_model // world
             shard.out_proj.weight.copy_(full.out_proj.weight[:, rank * d : (rank + 1) * d])
         total += shard(x)  # what the row-parallel all-reduce would sum
-    torch.testing.assert_close(total, full(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, full(x), rtol=ONE_PASS, atol=ONE_PASS)
 
 
 def test_layers_hooks_are_used():
@@ -250,6 +257,7 @@ def test_vit_forward_backward(mode):
     assert model.blocks[0].attn.causal is False and model(images)[1] is None
 
 
+@float64()
 def test_vit_checkpointing_matches():
     images, labels = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4])
     torch.manual_seed(0)
@@ -258,9 +266,9 @@ def test_vit_checkpointing_matches():
     model = ViT(ViTConfig.preset("tiny"))
     model.set_checkpoint("full")
     loss, grads = loss_and_grads(model, images, labels)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss, ref_loss, rtol=ONE_PASS, atol=ONE_PASS)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grad, ref_grads[name], rtol=ONE_PASS, atol=ONE_PASS, msg=name)
 
 
 def test_presets_build():

@@ -20,6 +20,8 @@ pytest.importorskip("mpi4py")
 
 from commlab.bench.launch import find_mpiexec
 
+pytestmark = pytest.mark.timing
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
 

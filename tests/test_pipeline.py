@@ -14,11 +14,13 @@ from commlab.models import GPT, GPTConfig
 from commlab.parallel import Mesh, Pipeline, PipelineStage
 from commlab.parallel.p2p import PointToPoint
 from commlab.parallel.pipeline import balanced_partition, schedule_actions
+from tests.numerics import float64, one_pass_tolerance
 from tests.test_tensor_parallel import mesh_of
 
 MICRO = 8
 
 
+@float64()
 def one_step(schedule: str) -> dict:
     """Runs on every rank of a 4-stage pipeline: one training step, its gradients and memory figures."""
     mesh = mesh_of(1, dist.get_world_size(), 1)
@@ -36,23 +38,27 @@ def one_step(schedule: str) -> dict:
     }
 
 
+@pytest.mark.numerics
 def test_gpipe_and_1f1b_give_identical_gradients_and_1f1b_holds_at_most_pp_microbatches(rank_pools):
     pool = rank_pools(4)
     gpipe, one_f_one_b = pool.run(one_step, "gpipe"), pool.run(one_step, "1f1b")
-    # The reference: one process, the whole batch (the 1/m-scaled microbatch losses sum to its loss).
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("tiny", n_layer=4))
-    tokens = torch.randint(0, 256, (2 * MICRO, 33), generator=torch.Generator().manual_seed(1))
-    loss = model(tokens[:, :-1], tokens[:, 1:])[1]
-    loss.backward()
+    # The reference: one process, the whole batch (the 1/m-scaled microbatch losses sum to its loss), in
+    # float64 like the stages, compared at the bound of one forward and backward (tests/numerics.py).
+    with float64():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.preset("tiny", n_layer=4))
+        tokens = torch.randint(0, 256, (2 * MICRO, 33), generator=torch.Generator().manual_seed(1))
+        loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+        loss.backward()
     reference = dict(model.named_parameters())
-    torch.testing.assert_close(one_f_one_b[-1]["loss"], loss.item(), rtol=1e-6, atol=1e-6)
+    tol = one_pass_tolerance()
+    torch.testing.assert_close(one_f_one_b[-1]["loss"], loss.item(), rtol=tol, atol=tol)
     pp = 4
     for stage, (a, b) in enumerate(zip(gpipe, one_f_one_b, strict=True)):
         assert a["grads"].keys() == b["grads"].keys()
         for name, grad in a["grads"].items():
             assert torch.equal(grad, b["grads"][name]), name  # same microbatch order: bit for bit
-            torch.testing.assert_close(grad, reference[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(grad, reference[name].grad, rtol=tol, atol=tol, msg=name)
         assert a["peak_in_flight"] == MICRO
         assert b["peak_in_flight"] == pp - stage <= pp
         per_micro_batch = a["peak_bytes"] / MICRO  # GPipe holds every microbatch at its peak
@@ -145,16 +151,18 @@ def silent_peer() -> str:
     return "no error"
 
 
+@pytest.mark.timing
 def test_a_missing_activation_times_out_with_a_clear_error(rank_pools):
     message = rank_pools(2).run(silent_peer, breaks_group=True)[1]
     assert "activation of microbatch 5 from stage 0" in message and "1 s" in message, message
 
 
 def late_sender() -> float:
-    """Stage 0 sends 0.3 s late: stage 1's receive counts that wait as idle time (the bubble's measure)."""
+    """Stage 0 sends 1 s late: stage 1's receive counts that wait as idle time (the bubble's measure).
+    The test asks for half of it, so a rank that the scheduler starts up to 0.5 s late still passes."""
     p2p = PointToPoint(mesh_of(1, 2, 1).pp_group, timeout=10.0)
     if p2p.rank == 0:
-        time.sleep(0.3)
+        time.sleep(1.0)
         p2p.send(torch.ones(4), 1, 0, "activation")
     else:
         p2p.recv((4,), torch.float32, torch.device("cpu"), 0, 0, "activation")
@@ -162,6 +170,7 @@ def late_sender() -> float:
     return p2p.waited_s
 
 
+@pytest.mark.timing
 def test_time_blocked_on_a_peer_is_counted_as_idle(rank_pools):
     sender, receiver = rank_pools(2).run(late_sender)
-    assert receiver >= 0.25 and sender < receiver, (sender, receiver)
+    assert receiver >= 0.5 and sender < receiver, (sender, receiver)

@@ -172,7 +172,8 @@ def rope_frequencies(head_dim: int, positions: int | Tensor, base: float = 10000
     pos = torch.arange(positions) if isinstance(positions, int) else positions
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = pos.to(torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().float(), angles.sin().float()
+    dtype = torch.get_default_dtype()  # float32 tables for a float32 model, float64 for a float64 one
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

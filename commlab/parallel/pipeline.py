@@ -286,9 +286,9 @@ class Pipeline:
                 continue
             squares += p.grad.detach().double().pow(2).sum()
         all_reduce(squares, group=self.mesh.world_group)
-        norm = (squares / self.mesh.dp).sqrt().float()
+        norm = (squares / self.mesh.dp).sqrt()  # float64, like the squares: no rounding to the grads' dtype
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in self.stage.parameters():
             if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.device))
+                p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
         return norm[0]
