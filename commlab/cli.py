@@ -74,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--bytes", type=_positive_int, default=1 << 20, help="message size of the example (bytes per rank)"
     )
     algorithms.set_defaults(run=_algorithms)
-    from commlab.bench import add_parser as add_bench_parser
+    from commlab.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)
     from commlab.sim.cli import add_sim_parser
 
     add_sim_parser(sub)
-    from commlab.sim.train_cli import add_plan_parser
+    from commlab.sim.training.cli import add_plan_parser
 
     add_plan_parser(sub)
-    from commlab.calibrate import add_parser as add_calibrate_parser
+    from commlab.calibrate.cli import add_parser as add_calibrate_parser
 
     add_calibrate_parser(sub)
     from commlab.calibrate.tune import add_parser as add_tune_parser

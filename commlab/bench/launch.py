@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from commlab.bench import CONFIG_ENV, BenchConfig
+from commlab.bench.config import CONFIG_ENV, BenchConfig
 from commlab.errors import CommlabError, InvalidArgumentError
 
 

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import commlab
-from commlab.bench import BenchConfig
+from commlab.bench.config import BenchConfig
 
 _TYPE_NAMES = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16"}
 

@@ -23,20 +23,12 @@ from typing import Any
 import torch
 
 import commlab
-from commlab.bench import BenchConfig
+from commlab.bench.config import BenchConfig
 from commlab.bench.launch import worker_main
 from commlab.bench.report import Reporter
 from commlab.collectives.tuning import resolve
 from commlab.errors import invalid
-
-BUSBW_FACTOR = {
-    "allreduce": lambda p: 2 * (p - 1) / p,
-    "reduce_scatter": lambda p: (p - 1) / p,
-    "allgather": lambda p: (p - 1) / p,
-    "broadcast": lambda p: 1.0,
-    "reduce": lambda p: 1.0,
-}
-BLOCKED = ("reduce_scatter", "allgather")
+from commlab.shared.ops import op_info
 
 
 @dataclass
@@ -257,8 +249,9 @@ def run_size(size: int, ranks: Ranks, config: BenchConfig) -> list[dict]:
     dtype = getattr(torch, config.dtype)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     world, op = ranks.world, config.op
-    count = max(1, size // itemsize // world) if op in BLOCKED else max(1, size // itemsize)
-    nbytes = count * itemsize * (world if op in BLOCKED else 1)
+    info = op_info(op)
+    count = info.count(size, itemsize, world)
+    nbytes = info.total_bytes(count, itemsize, world)
     b = buffers(op, count, ranks, config, dtype)
     calls: dict[str, Callable[[], None]] = {
         a: commlab_call(op, a, b, ranks, config) for a in config.algorithms
@@ -297,7 +290,7 @@ def run_size(size: int, ranks: Ranks, config: BenchConfig) -> list[dict]:
     samples = ranks.max_all(samples)
     counts = torch.tensor([float(wrong[n]) for n in names], dtype=torch.float64)
     counts = _sum_all(ranks, counts)
-    factor = BUSBW_FACTOR[op](world)
+    factor = info.bus_factor(world)
     median = {n: statistics.median(samples[:, i].tolist()) for i, n in enumerate(names)}
     native_time = median.get("native")
     rows = []
@@ -315,8 +308,8 @@ def run_size(size: int, ranks: Ranks, config: BenchConfig) -> list[dict]:
             "size": nbytes,
             "count": count,
             "type": config.dtype,
-            "redop": config.redop if op in ("allreduce", "reduce_scatter", "reduce") else "none",
-            "root": config.root if op in ("broadcast", "reduce") else -1,
+            "redop": config.redop if info.reduces else "none",
+            "root": config.root if info.rooted else -1,
             "algorithm": name,
             "resolved": resolved,
             "iters": iters,
@@ -345,7 +338,7 @@ def _sum_all(ranks: Ranks, values: torch.Tensor) -> torch.Tensor:
 def run_worker(config: BenchConfig) -> None:
     """Join the ranks, sweep the sizes, report on rank 0."""
     ranks = start(config)
-    if config.op in ("broadcast", "reduce") and not 0 <= config.root < ranks.world:
+    if op_info(config.op).rooted and not 0 <= config.root < ranks.world:
         raise invalid("--root", config.root, f"a rank in 0..{ranks.world - 1}")
     reporter = Reporter(config, ranks.world, ranks.describe, enabled=ranks.rank == 0)
     reporter.header()

@@ -37,12 +37,16 @@ from datetime import timedelta
 
 import torch
 
-from commlab.calibrate import CalibrateConfig
+import commlab
+from commlab.calibrate.config import CalibrateConfig
+from commlab.collectives.algorithms import algorithms_for, build_schedule
 from commlab.collectives.calibration import Calibration
 from commlab.collectives.communicator import Communicator
 from commlab.collectives.cost import CostModel
 from commlab.collectives.executor import REDUCERS, Plan, compile_plan, execute
-from commlab.collectives.schedule import Recv, Schedule, Send, Step
+from commlab.collectives.schedule import OPS, ROOTED_OPS, Recv, Schedule, Send, Step, subdivide
+from commlab.collectives.transport import TorchTransport
+from commlab.collectives.tuning import resolve
 
 _TAG_WINDOW = 1 << 20
 _MAX_ITERS = 2000
@@ -94,8 +98,6 @@ def join(config: CalibrateConfig) -> Group:
             mpi_subgroup,
         )  # fmt: skip
     import torch.distributed as dist
-
-    from commlab.collectives.transport import TorchTransport
 
     created = not dist.is_initialized()
     if created:
@@ -366,8 +368,6 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
 def api_call(op: str, algorithm: str, comm: Communicator, size: int) -> Callable[[], None]:
     """A blocking commlab call of `op` with `algorithm` on a float32 buffer of `size` bytes in total (the
     full buffer for reduce-scatter and allgather, as `auto` counts it), root 0 for the rooted ops."""
-    import commlab
-
     count = max(comm.size, size // 4 // comm.size * comm.size)
     full, block = torch.zeros(count), torch.zeros(count // comm.size)
     if op == "allreduce":
@@ -389,10 +389,6 @@ def algorithm_variants(
     pieces a call resolves to under `model` and `piece_bytes` (the same on every rank, so every rank lists
     the same variants); algorithms whose programs coincide (ring, direct and halving-doubling allreduce on
     2 ranks...) share one variant, timed once."""
-    from commlab.collectives.algorithms import algorithms_for, build_schedule
-    from commlab.collectives.schedule import OPS, ROOTED_OPS, subdivide
-    from commlab.collectives.tuning import resolve
-
     programs: dict[tuple, Variant] = {}
     result = []
     for op in OPS:

@@ -7,7 +7,8 @@ import platform
 import statistics
 from typing import Any
 
-from commlab.calibrate import CalibrateConfig
+from commlab.bench.report import format_size, machine_description
+from commlab.calibrate.config import CalibrateConfig
 from commlab.calibrate.fit import fit_gamma, fit_piecewise, relative_errors
 from commlab.calibrate.measure import fan_large_sizes, fan_messages
 from commlab.collectives.calibration import AlgorithmTimes, Calibration, Level, LinkFit, RateCurve
@@ -15,8 +16,6 @@ from commlab.collectives.calibration import AlgorithmTimes, Calibration, Level, 
 
 def machine(config: CalibrateConfig, world: int, detail: str) -> dict[str, Any]:
     """The machine description stored in the profile: host, cores, versions, date, ranks."""
-    from commlab.bench.report import machine_description
-
     info = machine_description(detail)
     info["hostname"] = info.pop("host")
     info["ranks"] = world
@@ -127,8 +126,6 @@ def build_calibration(config: CalibrateConfig, measurements: dict, description: 
 
 
 def _range(lo: float, hi: float) -> str:
-    from commlab.bench.report import format_size
-
     def fmt(x: float) -> str:
         return format_size(int(x)) if x < 1 << 40 else "inf"
 
@@ -152,8 +149,6 @@ def _rate(per_byte: float) -> str:
 
 def report(calibration: Calibration) -> str:
     """The human report: machine, fits per level, the relative error at every size, launch and gamma."""
-    from commlab.bench.report import format_size
-
     m = calibration.machine
     out = [
         f"# commlab calibrate: {calibration.backend} on {m.get('hostname', '?')} "

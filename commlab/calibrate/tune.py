@@ -15,8 +15,10 @@ import dataclasses
 import json
 import sys
 
+from commlab.collectives.algorithms import algorithms_for
 from commlab.collectives.calibration import BACKENDS, Calibration, active_profile_path, as_calibration
 from commlab.collectives.schedule import OPS
+from commlab.collectives.tuning import choose
 from commlab.errors import CommlabError, invalid
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8", "int8")
@@ -32,9 +34,6 @@ def decision_table(
 ) -> list[dict]:
     """[{min_bytes, max_bytes, algorithm, source}] over sizes 8 B..max_bytes (powers of two); source is
     'measured' (the profile's algorithm times decide) or 'formulas'; `formulas`: ignore the measurements."""
-    from commlab.collectives.algorithms import algorithms_for
-    from commlab.collectives.tuning import choose
-
     model = calibration.cost_model(world_size, dtype)
     if formulas:
         model = dataclasses.replace(model, measured=None)

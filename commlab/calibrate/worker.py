@@ -9,15 +9,16 @@ import json
 import os
 import sys
 
-from commlab.calibrate import CONFIG_ENV, CalibrateConfig
+from commlab.bench.launch import start_ranks, worker_main
+from commlab.calibrate.config import CONFIG_ENV, CalibrateConfig
+from commlab.calibrate.measure import join, measure, measure_algorithms
+from commlab.calibrate.profile import build_calibration, machine, report
 
 PRINT_JSON_ENV = "COMMLAB_CALIBRATE_JSON"
 
 
 def launch(config: CalibrateConfig, print_json: bool = False) -> int:
     """Start `config.ranks` ranks of this module (gloo processes or `mpiexec -n`); wait for them all."""
-    from commlab.bench.launch import start_ranks
-
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env[CONFIG_ENV] = config.to_env()
     env[PRINT_JSON_ENV] = "1" if print_json else "0"
@@ -26,9 +27,6 @@ def launch(config: CalibrateConfig, print_json: bool = False) -> int:
 
 def run_worker(config: CalibrateConfig, print_json: bool = False) -> None:
     """Measure on every rank; on rank 0 fit, save the profile and print the report (or the JSON)."""
-    from commlab.calibrate.measure import join, measure, measure_algorithms
-    from commlab.calibrate.profile import build_calibration, machine, report
-
     group = join(config)
     try:
         if group.world < 2:
@@ -53,8 +51,6 @@ def run_worker(config: CalibrateConfig, print_json: bool = False) -> None:
 
 
 def main() -> int:
-    from commlab.bench.launch import worker_main
-
     return worker_main(lambda: run_worker(CalibrateConfig.from_env(), os.environ.get(PRINT_JSON_ENV) == "1"))
 
 

@@ -26,7 +26,7 @@ Every rank must see the same profile, or ranks may choose different algorithms (
 fails the call with CollectiveMismatchError): set COMMLAB_PROFILE alike on every rank.
 
 This module sits in the collectives layer (no sim, no torch.distributed): the simulator reads the same
-files through `commlab.sim.profile`.
+files through `commlab.sim.network.profile`.
 """
 
 from __future__ import annotations

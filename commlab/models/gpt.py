@@ -89,9 +89,9 @@ class GPTConfig:
         return config_from_preset(cls, GPT_PRESETS, name, overrides)
 
     def to_sim_spec(self, name: str = "gpt") -> Any:
-        """This model as the training simulator's `commlab.sim.workload.ModelSpec` (bias-free linears,
+        """This model as the training simulator's `commlab.sim.training.workload.ModelSpec` (bias-free linears,
         rotary positions: no learned position table), so `commlab sim train` simulates what GPT trains."""
-        from commlab.sim.workload import ModelSpec
+        from commlab.sim.training.workload import ModelSpec
 
         return ModelSpec(
             name,

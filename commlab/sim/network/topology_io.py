@@ -31,8 +31,8 @@ from pathlib import Path
 import networkx as nx
 
 from commlab.errors import InvalidArgumentError, TopologyError, invalid
-from commlab.sim.topology import BUILDERS, NPU, SWITCH, Topology
-from commlab.sim.units import parse_bandwidth, parse_time
+from commlab.sim.network.topology import BUILDERS, NPU, SWITCH, Topology
+from commlab.sim.network.units import parse_bandwidth, parse_time
 
 SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 ASTRA_KINDS = ("Ring", "FullyConnected", "Switch")

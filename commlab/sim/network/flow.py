@@ -28,12 +28,18 @@ import itertools
 import numpy as np
 
 from commlab.errors import ScheduleError
-from commlab.sim.congestion import rendezvous_rounds
-from commlab.sim.maxmin import max_min_rates
-from commlab.sim.network import MessageCosts, RoutedPlan, Timing, message_posts, reduce_time
-from commlab.sim.profile import Profile
-from commlab.sim.routing import _expand, unique_ints
-from commlab.sim.topology import Topology
+from commlab.sim.network.engine import (
+    MessageCosts,
+    RoutedPlan,
+    Timing,
+    message_posts,
+    reduce_time,
+    rendezvous_rounds,
+)
+from commlab.sim.network.maxmin import max_min_rates
+from commlab.sim.network.profile import Profile
+from commlab.sim.network.routing import _expand, unique_ints
+from commlab.sim.network.topology import Topology
 
 _DONE, _ARRIVE, _START, _ACTIVATE = 0, 1, 2, 3
 _MERGE = 1e-12  # events closer than this (relative) are one batch

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from commlab.errors import invalid
-from commlab.sim.network import SimResult
-from commlab.sim.routing import _expand
-from commlab.sim.units import format_size
+from commlab.sim.network.engine import SimResult
+from commlab.sim.network.routing import _expand
+from commlab.sim.network.units import format_size
 
 
 def _step_events(result: SimResult, pid: int) -> list[dict]:

@@ -1,13 +1,13 @@
 """A transformer training step under DP x TP x PP: its compute, its collectives, their overlap and memory.
 
 One data-parallel replica is simulated (every replica runs the same schedule). Each pipeline rank runs
-the forward and backward tasks its schedule orders (`commlab.sim.pipeline`); a task is the op list of
-`commlab.sim.compute` for its model chunk, with the tensor-parallel collectives in line (they block the
+the forward and backward tasks its schedule orders (`commlab.sim.training.pipeline`); a task is the op list of
+`commlab.sim.training.compute` for its model chunk, with the tensor-parallel collectives in line (they block the
 compute stream, as in Megatron-LM). Activations and gradients cross stage boundaries point to point (each
 TP rank sends its 1/t slice over its own NIC; without sequence parallelism the receiver allgathers them).
 Data-parallel gradient buckets are reduced on a separate stream as the last microbatch's backward fills
 them; the step ends after the tied-embedding gradient sync, the optimizer and, under ZeRO, the parameter
-allgather. Collectives are timed by `commlab.sim.network` on the cluster topology (`CollectiveTimer`).
+allgather. Collectives are timed by `commlab.sim.network.collective` on the cluster topology (`CollectiveTimer`).
 
 Ranks follow commlab.parallel.Mesh: rank = (dp_rank x pp + pp_rank) x tp + tp_rank.
 """
@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from commlab.sim.clusters import ClusterSpec, CollectiveTimer, cluster_spec
-from commlab.sim.compute import (
+from commlab.sim.network import Profile
+from commlab.sim.training.clusters import ClusterSpec, CollectiveTimer, cluster_spec
+from commlab.sim.training.compute import (
     BF16,
     Efficiency,
     Item,
@@ -31,10 +32,9 @@ from commlab.sim.compute import (
     model_flops,
     optimizer_bytes_per_parameter,
 )
-from commlab.sim.memory import MemoryReport, memory_of, stage_parameters
-from commlab.sim.pipeline import PipelineRun, run_pipeline, schedule_order
-from commlab.sim.profile import Profile
-from commlab.sim.workload import Layout, ModelSpec, check_layout, padded_vocab
+from commlab.sim.training.memory import MemoryReport, memory_of, stage_parameters
+from commlab.sim.training.pipeline import PipelineRun, run_pipeline, schedule_order
+from commlab.sim.training.workload import Layout, ModelSpec, check_layout, padded_vocab
 
 Segment = tuple[bool, str, float]  # (is a collective, name, seconds)
 

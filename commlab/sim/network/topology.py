@@ -22,8 +22,8 @@ import networkx as nx
 import numpy as np
 
 from commlab.errors import TopologyError, invalid
-from commlab.sim import hardware
-from commlab.sim.routing import ROUTINGS, CompiledGraph, Router, Routes, distances_to
+from commlab.sim.network import hardware
+from commlab.sim.network.routing import ROUTINGS, CompiledGraph, Router, Routes, distances_to
 
 NPU = "npu"
 SWITCH = "switch"

@@ -20,7 +20,7 @@ from commlab.errors import ScheduleError, invalid
 
 
 @dataclass(frozen=True)
-class Plan:
+class CompiledSchedule:
     """Arrays of one schedule. Steps are numbered rank by rank; messages in (sender, receiver) order."""
 
     schedule: Schedule
@@ -88,7 +88,7 @@ def usable_bytes(schedule: Schedule, nbytes: int, itemsize: int) -> int:
     return numel * itemsize
 
 
-def compile_schedule(schedule: Schedule) -> Plan:
+def compile_schedule(schedule: Schedule) -> CompiledSchedule:
     """Match every send with its receive and lay the schedule out as arrays (raises on a mismatch)."""
     p = schedule.world_size
     step_counts = np.fromiter((len(steps) for steps in schedule.steps), np.int64, p)
@@ -137,7 +137,7 @@ def compile_schedule(schedule: Schedule) -> Plan:
     order = np.argsort(ends, kind="stable")
     step_msg_ptr = np.zeros(len(all_steps) + 1, np.int64)
     np.cumsum(np.bincount(ends, minlength=len(all_steps)), out=step_msg_ptr[1:])
-    return Plan(
+    return CompiledSchedule(
         schedule=schedule,
         step_ptr=step_ptr,
         step_rank=step_rank,

@@ -1,8 +1,8 @@
 """Clusters for training simulation, and the cache that times their collectives.
 
 A `ClusterSpec` is DGX-style nodes (a hardware preset GPU, NVSwitch, one InfiniBand NIC per GPU) on the
-rail-optimized fabric of `commlab.sim.topology.cluster`. `CollectiveTimer` times a collective over a group
-of global ranks by running the algorithm the cost model picks through `commlab.sim.network` on that
+rail-optimized fabric of `commlab.sim.network.topology.cluster`. `CollectiveTimer` times a collective over a group
+of global ranks by running the algorithm the cost model picks through `commlab.sim.network.collective` on that
 topology, and remembers the answer per (op, bytes, group shape): groups placed alike (same pattern of
 nodes, GPUs within nodes and leaf switches) take the same time, so a step with thousands of groups
 simulates a handful of distinct collectives.
@@ -16,10 +16,15 @@ import numpy as np
 
 from commlab.collectives.algorithms import algorithms_for, get_algorithm
 from commlab.errors import invalid
-from commlab.sim import hardware
-from commlab.sim.network import FIDELITIES, link_model, simulate_collective
-from commlab.sim.profile import Profile
-from commlab.sim.topology import Topology, cluster
+from commlab.sim.network import (
+    FIDELITIES,
+    Profile,
+    Topology,
+    cluster,
+    hardware,
+    link_model,
+    simulate_collective,
+)
 
 FLOW_RANK_LIMIT = 64  # fidelity "auto": the flow engine up to this many ranks in a group, analytic above
 

@@ -17,17 +17,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from commlab.errors import invalid
-from commlab.sim.clusters import ClusterSpec, cluster_spec
-from commlab.sim.compute import Efficiency
-from commlab.sim.memory import MemoryReport, memory_of
-from commlab.sim.training import (
+from commlab.sim.training.clusters import ClusterSpec, cluster_spec
+from commlab.sim.training.compute import Efficiency
+from commlab.sim.training.memory import MemoryReport, memory_of
+from commlab.sim.training.step import (
     TrainingResult,
     lower_bound,
     make_timer,
     simulate_training,
     stage_costs,
 )
-from commlab.sim.workload import CHECKPOINT_MODES, Layout, ModelSpec, check_layout
+from commlab.sim.training.workload import CHECKPOINT_MODES, Layout, ModelSpec, check_layout
 
 MICRO_BATCHES = (1, 2, 4, 8)
 MAX_VIRTUAL_STAGES = 8

@@ -13,51 +13,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from commlab.errors import ScheduleError
-from commlab.sim.network import MessageCosts, RoutedPlan, Timing, message_posts, reduce_time
-from commlab.sim.profile import Profile
-from commlab.sim.routing import _expand, unique_ints
-from commlab.sim.topology import Topology
+from commlab.sim.network.engine import (
+    MessageCosts,
+    RoutedPlan,
+    Timing,
+    message_posts,
+    reduce_time,
+    rendezvous_rounds,
+)
+from commlab.sim.network.profile import Profile
+from commlab.sim.network.routing import _expand
+from commlab.sim.network.topology import Topology
 
 _BLOCK = 1 << 22  # (rounds x links) entries per bincount block
-
-
-def rendezvous_rounds(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(round of each message, start round of each step, end round of each step)."""
-    steps, messages = plan.num_steps, plan.num_messages
-    total = np.diff(plan.step_msg_ptr)
-    left = total.copy()
-    ends = np.zeros(messages, np.int8)
-    msg_round = np.full(messages, -1, np.int64)
-    start = np.full(steps, -1, np.int64)
-    end = np.full(steps, -1, np.int64)
-    following = plan.step_next()
-    counts = np.diff(plan.step_ptr)
-    current = plan.step_ptr[:-1][counts > 0]
-    t = 0
-    while len(current):
-        start[current] = t
-        _, pos = _expand(plan.step_msg_ptr, current)
-        msgs = plan.step_msgs[pos]
-        np.add.at(ends, msgs, 1)
-        moved = unique_ints(msgs[ends[msgs] == 2])
-        msg_round[moved] = t
-        touched = np.concatenate([plan.msg_src_step[moved], plan.msg_dst_step[moved]])
-        np.subtract.at(left, touched, 1)
-        touched = unique_ints(np.concatenate([touched, current[total[current] == 0]]))
-        done = touched[left[touched] == 0]
-        end[done] = t
-        nxt = following[done]
-        current = nxt[nxt >= 0]
-        t += 1
-    if np.any(end < 0):
-        stuck = int(np.flatnonzero(end < 0)[0])
-        rank = int(plan.step_rank[stuck])
-        raise ScheduleError(
-            f"deadlock: rank {rank} never finishes its step {stuck - int(plan.step_ptr[rank])} "
-            "(a message it waits for is never posted by its peer)"
-        )
-    return msg_round, start, end
 
 
 def run_congestion(

@@ -12,9 +12,9 @@ from pathlib import Path
 import networkx as nx
 
 from commlab.errors import CommlabError
-from commlab.sim.network import SimResult
-from commlab.sim.topology import NIC, NPU, Topology
-from commlab.sim.units import format_size
+from commlab.sim.network.engine import SimResult
+from commlab.sim.network.topology import NIC, NPU, Topology
+from commlab.sim.network.units import format_size
 
 _MAX_DRAWN_NODES = 5000
 

@@ -11,11 +11,14 @@ import argparse
 import json
 
 from commlab.errors import invalid
-from commlab.sim.clusters import CLUSTERS, cluster_spec
-from commlab.sim.compute import Efficiency, load_efficiency
-from commlab.sim.memory import MemoryReport
 from commlab.sim.network import FIDELITIES
-from commlab.sim.workload import (
+from commlab.sim.training.clusters import CLUSTERS, cluster_spec
+from commlab.sim.training.compute import Efficiency, load_efficiency
+from commlab.sim.training.memory import MemoryReport
+from commlab.sim.training.planner import Progress, plan
+from commlab.sim.training.step import simulate_training
+from commlab.sim.training.step_trace import write_training_trace
+from commlab.sim.training.workload import (
     CHECKPOINT_MODES,
     MODEL_PRESETS,
     SCHEDULES,
@@ -81,15 +84,11 @@ def _memory_lines(mem: MemoryReport) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from commlab.sim.training import simulate_training
-
     spec = cluster_spec(args.cluster)
     model = _model(args)
     layout = _layout(args, model, spec.gpus_per_node)
     result = simulate_training(model, layout, spec, _efficiency(args), fidelity=args.fidelity)
     if args.trace:
-        from commlab.sim.step_trace import write_training_trace
-
         write_training_trace(result, args.trace)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -121,8 +120,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from commlab.sim.planner import Progress, plan
-
     spec = cluster_spec(args.cluster)
     model = _model(args)
     bars: dict[str, Progress] = {}

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from commlab.collectives.schedule import Recv, Schedule, ScheduleBuilder, Send, Step
 from commlab.errors import invalid
+from commlab.sim.network.compiled import compile_schedule
+from commlab.sim.network.engine import rendezvous_rounds
 
 
 def relabel(schedule: Schedule, order: Sequence[int]) -> Schedule:
@@ -38,9 +40,6 @@ def merge_channels(channels: Sequence[Schedule]) -> Schedule:
     Each channel's messages keep the rendezvous round they move in when the channel runs alone, and the
     merged schedule puts both ends of every message at that round (so it is deadlock-free by construction).
     """
-    from commlab.sim.congestion import rendezvous_rounds
-    from commlab.sim.plan import compile_schedule
-
     if not channels:
         raise invalid("channels", channels, "one or more schedules")
     first = channels[0]

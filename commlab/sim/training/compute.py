@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from commlab.errors import invalid
-from commlab.sim.hardware import Accelerator
-from commlab.sim.workload import Layout, ModelSpec, padded_vocab
+from commlab.sim.network import Accelerator
+from commlab.sim.training.workload import Layout, ModelSpec, padded_vocab
 
 BF16 = 2  # bytes per activation and weight element
 

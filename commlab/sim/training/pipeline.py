@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from commlab.errors import invalid
-from commlab.sim.workload import SCHEDULES
+from commlab.sim.training.workload import SCHEDULES
 
 FORWARD, BACKWARD = 0, 1
 Task = tuple[int, int, int]  # (FORWARD or BACKWARD, microbatch, chunk on this rank)

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from commlab.collectives.algorithms import build_schedule, get_algorithm
 from commlab.collectives.schedule import Schedule
 from commlab.errors import invalid
-from commlab.sim import hardware
-from commlab.sim.channels import merge_channels, relabel
-from commlab.sim.network import SimResult, link_model, simulate
-from commlab.sim.profile import Profile
-from commlab.sim.topology import Topology, cluster
+from commlab.sim.network import hardware
+from commlab.sim.network.analytic import link_model
+from commlab.sim.network.channels import merge_channels, relabel
+from commlab.sim.network.collective import simulate
+from commlab.sim.network.engine import SimResult
+from commlab.sim.network.profile import Profile
+from commlab.sim.network.topology import Topology, cluster
 
 PROTOCOLS = ("LL", "LL128", "Simple")
 ALGORITHMS = ("tree", "ring")

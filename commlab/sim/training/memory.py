@@ -13,7 +13,7 @@ Large Transformer Models", sec. 4), bytes, with s sequence, b microbatch, h hidd
 Full recomputation also needs one layer's activations while that layer's backward runs. The first stage
 holds the embedding dropout's mask (s b h bytes per microbatch, / t with sequence parallelism), the last
 the output layer's 4 s b h / t (1 + V / h) for one microbatch. How many microbatches are in flight comes
-from the pipeline schedule (`commlab.sim.pipeline`).
+from the pipeline schedule (`commlab.sim.training.pipeline`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from commlab.sim.pipeline import peak_in_flight, schedule_order
-from commlab.sim.workload import Layout, ModelSpec, padded_vocab
+from commlab.sim.training.pipeline import peak_in_flight, schedule_order
+from commlab.sim.training.workload import Layout, ModelSpec, padded_vocab
 
 if TYPE_CHECKING:
-    from commlab.sim.clusters import ClusterSpec
-    from commlab.sim.compute import Efficiency
+    from commlab.sim.training.clusters import ClusterSpec
+    from commlab.sim.training.compute import Efficiency
 
 
 def layer_activation_bytes(

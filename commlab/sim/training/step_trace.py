@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from commlab.errors import invalid
-from commlab.sim.pipeline import FORWARD
-from commlab.sim.training import TrainingResult, mesh_rank
+from commlab.sim.training.pipeline import FORWARD
+from commlab.sim.training.step import TrainingResult, mesh_rank
 
 TRACKS = {"compute": 0, "tensor parallel": 1, "pipeline p2p": 2, "data parallel": 3}
 

@@ -1,0 +1,180 @@
+"""Simulate a collective: run its Schedule on a Topology at one of three fidelities and predict its time.
+
+One interface, three fidelities, one engine module each, in the `FIDELITY_TABLE`:
+- `analytic` (`analytic.py`): the algorithm's closed-form alpha-beta-gamma cost (`Algorithm.cost`) with
+  beta from the bottleneck bandwidth of the ring through the ranks and alpha from the profile plus that
+  ring's longest route latency. O(1) in the number of ranks: no schedule is built.
+- `congestion` (`congestion.py`): the schedule runs in rendezvous rounds (a message moves in the first
+  round both its ends have reached the steps that hold it, as in the symbolic checker); every round
+  lasts as long as its busiest link needs for the bytes all its messages put on it, plus the longest
+  message latency and the largest reduction.
+- `flow` (`flow.py`): event-driven; every message is a flow along its route from the moment both ends
+  have posted it; flows share each link max-min fairly, and rates are recomputed whenever a flow starts
+  or ends.
+
+What a message costs is in `engine.py` (plain profiles) and `costs.py` (calibrated profiles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import networkx as nx
+
+from commlab.collectives.algorithms import ALGORITHMS, build_schedule, get_algorithm
+from commlab.collectives.schedule import Schedule
+from commlab.errors import invalid
+from commlab.sim.network.analytic import link_model, segments_of, simulate_analytic
+from commlab.sim.network.compiled import usable_bytes
+from commlab.sim.network.congestion import run_congestion
+from commlab.sim.network.costs import message_costs
+from commlab.sim.network.engine import SimResult, link_bytes, routed_plan
+from commlab.sim.network.flow import run_flow
+from commlab.sim.network.profile import IDEAL, Profile
+from commlab.sim.network.topology import Topology, as_topology
+
+DTYPES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int8": 1,
+    "uint8": 1,
+}
+
+
+def itemsize_of(dtype: str) -> int:
+    """Bytes per element of a dtype name."""
+    if dtype not in DTYPES:
+        raise invalid("dtype", dtype, list(DTYPES))
+    return DTYPES[dtype]
+
+
+def _simulate_closed_form(
+    schedule: Schedule, topology: Topology, nbytes: int, dtype: str, profile: Profile
+) -> SimResult:
+    """The analytic fidelity for a schedule: its algorithm's formula at the depth it was built with."""
+    segments = segments_of(schedule)
+    return simulate_analytic(
+        schedule.op, schedule.algorithm, topology, schedule.world_size, nbytes, segments, dtype, profile
+    )
+
+
+def _simulate_routed(
+    engine: Callable,
+    fidelity: str,
+    schedule: Schedule,
+    topology: Topology,
+    nbytes: int,
+    dtype: str,
+    profile: Profile,
+) -> SimResult:
+    """A schedule-running fidelity: compile and route the schedule, price its messages, run `engine`."""
+    p = schedule.world_size
+    routed = routed_plan(schedule, topology)
+    plan = routed.plan
+    msg_bytes = plan.message_bytes(plan.chunk_bytes(nbytes, itemsize_of(dtype))).astype(float)
+    costs = message_costs(profile, routed, msg_bytes, p, dtype)
+    copies = profile.local_copy_time(schedule.op, nbytes, p)
+    profile = profile.for_run(p, dtype)
+    if copies:  # the API's copies around the schedule count like launch: once, before the steps
+        profile = Profile(profile.alpha, profile.gamma, profile.launch + copies, profile.efficiency,
+                          profile.name, profile.calibration)  # fmt: skip
+    timing = engine(routed, msg_bytes, topology, profile, costs=costs)
+    return SimResult(
+        schedule.op,
+        schedule.algorithm,
+        fidelity,
+        p,
+        nbytes,
+        dtype,
+        profile.launch + timing.time,
+        topology,
+        routed,
+        timing.step_start + profile.launch,
+        timing.step_end + profile.launch,
+        msg_bytes,
+        timing.msg_start + profile.launch,
+        timing.msg_end + profile.launch,
+        link_bytes(routed, msg_bytes, topology.compiled.num_links),
+        timing.events,
+        segments=segments_of(schedule) if schedule.algorithm in ALGORITHMS else 1,
+    )
+
+
+# fidelity -> how a schedule is simulated at it: (schedule, topology, nbytes, dtype, profile) -> SimResult
+FIDELITY_TABLE: dict[str, Callable[[Schedule, Topology, int, str, Profile], SimResult]] = {
+    "analytic": _simulate_closed_form,
+    "congestion": partial(_simulate_routed, run_congestion, "congestion"),
+    "flow": partial(_simulate_routed, run_flow, "flow"),
+}
+FIDELITIES = tuple(FIDELITY_TABLE)
+
+
+def _check_fidelity(fidelity: str) -> None:
+    if fidelity not in FIDELITY_TABLE:
+        raise invalid("fidelity", fidelity, FIDELITIES)
+
+
+def simulate(
+    schedule: Schedule,
+    topology: Topology | nx.DiGraph,
+    nbytes: int,
+    *,
+    dtype: str = "float32",
+    fidelity: str = "flow",
+    profile: Profile = IDEAL,
+) -> SimResult:
+    """Run `schedule` on `topology` for a buffer of `nbytes` (per rank; the total for reduce-scatter and
+    allgather) of `dtype`, at `fidelity`; ranks 0..p-1 sit on the topology's first p placed endpoints."""
+    _check_fidelity(fidelity)
+    topology = as_topology(topology)
+    if not isinstance(schedule, Schedule):
+        raise invalid("schedule", type(schedule).__name__, "a commlab.collectives.schedule.Schedule")
+    if not isinstance(profile, Profile):
+        raise invalid("profile", type(profile).__name__, "a commlab.sim.network.profile.Profile")
+    nbytes = usable_bytes(schedule, int(nbytes), itemsize_of(dtype))
+    topology.check_world_size(schedule.world_size)
+    return FIDELITY_TABLE[fidelity](schedule, topology, nbytes, dtype, profile)
+
+
+def simulate_collective(
+    op: str,
+    algorithm: str,
+    topology: Topology | nx.DiGraph,
+    nbytes: int,
+    *,
+    world_size: int | None = None,
+    root: int | None = None,
+    segments: int | None = None,
+    dtype: str = "float32",
+    fidelity: str = "flow",
+    profile: Profile = IDEAL,
+) -> SimResult:
+    """Simulate `algorithm`'s `op` on the topology's ranks (all of them unless `world_size` says fewer).
+
+    Rooted ops default to root 0. Pipelined algorithms take `segments`, or by default the count their cost
+    formula finds best under the analytic link model of this topology. The analytic fidelity builds no
+    schedule: the formula prices the op directly.
+    """
+    _check_fidelity(fidelity)
+    topology = as_topology(topology)
+    p = topology.num_ranks if world_size is None else world_size
+    topology.check_world_size(p)
+    entry = get_algorithm(algorithm)
+    if op in ("broadcast", "reduce") and root is None:
+        root = 0
+    itemsize = itemsize_of(dtype)
+    if segments is None:
+        segments = entry.best_segments(op, p, nbytes, link_model(topology, p, profile, dtype))
+    if fidelity == "analytic":
+        entry.cost(op, p, nbytes, link_model(topology, p, profile, dtype), segments)  # validates op, segments
+        numel = int(nbytes) // itemsize
+        if op in ("reduce_scatter", "allgather"):
+            numel -= numel % p
+        return simulate_analytic(op, entry.name, topology, p, numel * itemsize, segments, dtype, profile)
+    schedule = build_schedule(op, entry.name, p, root, segments)
+    return simulate(schedule, topology, nbytes, dtype=dtype, fidelity=fidelity, profile=profile)
