@@ -34,9 +34,9 @@ import time
 from contextlib import contextmanager
 
 from commlab.collectives.algorithms import ALGORITHMS
-from commlab.sim import topology as topo
-from commlab.sim.network import simulate, simulate_collective
-from commlab.sim.topology import Topology
+from commlab.sim.network import topology as topo
+from commlab.sim.network.collective import simulate, simulate_collective
+from commlab.sim.network.topology import Topology
 
 GIB = 1 << 30
 
@@ -105,14 +105,14 @@ def part_flow(trials: int, quick: bool) -> dict:
     }
     # The event-driven engine itself, at a size it handles in seconds.
     small, _ = build("allreduce", "ring", 128)
-    from commlab.sim.flow import run_flow
-    from commlab.sim.network import routed_plan
+    from commlab.sim.network.engine import routed_plan
+    from commlab.sim.network.flow import run_flow
 
     topology = Topology(topo.fat_tree(8))
     routed = routed_plan(small, topology)
     plan = routed.plan
     msg_bytes = plan.message_bytes(plan.chunk_bytes(GIB, 4)).astype(float)
-    from commlab.sim.profile import IDEAL
+    from commlab.sim.network.profile import IDEAL
 
     te, timing = timed(lambda: run_flow(routed, msg_bytes, topology, IDEAL, events=True), trials)
     out["event_engine"] = {
@@ -198,9 +198,9 @@ def part_growth(trials: int, quick: bool) -> list[dict]:
     ring = Topology(topo.ring(4))
     for world in (10**3, 10**4, 10**5, 10**6):
         t, _ = timed(
-            lambda w=world: __import__("commlab.sim.network", fromlist=["analytic_time"]).analytic_time(
-                "allreduce", "ring", w, GIB, ring.compiled.bandwidth[0], 1e-6
-            ),
+            lambda w=world: __import__(
+                "commlab.sim.network.collective", fromlist=["analytic_time"]
+            ).analytic_time("allreduce", "ring", w, GIB, ring.compiled.bandwidth[0], 1e-6),
             trials,
         )
         rows.append({"fidelity": "analytic", "algorithm": "ring", "ranks": world, "simulate_s": t})

@@ -255,9 +255,9 @@ def predict(rows: list[dict], profile_path: str) -> None:
     from commlab.collectives.algorithms import build_schedule
     from commlab.collectives.schedule import subdivide
     from commlab.sim import Topology
-    from commlab.sim.network import simulate
-    from commlab.sim.profile import Profile
-    from commlab.sim.topology import local
+    from commlab.sim.network.collective import simulate
+    from commlab.sim.network.profile import Profile
+    from commlab.sim.network.topology import local
 
     profile = Profile.load(profile_path)
     topologies: dict[int, Topology] = {}

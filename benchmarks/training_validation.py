@@ -7,7 +7,7 @@ Targets: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Tr
 (arXiv 2205.05198), Table 5: seconds per iteration on Selene (DGX A100 80 GB nodes: 8 GPUs on NVSwitch,
 8x 200 Gb/s HDR InfiniBand per node), sequence 2048, vocabulary 51200, TP 8, micro batch 1, for full
 recomputation and for sequence parallelism + selective recomputation. Goal (issue 9): within 15% on every
-row with one set of efficiency constants (`commlab.sim.compute.Efficiency()`'s defaults, not fitted).
+row with one set of efficiency constants (`commlab.sim.training.compute.Efficiency()`'s defaults, not fitted).
 
 Also measured: the speed of one simulated step of a 1T model on 3072 GPUs (goal <= 30 s) and of
 `commlab plan` for gpt-175b on 1024 GPUs (goal <= 2 min), and how the worst error moves when each
@@ -25,10 +25,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from commlab.sim.compute import Efficiency
-from commlab.sim.planner import plan
-from commlab.sim.training import simulate_training
-from commlab.sim.workload import Layout, model_spec
+from commlab.sim.training.compute import Efficiency
+from commlab.sim.training.planner import plan_layouts
+from commlab.sim.training.step import simulate_training
+from commlab.sim.training.workload import Layout, model_spec
 
 SOURCE = 'Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", Table 5'
 # (model, GPUs, pp, virtual stages, global batch, s/iteration full recompute, s/iteration SP + selective)
@@ -109,7 +109,7 @@ def speed() -> dict:
         r = simulate_training(model, layout, "dgx-a100")
         out[label] = {"seconds": time.perf_counter() - start, "step_time_s": r.step_time, "mfu": r.mfu}
     start = time.perf_counter()
-    result = plan(model_spec("gpt-175b"), 1024, "dgx-a100", global_batch=1536, top=10)
+    result = plan_layouts(model_spec("gpt-175b"), 1024, "dgx-a100", global_batch=1536, top=10)
     best = result.entries[0].result
     out["commlab plan --model gpt-175b --gpus 1024 --global-batch 1536"] = {
         "seconds": time.perf_counter() - start,
@@ -168,7 +168,7 @@ commlab plan --model gpt-175b --gpus 1024 --cluster dgx-a100 --global-batch 1536
   stage adds the embedding, the last the final norm, the vocab-parallel logits and cross-entropy.
 - **Tensor parallelism.** Two allreduces per layer forward and two backward, or with sequence
   parallelism an allgather before and a reduce-scatter after each half, on the compute stream (not
-  overlapped, as in Megatron-LM). Each is timed by `commlab.sim.network` on the cluster topology with
+  overlapped, as in Megatron-LM). Each is timed by `commlab.sim.network.collective` on the cluster topology with
   the algorithm the cost model picks, at the flow fidelity for groups up to 64 ranks.
 - **Pipeline.** GPipe, 1F1B or Megatron-LM's interleaved 1F1B give every pipeline rank its task
   order; a dependency simulation runs them: a forward on virtual stage k waits for stage k-1's forward
@@ -217,7 +217,7 @@ commlab plan --model gpt-175b --gpus 1024 --cluster dgx-a100 --global-batch 1536
 
 ## Efficiency constants (one set for every row, not fitted per row)
 
-These are `commlab.sim.compute.Efficiency()`'s defaults. They were set from the sources below before
+These are `commlab.sim.training.compute.Efficiency()`'s defaults. They were set from the sources below before
 the validation first ran and have not been changed since; `--efficiency FILE` (TOML) overrides them.
 
 | constant | value | where it comes from |

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from commlab.bench import BenchConfig, parse_size
+from commlab.bench.config import BenchConfig, parse_size
 from commlab.bench.launch import free_port
 from commlab.bench.worker import expected, pattern
 from commlab.cli import main

@@ -31,9 +31,9 @@ from commlab.collectives.schedule import OPS
 from commlab.collectives.tuning import choose
 from commlab.errors import InvalidArgumentError
 from commlab.sim import Topology
-from commlab.sim.network import simulate_collective
-from commlab.sim.profile import Profile
-from commlab.sim.topology import local
+from commlab.sim.network.collective import simulate_collective
+from commlab.sim.network.profile import Profile
+from commlab.sim.network.topology import local
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [8 * 4**i for i in range(12)]  # 8 B .. 32 MiB
@@ -460,8 +460,8 @@ def test_shipped_profiles_load() -> None:
 
 def test_simulator_prices_a_transfer_alone_by_the_pingpong_fit() -> None:
     from commlab.collectives.algorithms import build_schedule
-    from commlab.sim.network import busy_ranks
-    from commlab.sim.plan import compile_schedule
+    from commlab.sim.network.compiled import compile_schedule
+    from commlab.sim.network.costs import busy_ranks
 
     plan = compile_schedule(build_schedule("allgather", "halving_doubling", 3))
     busy = busy_ranks(plan)
@@ -483,8 +483,8 @@ def test_simulator_prices_a_transfer_alone_by_the_pingpong_fit() -> None:
 
 def test_ranks_crowding_the_cores_post_a_round_at_its_messages_per_rank() -> None:
     from commlab.collectives.algorithms import build_schedule
-    from commlab.sim.network import posting_alphas, round_load
-    from commlab.sim.plan import compile_schedule
+    from commlab.sim.network.compiled import compile_schedule
+    from commlab.sim.network.costs import posting_alphas, round_load
 
     plan = compile_schedule(build_schedule("allreduce", "tree", 4, segments=1))
     busy, share = round_load(plan)

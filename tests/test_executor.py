@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule
-from commlab.collectives.executor import REDUCERS, compile_plan, execute, posting_order
+from commlab.collectives.executor import REDUCERS, compile_program, execute, posting_order
 from commlab.collectives.schedule import ROOTED_OPS, subdivide, verify
 from commlab.collectives.transport import Message
 from commlab.errors import CollectiveTimeoutError
@@ -93,7 +93,7 @@ def run_everywhere(schedule, inputs: list[torch.Tensor], window: int) -> list[to
 
     def rank_main(rank: int) -> None:
         try:
-            plan = compile_plan(schedule, rank, buffers[rank].numel(), window)
+            plan = compile_program(schedule, rank, buffers[rank].numel(), window)
             transport = InMemoryTransport(mail, rank, schedule.world_size)
             execute(plan, buffers[rank], transport, REDUCERS["sum"], time.monotonic() + 30)
         except BaseException as error:  # surfaced below
@@ -178,7 +178,7 @@ def test_plans_post_after_their_dependencies_and_keep_scratch_disjoint() -> None
             root = 0 if op in ROOTED_OPS else None
             schedule = subdivide(build_schedule(op, name, p, root, 2), 3)
             for rank in range(p):
-                plan = compile_plan(schedule, rank, 1000 * p, 3)
+                plan = compile_program(schedule, rank, 1000 * p, 3)
                 posted_at = posting_order(plan.steps, plan.window)
                 for index, step in enumerate(plan.steps):
                     assert step.after < index and posted_at[index] <= index
@@ -202,7 +202,7 @@ def _regions(step) -> list[tuple[int, int]]:
 def test_lookahead_posts_independent_slices_early() -> None:
     """Sliced ring allreduce: slice g of a step waits only for slice g of the step before."""
     schedule = subdivide(build_schedule("allreduce", "ring", 4), 3)
-    plan = compile_plan(schedule, 0, 12_000, 4)
+    plan = compile_program(schedule, 0, 12_000, 4)
     assert [s.after for s in plan.steps[:6]] == [-1, -1, -1, 0, 1, 2]
     assert posting_order(plan.steps, 4)[:6] == [0, 0, 0, 1, 2, 3]
 

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from commlab.cli import main
-from commlab.sim import topology as topo
-from commlab.sim.network import simulate_collective
-from commlab.sim.topology import Topology
-from commlab.sim.trace import chrome_trace
+from commlab.sim.network import topology as topo
+from commlab.sim.network.collective import simulate_collective
+from commlab.sim.network.topology import Topology
+from commlab.sim.network.trace import chrome_trace
 
 
 def test_collective_table(capsys):

@@ -10,21 +10,17 @@ from commlab.collectives.algorithms import ALGORITHMS, algorithms_for, build_sch
 from commlab.collectives.cost import CostModel
 from commlab.collectives.schedule import OPS, ScheduleBuilder, verify
 from commlab.errors import InvalidArgumentError
-from commlab.sim import topology as topo
-from commlab.sim.channels import merge_channels, relabel
-from commlab.sim.flow import run_flow
-from commlab.sim.maxmin import max_min_rates
-from commlab.sim.nccl import NcclCluster, NcclSystem, simulate_nccl_allreduce
-from commlab.sim.network import (
-    FIDELITIES,
-    analytic_time,
-    bus_factor,
-    routed_plan,
-    simulate,
-    simulate_collective,
-)
-from commlab.sim.profile import Profile
-from commlab.sim.topology import Topology
+from commlab.shared.ops import bus_factor
+from commlab.sim.network import topology as topo
+from commlab.sim.network.analytic import analytic_time
+from commlab.sim.network.channels import merge_channels, relabel
+from commlab.sim.network.collective import FIDELITIES, simulate, simulate_collective
+from commlab.sim.network.engine import routed_plan
+from commlab.sim.network.flow import run_flow
+from commlab.sim.network.maxmin import max_min_rates
+from commlab.sim.network.nccl import NcclCluster, NcclSystem, simulate_nccl_allreduce
+from commlab.sim.network.profile import Profile
+from commlab.sim.network.topology import Topology
 
 BW, LAT = 50e9, 1e-6
 PROFILE = Profile(alpha=3e-6, gamma=1 / 200e9)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from commlab.errors import InvalidArgumentError, TopologyError
-from commlab.sim import topology as topo
-from commlab.sim.topology import Topology
-from commlab.sim.topology_io import load_topology, parse_topology
+from commlab.sim.network import topology as topo
+from commlab.sim.network.topology import Topology
+from commlab.sim.network.topology_io import load_topology, parse_topology
 
 
 @pytest.mark.parametrize(

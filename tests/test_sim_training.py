@@ -8,13 +8,13 @@ import pytest
 
 from commlab.cli import main
 from commlab.errors import InvalidArgumentError
-from commlab.sim.clusters import cluster_spec
-from commlab.sim.compute import Efficiency, model_flops
-from commlab.sim.memory import activation_peaks, bytes_per_parameter, layer_activation_bytes
-from commlab.sim.pipeline import peak_in_flight, run_pipeline, schedule_order
-from commlab.sim.planner import plan
-from commlab.sim.training import make_timer, simulate_training
-from commlab.sim.workload import Layout, ModelSpec, check_layout, model_spec
+from commlab.sim.training.clusters import cluster_spec
+from commlab.sim.training.compute import Efficiency, model_flops
+from commlab.sim.training.memory import activation_peaks, bytes_per_parameter, layer_activation_bytes
+from commlab.sim.training.pipeline import peak_in_flight, run_pipeline, schedule_order
+from commlab.sim.training.planner import plan_layouts
+from commlab.sim.training.step import make_timer, simulate_training
+from commlab.sim.training.workload import Layout, ModelSpec, check_layout, from_gpt_config, model_spec
 
 GPT175 = model_spec("gpt-175b")
 SBH = 2048 * 1 * 12288  # s b h of gpt-175b at micro batch 1
@@ -166,7 +166,7 @@ def test_gpt_config_converts_to_the_simulated_model():
 
     for preset in ("tiny", "small", "gpt3-125m"):
         config = GPTConfig.preset(preset)
-        spec = config.to_sim_spec(preset)
+        spec = from_gpt_config(config, preset)
         assert spec.parameter_count() == parameter_count(config)
         layout = Layout(dp=1, tp=1, pp=1, micro_batch=1, global_batch=2)
         tokens = 2 * config.seq_len
@@ -278,12 +278,12 @@ def test_sim_train_toml_model_and_table(tmp_path, capsys):
 def test_plan_small_case_is_exact_and_prints(capsys):
     model = model_spec("gpt3-1.3b")
     options = {"micro_batches": (1, 2), "checkpoints": ("none", "full")}
-    result = plan(model, 8, "dgx-a100", global_batch=16, top=3, **options)
+    result = plan_layouts(model, 8, "dgx-a100", global_batch=16, top=3, **options)
     assert 0 < len(result.entries) <= 3 and result.simulated <= result.fitting <= result.enumerated
     times = [e.result.step_time for e in result.entries]
     assert times == sorted(times) and all(e.result.memory.fits for e in result.entries)
     # Branch and bound returns the true best: compare with simulating every layout that fits.
-    from commlab.sim.planner import enumerate_layouts
+    from commlab.sim.training.planner import enumerate_layouts
 
     every = [
         simulate_training(

@@ -43,7 +43,7 @@ from commlab.collectives.algorithms import algorithms_for, build_schedule
 from commlab.collectives.calibration import Calibration
 from commlab.collectives.communicator import Communicator
 from commlab.collectives.cost import CostModel
-from commlab.collectives.executor import REDUCERS, Plan, compile_plan, execute
+from commlab.collectives.executor import REDUCERS, Program, compile_program, execute
 from commlab.collectives.schedule import OPS, ROOTED_OPS, Recv, Schedule, Send, Step, subdivide
 from commlab.collectives.transport import TorchTransport
 from commlab.collectives.tuning import resolve
@@ -213,7 +213,7 @@ class Runner:
             return None
         itemsize = torch.empty(0, dtype=dtype).element_size()
         numel = max(1, nbytes // itemsize) * schedule.num_chunks
-        plan: Plan = compile_plan(schedule, group.rank, numel, 1)
+        plan: Program = compile_program(schedule, group.rank, numel, 1)
         buffer = torch.zeros(numel, dtype=dtype)
         scratch = torch.zeros(max(plan.scratch_numel, 1), dtype=dtype)
         reducer = REDUCERS["sum"]

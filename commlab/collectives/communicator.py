@@ -23,7 +23,7 @@ import torch
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule
 from commlab.collectives.calibration import Calibration, active_profile, as_calibration
 from commlab.collectives.cost import DEFAULT_COST_MODEL, CostModel
-from commlab.collectives.executor import DEFAULT_WINDOW, REDUCERS, Plan, compile_plan, execute
+from commlab.collectives.executor import DEFAULT_WINDOW, REDUCERS, Program, compile_program, execute
 from commlab.collectives.schedule import OPS, subdivide
 from commlab.collectives.transport import Transport
 from commlab.collectives.tuning import DEFAULT_PIECE_BYTES
@@ -34,7 +34,7 @@ from commlab.errors import CollectiveMismatchError, CollectiveTimeoutError, Tran
 _TAG_WINDOW = 1 << 20
 _TAG_CALLS = 1024
 _CHECK_TAGS = 64
-_PLAN_CACHE = 256  # compiled plans kept per communicator
+_PLAN_CACHE = 256  # compiled programs kept per communicator
 
 
 @dataclass
@@ -137,7 +137,7 @@ class Communicator:
         self._pending = 0
         self._lock = threading.Lock()
         self._queue: queue.Queue | None = None
-        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._programs: OrderedDict[tuple, Program] = OrderedDict()
         self._scratch: dict[tuple, Any] = {}  # scratch per (dtype, device); argument-check buffers
 
     def cost_model_for(self, dtype: torch.dtype) -> CostModel:
@@ -150,18 +150,18 @@ class Communicator:
             self._models[dtype] = model
         return model
 
-    def plan(self, call: Call) -> Plan:
-        """The compiled plan of a call on this rank, built once per (op, algorithm, root, size, ...)."""
+    def program(self, call: Call) -> Program:
+        """The compiled program of a call on this rank, built once per (op, algorithm, root, size, ...)."""
         key = (call.op, call.algorithm, call.root, call.segments, call.pieces, call.buffer.numel())
-        plan = self._plans.get(key)
+        plan = self._programs.get(key)
         if plan is None:
             schedule = build_schedule(call.op, call.algorithm, self.size, call.root, call.segments)
-            plan = compile_plan(subdivide(schedule, call.pieces), self.rank, key[-1], self.window)
-            self._plans[key] = plan
-            if len(self._plans) > _PLAN_CACHE:
-                self._plans.popitem(last=False)
+            plan = compile_program(subdivide(schedule, call.pieces), self.rank, key[-1], self.window)
+            self._programs[key] = plan
+            if len(self._programs) > _PLAN_CACHE:
+                self._programs.popitem(last=False)
         else:
-            self._plans.move_to_end(key)
+            self._programs.move_to_end(key)
         return plan
 
     def scratch(self, like: torch.Tensor, numel: int) -> torch.Tensor:
@@ -243,7 +243,7 @@ class Communicator:
             done = threading.Event()
             jobs.put((None, done))
             done.wait(timeout)
-        self._plans.clear()
+        self._programs.clear()
         self._scratch.clear()
 
     def _serve(self, jobs: queue.Queue) -> None:
@@ -283,10 +283,12 @@ class Communicator:
             width = send.numel()
             table[self.rank * width : (self.rank + 1) * width] = send
             key = ("check", width)
-            plan = self._plans.get(key)
+            plan = self._programs.get(key)
             if plan is None:
-                plan = compile_plan(build_schedule("allgather", "bruck", self.size), self.rank, table.numel())
-                self._plans[key] = plan
+                plan = compile_program(
+                    build_schedule("allgather", "bruck", self.size), self.rank, table.numel()
+                )
+                self._programs[key] = plan
             scratch = self.scratch(table, plan.scratch_numel)
             label = f"{call.label} argument check"
             execute(plan, table, self.transport, REDUCERS["sum"], deadline, tag_base, label, scratch)
@@ -325,7 +327,7 @@ class _Job:
         try:
             if self.check and comm.size > 1:
                 comm.check_signature(call, deadline, tag_base)
-            plan = comm.plan(call)
+            plan = comm.program(call)
             reducer = REDUCERS[call.reduce_op or "sum"]
             scratch = comm.scratch(call.buffer, plan.scratch_numel)
             tags = tag_base + _CHECK_TAGS

@@ -1,6 +1,6 @@
 """Runs a schedule on a transport over a flat tensor: chunk slicing, scratch space, reductions, lookahead.
 
-A schedule is compiled once per (schedule, rank, element count, window) into a `Plan`: per step, the
+A schedule is compiled once per (schedule, rank, element count, window) into a `Program`: per step, the
 element ranges each message covers, its tag, where it lands (straight into the buffer for a contiguous
 overwrite, into scratch for a reduction or a scattered chunk list) and `after`, the last earlier step whose
 completion it needs (it sends or overwrites chunks that step writes, or overwrites chunks that step sends).
@@ -57,7 +57,7 @@ Ranges = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
-class TransferPlan:
+class ProgramTransfer:
     """One message of a step: peer, per-pair ordinal (the tag offset), element ranges and where it lands."""
 
     peer: int
@@ -69,22 +69,22 @@ class TransferPlan:
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class ProgramStep:
     """A step's messages (empty ones dropped), the step it must wait for before posting, and its scratch."""
 
-    sends: tuple[TransferPlan, ...]
-    recvs: tuple[TransferPlan, ...]
+    sends: tuple[ProgramTransfer, ...]
+    recvs: tuple[ProgramTransfer, ...]
     after: int = -1  # the last earlier step that must be complete before this one is posted
     scratch_numel: int = 0
 
 
 @dataclass(frozen=True)
-class Plan:
+class Program:
     """A schedule compiled for one rank and one buffer length."""
 
     rank: int
     numel: int
-    steps: tuple[StepPlan, ...]
+    steps: tuple[ProgramStep, ...]
     scratch_numel: int
     tags_used: int  # the largest per-pair ordinal + 1: a collective needs this many tags
     window: int = DEFAULT_WINDOW
@@ -105,7 +105,7 @@ def _merge(bounds: list[tuple[int, int]], chunks: tuple[int, ...]) -> Ranges:
 
 
 @functools.lru_cache(maxsize=512)
-def compile_plan(schedule: Schedule, rank: int, numel: int, window: int = DEFAULT_WINDOW) -> Plan:
+def compile_program(schedule: Schedule, rank: int, numel: int, window: int = DEFAULT_WINDOW) -> Program:
     """Turn rank `rank`'s steps into element ranges, tags, dependencies and scratch for a `numel` buffer."""
     if not isinstance(window, int) or window < 1:
         raise invalid("window", window, "an integer >= 1")
@@ -130,7 +130,7 @@ def compile_plan(schedule: Schedule, rank: int, numel: int, window: int = DEFAUL
                 direct_writes.update(recv.chunks)
             if size:
                 where = -1 if direct else offset
-                recvs.append(TransferPlan(recv.peer, ordinal, ranges, size, recv.reduce, where))
+                recvs.append(ProgramTransfer(recv.peer, ordinal, ranges, size, recv.reduce, where))
                 offset += 0 if direct else size
         for send in step.sends:
             ordinal = sent.get(send.peer, 0)
@@ -140,7 +140,9 @@ def compile_plan(schedule: Schedule, rank: int, numel: int, window: int = DEFAUL
             size = sum(e - s for s, e in ranges)
             direct = len(ranges) <= 1
             if size:
-                sends.append(TransferPlan(send.peer, ordinal, ranges, size, False, -1 if direct else offset))
+                sends.append(
+                    ProgramTransfer(send.peer, ordinal, ranges, size, False, -1 if direct else offset)
+                )
                 offset += 0 if direct else size
         after = max(
             [last_write.get(c, -1) for c in reads | direct_writes]
@@ -151,13 +153,13 @@ def compile_plan(schedule: Schedule, rank: int, numel: int, window: int = DEFAUL
             last_write[chunk] = index
         for chunk in reads:
             last_read[chunk] = index
-        steps.append(StepPlan(tuple(sends), tuple(recvs), after, offset))
+        steps.append(ProgramStep(tuple(sends), tuple(recvs), after, offset))
     steps, scratch_numel = _lay_out_scratch(steps, window)
     tags = max([*sent.values(), *received.values(), 0])
-    return Plan(rank, numel, tuple(steps), scratch_numel, tags, window)
+    return Program(rank, numel, tuple(steps), scratch_numel, tags, window)
 
 
-def posting_order(steps: list[StepPlan] | tuple[StepPlan, ...], window: int) -> list[int]:
+def posting_order(steps: list[ProgramStep] | tuple[ProgramStep, ...], window: int) -> list[int]:
     """For each step, the index of the step being waited for when `execute` posts it (timing-independent)."""
     posted_at = [0] * len(steps)
     posted = 0
@@ -168,7 +170,7 @@ def posting_order(steps: list[StepPlan] | tuple[StepPlan, ...], window: int) -> 
     return posted_at
 
 
-def _lay_out_scratch(steps: list[StepPlan], window: int) -> tuple[list[StepPlan], int]:
+def _lay_out_scratch(steps: list[ProgramStep], window: int) -> tuple[list[ProgramStep], int]:
     """Give each step's scratch a base offset, disjoint from every step in flight with it (first fit)."""
     posted_at = posting_order(steps, window)
     live: list[tuple[int, int, int]] = []  # (start, end, last step index) of regions in use
@@ -188,7 +190,7 @@ def _lay_out_scratch(steps: list[StepPlan], window: int) -> tuple[list[StepPlan]
     laid_out = []
     for step, base in zip(steps, bases, strict=True):
         if base:
-            step = StepPlan(
+            step = ProgramStep(
                 tuple(_shift(t, base) for t in step.sends),
                 tuple(_shift(t, base) for t in step.recvs),
                 step.after,
@@ -198,10 +200,10 @@ def _lay_out_scratch(steps: list[StepPlan], window: int) -> tuple[list[StepPlan]
     return laid_out, total
 
 
-def _shift(transfer: TransferPlan, base: int) -> TransferPlan:
+def _shift(transfer: ProgramTransfer, base: int) -> ProgramTransfer:
     if transfer.scratch_offset < 0:
         return transfer
-    return TransferPlan(
+    return ProgramTransfer(
         transfer.peer,
         transfer.ordinal,
         transfer.ranges,
@@ -211,14 +213,16 @@ def _shift(transfer: TransferPlan, base: int) -> TransferPlan:
     )
 
 
-def _region(buffer: torch.Tensor, scratch: torch.Tensor, transfer: TransferPlan) -> torch.Tensor:
+def _region(buffer: torch.Tensor, scratch: torch.Tensor, transfer: ProgramTransfer) -> torch.Tensor:
     if transfer.scratch_offset >= 0:
         return scratch[transfer.scratch_offset : transfer.scratch_offset + transfer.numel]
     start, end = transfer.ranges[0]
     return buffer[start:end]
 
 
-def _post(step: StepPlan, buffer: torch.Tensor, scratch: torch.Tensor, transport: Transport, tag_base: int):
+def _post(
+    step: ProgramStep, buffer: torch.Tensor, scratch: torch.Tensor, transport: Transport, tag_base: int
+):
     """Post a step's receives and sends (gathering scattered sends into scratch first)."""
     recvs = [Message(_region(buffer, scratch, r), r.peer, tag_base + r.ordinal) for r in step.recvs]
     sends = []
@@ -230,7 +234,7 @@ def _post(step: StepPlan, buffer: torch.Tensor, scratch: torch.Tensor, transport
     return transport.post(sends, recvs)
 
 
-def _apply(step: StepPlan, buffer: torch.Tensor, scratch: torch.Tensor, reducer: Reducer) -> None:
+def _apply(step: ProgramStep, buffer: torch.Tensor, scratch: torch.Tensor, reducer: Reducer) -> None:
     """After a step's transfers: reduce (or copy) what landed in scratch into the buffer."""
     for recv in step.recvs:
         if recv.scratch_offset < 0:
@@ -246,7 +250,7 @@ def _apply(step: StepPlan, buffer: torch.Tensor, scratch: torch.Tensor, reducer:
 
 
 def execute(
-    plan: Plan,
+    plan: Program,
     buffer: torch.Tensor,
     transport: Transport,
     reducer: Reducer,
@@ -255,7 +259,7 @@ def execute(
     label: str | Callable[[], str] = "collective",
     scratch: torch.Tensor | None = None,
 ) -> None:
-    """Run a compiled plan over the flat contiguous `buffer`, in place; every wait ends by `deadline`.
+    """Run a compiled program over the flat contiguous `buffer`, in place; every wait ends by `deadline`.
 
     `scratch` (same dtype and device, at least `plan.scratch_numel` elements) is reused if given.
     `label` names the collective in errors (a callable is called only when one happens).
@@ -282,14 +286,14 @@ def execute(
             _apply(step, buffer, scratch, reducer)
 
 
-def _describe(transfer: TransferPlan, is_recv: bool) -> str:
+def _describe(transfer: ProgramTransfer, is_recv: bool) -> str:
     what = (
         f"receive of {transfer.numel} elements from" if is_recv else f"send of {transfer.numel} elements to"
     )
     return f"{what} rank {transfer.peer}"
 
 
-def _describe_request(step: StepPlan, index: int) -> str:
+def _describe_request(step: ProgramStep, index: int) -> str:
     """Name request `index` of a step (receives are posted first) for a timeout message."""
     if index < len(step.recvs):
         return _describe(step.recvs[index], True)

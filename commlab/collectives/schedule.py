@@ -18,10 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from commlab.errors import ScheduleError, invalid
-
-OPS = ("allreduce", "reduce_scatter", "allgather", "broadcast", "reduce")
-ROOTED_OPS = ("broadcast", "reduce")
-BLOCKED_OPS = ("reduce_scatter", "allgather")
+from commlab.shared.ops import BLOCKED_OPS, OPS, ROOTED_OPS
 
 
 @dataclass(frozen=True)

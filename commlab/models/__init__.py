@@ -13,13 +13,13 @@ from commlab.models.gpt import (
     GPT_PRESETS,
     Block,
     GPTConfig,
-    Layers,
     apply_rope,
     parameter_count,
     rope_frequencies,
     training_flops_per_token,
 )
 from commlab.models.vit import VIT_PRESETS, ViT, ViTConfig
+from commlab.parallel.layers import Layers
 
 __all__ = [
     "GPT",

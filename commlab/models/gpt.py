@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from commlab.errors import invalid
+from commlab.parallel.layers import Layers
+from commlab.shared.layout import CHECKPOINT_MODES
 
 NORMS = ("rmsnorm", "layernorm")
-CHECKPOINT_MODES = ("none", "full", "selective")
 
 
 def check_transformer_config(cfg: Any) -> None:
@@ -88,25 +89,6 @@ class GPTConfig:
         """A named shape from GPT_PRESETS, e.g. GPTConfig.preset("tiny", checkpoint="full")."""
         return config_from_preset(cls, GPT_PRESETS, name, overrides)
 
-    def to_sim_spec(self, name: str = "gpt") -> Any:
-        """This model as the training simulator's `commlab.sim.training.workload.ModelSpec` (bias-free linears,
-        rotary positions: no learned position table), so `commlab sim train` simulates what GPT trains."""
-        from commlab.sim.training.workload import ModelSpec
-
-        return ModelSpec(
-            name,
-            layers=self.n_layer,
-            hidden=self.d_model,
-            heads=self.n_head,
-            seq_len=self.seq_len,
-            vocab=self.vocab_size,
-            ffn_hidden=self.d_ff,
-            biases=False,
-            norm=self.norm,
-            position_embedding=False,
-            tied_embeddings=self.tie_embeddings,
-        )
-
 
 def _gpt3(n_layer: int, d_model: int, n_head: int) -> dict[str, Any]:
     return dict(vocab_size=50257, seq_len=2048, n_layer=n_layer, d_model=d_model, n_head=n_head)
@@ -128,37 +110,6 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
     "gpt3-13b": _gpt3(40, 5120, 40),
     "gpt3-175b": _gpt3(96, 12288, 96),
 }
-
-
-def linear(in_features: int, out_features: int) -> nn.Module:
-    """The default projection: a bias-free nn.Linear."""
-    return nn.Linear(in_features, out_features, bias=False)
-
-
-def tied_logits(x: Tensor, embedding: nn.Module) -> Tensor:
-    """Output head tied to the token embedding: logits = x @ embedding.weight^T."""
-    return F.linear(x, embedding.weight)
-
-
-def full_logits(logits: Tensor) -> Tensor:
-    """The default head already gives full-vocabulary logits (tensor parallelism gathers its shards)."""
-    return logits
-
-
-@dataclass(frozen=True)
-class Layers:
-    """Factories for the parts tensor parallelism replaces; the defaults build a single-device model.
-
-    Linears are asked for by their full (logical) sizes. column_linear may split its output features
-    across ranks (qkv, MLP up, untied head), row_linear its input features (attention out, MLP down).
-    """
-
-    column_linear: Callable[[int, int], nn.Module] = linear
-    row_linear: Callable[[int, int], nn.Module] = linear
-    embedding: Callable[[int, int], nn.Module] = nn.Embedding
-    tied_logits: Callable[[Tensor, nn.Module], Tensor] = tied_logits
-    cross_entropy: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy  # (N, V) logits, (N,) targets
-    gather_logits: Callable[[Tensor], Tensor] = full_logits  # head output -> full-vocabulary logits
 
 
 def rope_frequencies(head_dim: int, positions: int | Tensor, base: float = 10000.0) -> tuple[Tensor, Tensor]:

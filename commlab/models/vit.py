@@ -12,12 +12,12 @@ from torch import Tensor, nn
 from commlab.errors import invalid
 from commlab.models.gpt import (
     Block,
-    Layers,
     check_transformer_config,
     config_from_preset,
     init_weights,
     make_norm,
 )
+from commlab.parallel.layers import Layers
 
 
 @dataclass(frozen=True)

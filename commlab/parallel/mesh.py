@@ -1,8 +1,9 @@
 """The DP x PP x TP grid of process groups over the world, TP innermost.
 
-Rank r sits at (dp_rank, pp_rank, tp_rank) with r = (dp_rank * pp + pp_rank) * tp + tp_rank, so the
-ranks of one TP group are neighbours (on a real cluster: the GPUs of one node, joined by NVLink), a
-pipeline's stages are tp ranks apart, and a data-parallel group strides over whole model replicas.
+Rank r sits at (dp_rank, pp_rank, tp_rank) with r = (dp_rank * pp + pp_rank) * tp + tp_rank
+(`commlab.shared.layout`, the order the training simulator uses too), so the ranks of one TP group are
+neighbours (on a real cluster: the GPUs of one node, joined by NVLink), a pipeline's stages are tp ranks
+apart, and a data-parallel group strides over whole model replicas.
 
 `Mesh(dp, pp, tp)` builds one communicator per axis for this rank, on torch.distributed (every rank
 creates every group, in the same order) or on an MPI communicator (`Mesh(..., world=MPI.COMM_WORLD)`,
@@ -16,13 +17,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from commlab.collectives.api import communicator
 from commlab.collectives.communicator import Communicator
 from commlab.errors import CommlabError, InvalidArgumentError, invalid
-
-AXES = ("dp", "pp", "tp")
+from commlab.shared.layout import AXES, coordinates, rank_at
 
 
 def check_layout(world_size: int, dp: int, pp: int, tp: int) -> None:
@@ -37,34 +38,20 @@ def check_layout(world_size: int, dp: int, pp: int, tp: int) -> None:
         )
 
 
-def coordinates(rank: int, pp: int, tp: int) -> tuple[int, int, int]:
-    """(dp_rank, pp_rank, tp_rank) of a global rank; TP varies fastest."""
-    return rank // (pp * tp), rank // tp % pp, rank % tp
-
-
-def rank_at(dp_rank: int, pp_rank: int, tp_rank: int, pp: int, tp: int) -> int:
-    """The global rank at a mesh position (the inverse of `coordinates`)."""
-    return (dp_rank * pp + pp_rank) * tp + tp_rank
-
-
 def axis_groups(dp: int, pp: int, tp: int) -> dict[str, list[list[int]]]:
     """Every group of every axis as sorted global ranks, in the order all ranks create them.
 
+    One grid `arange(world).view(dp, pp, tp)` (rank order of `commlab.shared.layout`), sliced per axis
+    as picotron does: a TP group is a row of the last dimension, a PP group a column of the middle one,
+    a DP group a fibre of the first; groups come in the order of the other two coordinates.
     'embedding' (pp > 1 only): the first and last stage of each pipeline, for tied embedding weights.
     """
-    grid = [(d, p, t) for d in range(dp) for p in range(pp) for t in range(tp)]
-    groups: dict[str, list[list[int]]] = {}
-    for axis, size in (("tp", tp), ("pp", pp), ("dp", dp)):
-        index = AXES.index(axis)
-        keys = sorted({tuple(c for i, c in enumerate(pos) if i != index) for pos in grid})
-        groups[axis] = []
-        for key in keys:
-            members = []
-            for value in range(size):
-                pos = list(key)
-                pos.insert(index, value)
-                members.append(rank_at(*pos, pp, tp))
-            groups[axis].append(sorted(members))
+    grid = torch.arange(dp * pp * tp).view(dp, pp, tp)
+    groups = {
+        "tp": grid.reshape(-1, tp).tolist(),
+        "pp": grid.permute(0, 2, 1).reshape(-1, pp).tolist(),
+        "dp": grid.permute(1, 2, 0).reshape(-1, dp).tolist(),
+    }
     if pp > 1:
         groups["embedding"] = [[ranks[0], ranks[-1]] for ranks in groups["pp"]]
     return groups

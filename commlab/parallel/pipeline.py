@@ -31,8 +31,9 @@ from commlab.parallel.mesh import Mesh, check_model
 from commlab.parallel.p2p import PointToPoint, encode_header
 from commlab.parallel.sequence import sync_sequence_parallel_grads, uses_sequence_parallel
 from commlab.parallel.tensor import is_tensor_parallel
+from commlab.shared.pipeline_order import FORWARD, pipeline_order
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b")  # of `commlab.shared.pipeline_order.SCHEDULES`: one model chunk per stage
 
 
 def balanced_partition(costs: Sequence[int], stages: int, first: int = 0, last: int = 0) -> list[int]:
@@ -66,17 +67,12 @@ def balanced_partition(costs: Sequence[int], stages: int, first: int = 0, last: 
 
 
 def schedule_actions(schedule: str, stage: int, stages: int, micro_batches: int) -> list[tuple[str, int]]:
-    """The ordered (kind, microbatch) actions of one stage; kind 'F' (forward) or 'B' (backward)."""
+    """The ordered (kind, microbatch) actions of one stage; kind 'F' (forward) or 'B' (backward). The
+    order is `commlab.shared.pipeline_order`'s, the one the training simulator times."""
     if schedule not in SCHEDULES:
         raise invalid("schedule", schedule, SCHEDULES)
-    m = micro_batches
-    if schedule == "gpipe":
-        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    warmup = min(stages - stage - 1, m)
-    actions = [("F", i) for i in range(warmup)]
-    for i in range(m - warmup):
-        actions += [("F", warmup + i), ("B", i)]
-    return actions + [("B", i) for i in range(m - warmup, m)]
+    order = pipeline_order(schedule, stage, stages, micro_batches)
+    return [("F" if kind == FORWARD else "B", microbatch) for kind, microbatch, _ in order]
 
 
 class PipelineStage(nn.Module):

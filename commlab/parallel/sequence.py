@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from commlab.collectives.api import Group, all_gather, all_reduce, communicator, reduce_scatter
 from commlab.collectives.communicator import Communicator
 from commlab.errors import invalid
-from commlab.models.gpt import Layers
 from commlab.parallel.flat import flatten, unflatten_into
+from commlab.parallel.layers import Layers
 from commlab.parallel.tensor import (
     TRAFFIC,
     ColumnParallelLinear,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from commlab.collectives.api import Group, all_gather, all_reduce, communicator
 from commlab.collectives.communicator import Communicator
 from commlab.errors import invalid
-from commlab.models.gpt import Layers
+from commlab.parallel.layers import Layers
 
 # Bytes handed to TP collectives, by kind; benchmarks/tensor.py compares them with the formula.
 TRAFFIC = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}

@@ -11,17 +11,17 @@ import argparse
 import json
 
 from commlab.errors import invalid
+from commlab.shared.layout import CHECKPOINT_MODES
+from commlab.shared.pipeline_order import SCHEDULES
 from commlab.sim.network import FIDELITIES
 from commlab.sim.training.clusters import CLUSTERS, cluster_spec
 from commlab.sim.training.compute import Efficiency, load_efficiency
 from commlab.sim.training.memory import MemoryReport
-from commlab.sim.training.planner import Progress, plan
+from commlab.sim.training.planner import Progress, plan_layouts
 from commlab.sim.training.step import simulate_training
 from commlab.sim.training.step_trace import write_training_trace
 from commlab.sim.training.workload import (
-    CHECKPOINT_MODES,
     MODEL_PRESETS,
-    SCHEDULES,
     ZERO_STAGES,
     Layout,
     ModelSpec,
@@ -136,7 +136,7 @@ def _plan(args: argparse.Namespace) -> int:
     for mode in checkpoints:
         if mode not in CHECKPOINT_MODES:
             raise invalid("checkpoints", mode, CHECKPOINT_MODES)
-    result = plan(
+    result = plan_layouts(
         model,
         args.gpus,
         spec,

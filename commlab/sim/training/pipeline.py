@@ -1,9 +1,9 @@
-"""Pipeline schedules as per-GPU task orders, and a dependency simulation of one data-parallel replica.
+"""A dependency simulation of one data-parallel replica's pipeline schedule.
 
 A task is the forward (F) or backward (B) of one microbatch on one model chunk. Each pipeline rank runs
-its tasks in the order its schedule gives (GPipe: all forwards, then all backwards; 1F1B: p - rank - 1
-warm-up forwards, then one forward one backward; interleaved 1F1B: Megatron-LM's order over v chunks per
-rank). A forward on virtual stage k waits for the same microbatch's forward on stage k - 1 and the
+its tasks in the order its schedule gives (`commlab.shared.pipeline_order`, the order the runtime's
+`Pipeline` runs: GPipe, 1F1B, or Megatron-LM's interleaved 1F1B over v chunks per rank).
+A forward on virtual stage k waits for the same microbatch's forward on stage k - 1 and the
 point-to-point transfer of its activations; a backward on stage k waits for stage k + 1's backward and
 the gradient transfer. Virtual stage k = chunk x pp + rank, so chunk c of the last rank feeds chunk c + 1
 of the first. A task starts when its rank is free and its input has arrived.
@@ -13,46 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from commlab.errors import invalid
-from commlab.sim.training.workload import SCHEDULES
-
-FORWARD, BACKWARD = 0, 1
-Task = tuple[int, int, int]  # (FORWARD or BACKWARD, microbatch, chunk on this rank)
+from commlab.shared.pipeline_order import BACKWARD, FORWARD, Task, pipeline_order
 
 
 def schedule_order(schedule: str, rank: int, stages: int, microbatches: int, chunks: int = 1) -> list[Task]:
-    """The tasks pipeline rank `rank` of `stages` runs, in order, for `microbatches` and `chunks` per rank."""
-    p, m, v = stages, microbatches, chunks
-    if schedule == "gpipe":
-        return [(FORWARD, i, 0) for i in range(m)] + [(BACKWARD, i, 0) for i in range(m)]
-    if schedule == "1f1b":
-        warmup = min(p - rank - 1, m)
-        order: list[Task] = [(FORWARD, i, 0) for i in range(warmup)]
-        for i in range(m - warmup):
-            order += [(FORWARD, warmup + i, 0), (BACKWARD, i, 0)]
-        return order + [(BACKWARD, i, 0) for i in range(m - warmup, m)]
-    if schedule == "interleaved":
-        return _interleaved(rank, p, m, v)
-    raise invalid("schedule", schedule, SCHEDULES)
-
-
-def _interleaved(rank: int, p: int, m: int, v: int) -> list[Task]:
-    """Megatron-LM's interleaved 1F1B (forward_backward_pipelining_with_interleaving): microbatches in
-    groups of p run through chunk 0, then chunk 1, ...; backwards take the chunks in reverse."""
-    total = m * v
-    warmup = total if m == p else min((p - rank - 1) * 2 + (v - 1) * p, total)
-
-    def task(kind: int, k: int) -> Task:
-        group = k % (p * v)
-        chunk = group // p
-        if kind == BACKWARD:
-            chunk = v - 1 - chunk
-        return (kind, (k // (p * v)) * p + k % p, chunk)
-
-    order = [task(FORWARD, k) for k in range(warmup)]
-    for k in range(total - warmup):
-        order += [task(FORWARD, warmup + k), task(BACKWARD, k)]
-    return order + [task(BACKWARD, k) for k in range(total - warmup, total)]
+    """The tasks pipeline rank `rank` of `stages` runs, in order (the runtime's order: `pipeline_order`)."""
+    return pipeline_order(schedule, rank, stages, microbatches, chunks)
 
 
 def peak_in_flight(order: list[Task], weights: list[float]) -> float:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from commlab.errors import invalid
+from commlab.shared.layout import CHECKPOINT_MODES
 from commlab.sim.training.clusters import ClusterSpec, cluster_spec
 from commlab.sim.training.compute import Efficiency
 from commlab.sim.training.memory import MemoryReport, memory_of
@@ -27,7 +28,7 @@ from commlab.sim.training.step import (
     simulate_training,
     stage_costs,
 )
-from commlab.sim.training.workload import CHECKPOINT_MODES, Layout, ModelSpec, check_layout
+from commlab.sim.training.workload import Layout, ModelSpec, check_layout
 
 MICRO_BATCHES = (1, 2, 4, 8)
 MAX_VIRTUAL_STAGES = 8
@@ -51,7 +52,7 @@ class PlanEntry:
 
 
 @dataclass
-class Plan:
+class LayoutPlan:
     """The outcome: the top layouts, how many were enumerated, fit, were simulated, and the time taken."""
 
     entries: list[PlanEntry]
@@ -120,7 +121,7 @@ class Progress:
             sys.stderr.flush()
 
 
-def plan(
+def plan_layouts(
     model: ModelSpec,
     gpus: int,
     cluster: str | ClusterSpec = "dgx-a100",
@@ -131,7 +132,7 @@ def plan(
     micro_batches: tuple[int, ...] = MICRO_BATCHES,
     checkpoints: tuple[str, ...] = CHECKPOINT_MODES,
     progress: Callable[[str, int, int], None] | None = None,
-) -> Plan:
+) -> LayoutPlan:
     """The `top` fastest layouts of `model` on `gpus` GPUs of `cluster` that fit in memory."""
     began = time.monotonic()
     eff = efficiency or Efficiency()
@@ -181,4 +182,4 @@ def plan(
         PlanEntry(simulate_training(model, r.layout, spec, eff, timer=timer, keep_timeline=False))
         for r in best
     ]
-    return Plan(entries, len(layouts), len(fitting), simulated, time.monotonic() - began, nearest)
+    return LayoutPlan(entries, len(layouts), len(fitting), simulated, time.monotonic() - began, nearest)

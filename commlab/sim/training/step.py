@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from commlab.shared.layout import rank_at
 from commlab.sim.network import Profile
 from commlab.sim.training.clusters import ClusterSpec, CollectiveTimer, cluster_spec
 from commlab.sim.training.compute import (
@@ -114,8 +115,8 @@ class TrainingResult:
 
 
 def mesh_rank(dp_rank: int, pp_rank: int, tp_rank: int, layout: Layout) -> int:
-    """Global rank of a mesh coordinate (commlab.parallel.Mesh's order: TP fastest, DP slowest)."""
-    return (dp_rank * layout.pp + pp_rank) * layout.tp + tp_rank
+    """Global rank of a mesh coordinate of `layout` (`commlab.shared.layout`: the runtime Mesh's order)."""
+    return rank_at(dp_rank, pp_rank, tp_rank, layout.pp, layout.tp)
 
 
 def _segments(

@@ -12,11 +12,12 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 from commlab.errors import invalid
+from commlab.shared.layout import CHECKPOINT_MODES
+from commlab.shared.pipeline_order import SCHEDULES
 
-CHECKPOINT_MODES = ("none", "selective", "full")
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
 ZERO_STAGES = (0, 1, 2)
 NORMS = ("layernorm", "rmsnorm")
 
@@ -128,6 +129,25 @@ def model_spec(
         raise invalid("model", name_or_path, f"a preset ({', '.join(MODEL_PRESETS)}) or a .toml file")
     changes = {k: v for k, v in (("seq_len", seq_len), ("vocab", vocab)) if v is not None}
     return replace(spec, **changes) if changes else spec
+
+
+def from_gpt_config(config: Any, name: str = "gpt") -> ModelSpec:
+    """A `commlab.models.GPTConfig` (read by its fields, so this module needs no torch) as a ModelSpec:
+    bias-free linears and rotary positions (no learned position table), so `commlab sim train` simulates
+    what commlab's GPT trains."""
+    return ModelSpec(
+        name,
+        layers=config.n_layer,
+        hidden=config.d_model,
+        heads=config.n_head,
+        seq_len=config.seq_len,
+        vocab=config.vocab_size,
+        ffn_hidden=config.d_ff,
+        biases=False,
+        norm=config.norm,
+        position_embedding=False,
+        tied_embeddings=config.tie_embeddings,
+    )
 
 
 def load_model_spec(path: str | Path) -> ModelSpec:
