@@ -199,7 +199,7 @@ def part_growth(trials: int, quick: bool) -> list[dict]:
     for world in (10**3, 10**4, 10**5, 10**6):
         t, _ = timed(
             lambda w=world: __import__(
-                "commlab.sim.network.collective", fromlist=["analytic_time"]
+                "commlab.sim.network.analytic", fromlist=["analytic_time"]
             ).analytic_time("allreduce", "ring", w, GIB, ring.compiled.bandwidth[0], 1e-6),
             trials,
         )

@@ -7,7 +7,7 @@ Targets: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Tr
 (arXiv 2205.05198), Table 5: seconds per iteration on Selene (DGX A100 80 GB nodes: 8 GPUs on NVSwitch,
 8x 200 Gb/s HDR InfiniBand per node), sequence 2048, vocabulary 51200, TP 8, micro batch 1, for full
 recomputation and for sequence parallelism + selective recomputation. Goal (issue 9): within 15% on every
-row with one set of efficiency constants (`commlab.sim.training.compute.Efficiency()`'s defaults, not fitted).
+row with one set of efficiency constants (`sim.training.compute.Efficiency()`'s defaults, not fitted).
 
 Also measured: the speed of one simulated step of a 1T model on 3072 GPUs (goal <= 30 s) and of
 `commlab plan` for gpt-175b on 1024 GPUs (goal <= 2 min), and how the worst error moves when each
@@ -145,10 +145,11 @@ script too, so edit it there.
 
 `commlab sim train` simulates one training step of a GPT-style transformer under data, tensor and
 pipeline parallelism on a modelled cluster; `commlab plan` ranks every layout that fits. Code:
-`commlab/sim/workload.py` (model presets, layouts, their checks), `compute.py` (FLOPs, bytes, roofline,
-efficiency constants), `memory.py` (memory per GPU), `pipeline.py` (schedules and their dependency
-simulation), `clusters.py` (cluster presets, collective timing cache), `training.py` (the step),
-`planner.py`, `step_trace.py` (Chrome trace), `train_cli.py`.
+`commlab/sim/training/`: `workload.py` (model presets, layouts, their checks), `compute.py` (FLOPs,
+bytes, roofline, efficiency constants), `memory.py` (memory per GPU), `pipeline.py` (the dependency
+simulation of the schedules, whose orders are `commlab/shared/pipeline_order.py`), `clusters.py`
+(cluster presets, the collective timer), `step.py` (the step), `planner.py`, `step_trace.py` (Chrome
+trace), `cli.py`.
 
 ```sh
 commlab sim train --model gpt-175b --gpus 1024 --cluster dgx-a100 --tp 8 --pp 8 --dp 16 \\
@@ -168,8 +169,9 @@ commlab plan --model gpt-175b --gpus 1024 --cluster dgx-a100 --global-batch 1536
   stage adds the embedding, the last the final norm, the vocab-parallel logits and cross-entropy.
 - **Tensor parallelism.** Two allreduces per layer forward and two backward, or with sequence
   parallelism an allgather before and a reduce-scatter after each half, on the compute stream (not
-  overlapped, as in Megatron-LM). Each is timed by `commlab.sim.network.collective` on the cluster topology with
-  the algorithm the cost model picks, at the flow fidelity for groups up to 64 ranks.
+  overlapped, as in Megatron-LM). Each is timed by the network simulator (`commlab.sim.network`) on
+  the cluster topology with the algorithm the cost model picks, at the flow fidelity for groups up to
+  64 ranks.
 - **Pipeline.** GPipe, 1F1B or Megatron-LM's interleaved 1F1B give every pipeline rank its task
   order; a dependency simulation runs them: a forward on virtual stage k waits for stage k-1's forward
   plus the transfer, a backward for stage k+1's backward plus the transfer. Each TP rank sends its 1/t

@@ -4,8 +4,8 @@ Every `import` and `from ... import` of every module is read with `ast`, at modu
 functions (an import inside a function still ties the modules together), and the graph must have no
 circle and no import from a lower layer to a higher one (or sideways between the runtime and the
 simulator). The training simulator reaches the network simulator through the `commlab.sim.network`
-package's own names (and its hardware presets) only. The synthetic graphs below show that the check fails when someone adds such
-an import.
+package's own names (and its hardware presets) only. The synthetic graphs below show that the check
+fails when someone adds such an import.
 """
 
 from __future__ import annotations

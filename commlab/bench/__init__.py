@@ -8,6 +8,7 @@ nccl-tests table (size, count, type, redop, root, time, algbw, busbw, #wrong) pl
 time and busbw and the ratio native time / commlab time, and an average busbw footer; `--json FILE` keeps
 every row and sample with the machine description, `--plot FILE.png` draws busbw against size.
 
-Modules: `config` (the sweep's configuration), `cli` (the command line), `launch` (starting ranks), `worker` (what
-every rank runs: buffers, timing, the data check), `report` (table, JSON, plot, machine description).
+Modules: `config` (the sweep's configuration), `cli` (the command line), `launch` (starting ranks),
+`worker` (what every rank runs: buffers, timing, the data check), `report` (table, JSON, plot, machine
+description). The busbw factors and element counts are `commlab.shared.ops`'.
 """

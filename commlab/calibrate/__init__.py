@@ -7,7 +7,7 @@ under torchrun or mpiexec it runs in the ranks it finds. The ranks time messages
 executor (`measure`), rank 0 fits alpha, beta (piecewise by size) and gamma (`fit`, `profile`), writes the
 profile (`commlab.collectives.calibration` is its format) and prints the fit quality.
 
-Modules: `config` (the configuration), `cli` (the command line), `measure` (what every rank runs), `fit` (least
-squares), `profile` (measurements -> Calibration, the quality report), `worker` (the rank entry point),
-`tune` (`commlab tune --show`).
+Modules: `config` (the configuration), `cli` (the command line), `measure` (what every rank runs),
+`fit` (least squares), `profile` (measurements -> Calibration, the quality report), `worker` (the rank
+entry point), `tune` (`commlab tune --show`).
 """

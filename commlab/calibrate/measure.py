@@ -44,9 +44,10 @@ from commlab.collectives.calibration import Calibration
 from commlab.collectives.communicator import Communicator
 from commlab.collectives.cost import CostModel
 from commlab.collectives.executor import REDUCERS, Program, compile_program, execute
-from commlab.collectives.schedule import OPS, ROOTED_OPS, Recv, Schedule, Send, Step, subdivide
+from commlab.collectives.schedule import Recv, Schedule, Send, Step, subdivide
 from commlab.collectives.transport import TorchTransport
 from commlab.collectives.tuning import resolve
+from commlab.shared.ops import OPS, ROOTED_OPS
 
 _TAG_WINDOW = 1 << 20
 _MAX_ITERS = 2000

@@ -17,9 +17,9 @@ import sys
 
 from commlab.collectives.algorithms import algorithms_for
 from commlab.collectives.calibration import BACKENDS, Calibration, active_profile_path, as_calibration
-from commlab.collectives.schedule import OPS
 from commlab.collectives.tuning import choose
 from commlab.errors import CommlabError, invalid
+from commlab.shared.ops import OPS
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8", "int8")
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 from commlab.collectives.algorithms import algorithms_for
-from commlab.collectives.schedule import OPS
+from commlab.shared.ops import OPS
 from commlab.sim.network.collective import DTYPES, FIDELITIES, simulate_collective
 from commlab.sim.network.engine import SimResult
 from commlab.sim.network.profile import IDEAL, Profile

@@ -25,6 +25,7 @@ import networkx as nx
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule, get_algorithm
 from commlab.collectives.schedule import Schedule
 from commlab.errors import invalid
+from commlab.shared.ops import BLOCKED_OPS, ROOTED_OPS
 from commlab.sim.network.analytic import link_model, segments_of, simulate_analytic
 from commlab.sim.network.compiled import usable_bytes
 from commlab.sim.network.congestion import run_congestion
@@ -165,7 +166,7 @@ def simulate_collective(
     p = topology.num_ranks if world_size is None else world_size
     topology.check_world_size(p)
     entry = get_algorithm(algorithm)
-    if op in ("broadcast", "reduce") and root is None:
+    if op in ROOTED_OPS and root is None:
         root = 0
     itemsize = itemsize_of(dtype)
     if segments is None:
@@ -173,7 +174,7 @@ def simulate_collective(
     if fidelity == "analytic":
         entry.cost(op, p, nbytes, link_model(topology, p, profile, dtype), segments)  # validates op, segments
         numel = int(nbytes) // itemsize
-        if op in ("reduce_scatter", "allgather"):
+        if op in BLOCKED_OPS:
             numel -= numel % p
         return simulate_analytic(op, entry.name, topology, p, numel * itemsize, segments, dtype, profile)
     schedule = build_schedule(op, entry.name, p, root, segments)

@@ -15,8 +15,9 @@ from operator import attrgetter
 
 import numpy as np
 
-from commlab.collectives.schedule import BLOCKED_OPS, Schedule, chunk_bounds
+from commlab.collectives.schedule import Schedule, chunk_bounds
 from commlab.errors import ScheduleError, invalid
+from commlab.shared.ops import BLOCKED_OPS
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """Clusters for training simulation, and the cache that times their collectives.
 
 A `ClusterSpec` is DGX-style nodes (a hardware preset GPU, NVSwitch, one InfiniBand NIC per GPU) on the
-rail-optimized fabric of `commlab.sim.network.topology.cluster`. `CollectiveTimer` times a collective over a group
-of global ranks by running the algorithm the cost model picks through `commlab.sim.network.collective` on that
-topology, and remembers the answer per (op, bytes, group shape): groups placed alike (same pattern of
-nodes, GPUs within nodes and leaf switches) take the same time, so a step with thousands of groups
-simulates a handful of distinct collectives.
+rail-optimized fabric of `commlab.sim.network.cluster`. `CollectiveTimer` times a collective over a
+group of global ranks by running the algorithm the cost model picks through the network simulator's
+`simulate_collective` on that topology (the one interface the training side uses), and remembers the
+answer per (op, bytes, group shape): groups placed alike (same pattern of nodes, GPUs within nodes and
+leaf switches) take the same time, so a step with thousands of groups simulates a handful of distinct
+collectives.
 """
 
 from __future__ import annotations

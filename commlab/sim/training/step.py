@@ -1,15 +1,16 @@
 """A transformer training step under DP x TP x PP: its compute, its collectives, their overlap and memory.
 
 One data-parallel replica is simulated (every replica runs the same schedule). Each pipeline rank runs
-the forward and backward tasks its schedule orders (`commlab.sim.training.pipeline`); a task is the op list of
-`commlab.sim.training.compute` for its model chunk, with the tensor-parallel collectives in line (they block the
-compute stream, as in Megatron-LM). Activations and gradients cross stage boundaries point to point (each
+the forward and backward tasks its schedule orders (`pipeline.py`); a task is the op list of
+`compute.py` for its model chunk, with the tensor-parallel collectives in line (they block the compute
+stream, as in Megatron-LM). Activations and gradients cross stage boundaries point to point (each
 TP rank sends its 1/t slice over its own NIC; without sequence parallelism the receiver allgathers them).
 Data-parallel gradient buckets are reduced on a separate stream as the last microbatch's backward fills
 them; the step ends after the tied-embedding gradient sync, the optimizer and, under ZeRO, the parameter
-allgather. Collectives are timed by `commlab.sim.network.collective` on the cluster topology (`CollectiveTimer`).
+allgather. Collectives are timed by the network simulator on the cluster topology (`CollectiveTimer`).
 
-Ranks follow commlab.parallel.Mesh: rank = (dp_rank x pp + pp_rank) x tp + tp_rank.
+Ranks follow commlab.parallel.Mesh (`commlab.shared.layout`): rank = (dp_rank x pp + pp_rank) x tp +
+tp_rank.
 """
 
 from __future__ import annotations
