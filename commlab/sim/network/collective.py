@@ -30,7 +30,7 @@ from commlab.sim.network.analytic import link_model, segments_of, simulate_analy
 from commlab.sim.network.compiled import usable_bytes
 from commlab.sim.network.congestion import run_congestion
 from commlab.sim.network.costs import message_costs
-from commlab.sim.network.engine import SimResult, link_bytes, routed_plan
+from commlab.sim.network.engine import Engine, SimResult, link_bytes, routed_plan
 from commlab.sim.network.flow import run_flow
 from commlab.sim.network.profile import IDEAL, Profile
 from commlab.sim.network.topology import Topology, as_topology
@@ -65,7 +65,7 @@ def _simulate_closed_form(
 
 
 def _simulate_routed(
-    engine: Callable,
+    engine: Engine,
     fidelity: str,
     schedule: Schedule,
     topology: Topology,

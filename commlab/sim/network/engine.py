@@ -1,9 +1,10 @@
 """What every network engine shares: the routed schedule it runs, what a message costs, what it returns.
 
-An engine (`analytic.py`, `congestion.py`, `flow.py`) takes a schedule compiled to arrays
+A schedule-running engine (`congestion.py`, `flow.py`: an `Engine`) takes a schedule compiled to arrays
 (`compiled.py`) and routed on a topology (`routed_plan`), each message's bytes and, under a calibrated
 profile, its per-message costs (`costs.py`: `MessageCosts`), and returns a `Timing`; `collective.py`
-turns that into the `SimResult` every fidelity reports. `rendezvous_rounds` is the symbolic checker's
+turns that into the `SimResult` every fidelity reports (the analytic fidelity, `analytic.py`, builds
+no schedule and returns a `SimResult` directly). `rendezvous_rounds` is the symbolic checker's
 rule (a message moves in the first round both its ends have reached the steps that hold it), used by
 the congestion engine, the flow engine's fast path and the calibrated pricing alike.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -107,6 +109,20 @@ class Timing:
     msg_start: np.ndarray
     msg_end: np.ndarray
     events: int
+
+
+class Engine(Protocol):
+    """A schedule-running fidelity: times a routed schedule whose messages carry `msg_bytes`."""
+
+    def __call__(
+        self,
+        routed: RoutedPlan,
+        msg_bytes: np.ndarray,
+        topology: Topology,
+        profile: Profile,
+        *,
+        costs: MessageCosts | None = None,
+    ) -> Timing: ...
 
 
 def link_bytes(routed: RoutedPlan, msg_bytes: np.ndarray, num_links: int) -> np.ndarray:
