@@ -7,15 +7,19 @@ import json
 import sys
 
 from commlab import __version__
+from commlab.bench.cli import add_parser as add_bench_parser
+from commlab.calibrate.cli import add_parser as add_calibrate_parser
+from commlab.calibrate.tune import add_parser as add_tune_parser
+from commlab.collectives.algorithms import ALGORITHMS
+from commlab.collectives.cost import DEFAULT_COST_MODEL
+from commlab.collectives.schedule import OPS
 from commlab.errors import CommlabError
+from commlab.sim.cli import add_sim_parser
+from commlab.sim.training.cli import add_plan_parser
 
 
 def _algorithms(args: argparse.Namespace) -> int:
     """Print every op with the algorithms that implement it and their predicted time at one example size."""
-    from commlab.collectives.algorithms import ALGORITHMS
-    from commlab.collectives.cost import DEFAULT_COST_MODEL
-    from commlab.collectives.schedule import OPS
-
     rows = []
     for op in OPS:
         for name, algorithm in ALGORITHMS.items():
@@ -74,20 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--bytes", type=_positive_int, default=1 << 20, help="message size of the example (bytes per rank)"
     )
     algorithms.set_defaults(run=_algorithms)
-    from commlab.bench.cli import add_parser as add_bench_parser
-
     add_bench_parser(sub)
-    from commlab.sim.cli import add_sim_parser
-
     add_sim_parser(sub)
-    from commlab.sim.training.cli import add_plan_parser
-
     add_plan_parser(sub)
-    from commlab.calibrate.cli import add_parser as add_calibrate_parser
-
     add_calibrate_parser(sub)
-    from commlab.calibrate.tune import add_parser as add_tune_parser
-
     add_tune_parser(sub)
     return parser
 

@@ -17,10 +17,12 @@ from commlab.collectives.algorithms import algorithms_for
 from commlab.shared.ops import OPS
 from commlab.sim.network.collective import DTYPES, FIDELITIES, simulate_collective
 from commlab.sim.network.engine import SimResult
+from commlab.sim.network.plots import draw_topology, plot_busbw
 from commlab.sim.network.profile import IDEAL, Profile
 from commlab.sim.network.routing import ROUTINGS
 from commlab.sim.network.topology import BUILDERS
 from commlab.sim.network.topology_io import parse_topology
+from commlab.sim.network.trace import write_trace
 from commlab.sim.network.units import parse_sizes
 
 TOPOLOGY_HELP = (
@@ -88,12 +90,8 @@ def _collective(args: argparse.Namespace) -> int:
     progress.close()
     flat = [r for name in names for r in results[name]]
     if args.trace:
-        from commlab.sim.network.trace import write_trace
-
         write_trace(flat, args.trace)
     if args.plot:
-        from commlab.sim.network.plots import plot_busbw
-
         title = f"{args.op} on {topology.name}, {world} ranks ({args.fidelity})"
         plot_busbw(results, args.plot, title)
     if args.json:
@@ -137,8 +135,6 @@ def _topology(args: argparse.Namespace) -> int:
     topology = parse_topology(args.topology, args.routing)
     info = topology.summary(bisection=not args.no_bisection)
     if args.plot:
-        from commlab.sim.network.plots import draw_topology
-
         draw_topology(topology, args.plot)
     if args.json:
         print(json.dumps(info, indent=2))

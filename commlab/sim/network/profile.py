@@ -19,6 +19,7 @@ from pathlib import Path
 
 from commlab.collectives.calibration import Calibration, is_calibration
 from commlab.errors import TopologyError, invalid
+from commlab.sim.network.topology_io import read_mapping
 from commlab.sim.network.units import parse_time
 
 FIELDS = ("alpha", "gamma", "launch", "efficiency", "name")
@@ -100,8 +101,6 @@ class Profile:
     @classmethod
     def load(cls, path: str | Path) -> Profile:
         """Read a profile file (.json, .toml, .yaml/.yml), or a calibration file (JSON)."""
-        from commlab.sim.network.topology_io import read_mapping
-
         return cls.from_dict(read_mapping(path), str(path))
 
 
