@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 
 import commlab
-from commlab.collectives.algorithms import algorithms_for
+from commlab.collectives.algorithms import algorithms_for, get_algorithm
+from commlab.collectives.schedule import OPS
+from commlab.collectives.transport import TorchTransport
 from commlab.errors import CollectiveMismatchError, CollectiveTimeoutError, CommlabError, InvalidArgumentError
 from tests.distributed import RankError
 
@@ -77,31 +79,41 @@ def _reference(kind: str, x: torch.Tensor, op: str, root: int, world: int) -> to
     return ref.to(x.dtype)
 
 
-def _run_commlab(kind: str, x: torch.Tensor, op: str, root: int, algorithm: str, world: int) -> torch.Tensor:
+def _run_commlab(
+    kind: str, x: torch.Tensor, op: str, root: int, algorithm: str, world: int, group=None
+) -> torch.Tensor:
     if kind == "allreduce":
         out = x.clone()
-        commlab.all_reduce(out, op=op, algorithm=algorithm)
+        commlab.all_reduce(out, op=op, algorithm=algorithm, group=group)
     elif kind == "reduce":
         out = x.clone()
-        commlab.reduce(out, root, op=op, algorithm=algorithm)
+        commlab.reduce(out, root, op=op, algorithm=algorithm, group=group)
         assert dist.get_rank() == root or torch.equal(out, x), "reduce changed a non-root rank's tensor"
     elif kind == "reduce_scatter":
         out = torch.full((x.numel() // world,), 77, dtype=x.dtype)
         before = x.clone()
-        commlab.reduce_scatter(out, x, op=op, algorithm=algorithm)
+        commlab.reduce_scatter(out, x, op=op, algorithm=algorithm, group=group)
         assert torch.equal(x, before), "reduce_scatter modified its input"
     elif kind == "allgather":
         out = torch.full((x.numel() * world,), 77, dtype=x.dtype)
-        commlab.all_gather(out, x, algorithm=algorithm)
+        commlab.all_gather(out, x, algorithm=algorithm, group=group)
     else:
         out = x.clone() if dist.get_rank() == root else torch.full_like(x, 77)
-        commlab.broadcast(out, root, algorithm=algorithm)
+        commlab.broadcast(out, root, algorithm=algorithm, group=group)
     return out
 
 
-def check_against_torch(sizes: list[int], dtypes: list[torch.dtype], full_ops: bool, seed: int) -> list[str]:
-    """On every rank: run every op x algorithm x dtype x size, compare with the native collective."""
+def check_against_torch(
+    sizes: list[int], dtypes: list[torch.dtype], full_ops: bool, seed: int, hosts: str | None = None
+) -> list[str]:
+    """On every rank: run every op x algorithm x dtype x size, compare with the native collective.
+    `hosts` (a host map spec such as '2x2') runs commlab on a communicator that sees those hosts."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    group = None if hosts is None else commlab.Communicator(TorchTransport(), hosts=hosts)
+    names = {  # across hosts: the algorithms that read the host map (the others ignore it)
+        kind: [a for a in algorithms_for(kind) if hosts is None or get_algorithm(a).topology_aware]
+        for kind in OPS
+    }
     failures = []
     kinds = ["allreduce", "reduce_scatter", "allgather", "broadcast", "reduce"]
     for kind in kinds:
@@ -113,12 +125,12 @@ def check_against_torch(sizes: list[int], dtypes: list[torch.dtype], full_ops: b
             )
             for op in ops:
                 for size in sizes:
-                    for algorithm in ["auto", *algorithms_for(kind)]:
+                    for algorithm in ["auto", *names[kind]]:
                         root = (size + 1) % world
                         numel = size * world if kind == "reduce_scatter" else size
                         x = make_data((numel,), dtype, op, seed + 1000 * rank + size)
                         ref = _reference(kind, x, op, root, world)
-                        got = _run_commlab(kind, x, op, root, algorithm, world).reshape(-1)
+                        got = _run_commlab(kind, x, op, root, algorithm, world, group).reshape(-1)
                         if kind == "reduce" and rank != root:
                             continue
                         if not torch.equal(got, ref.reshape(-1)):
@@ -126,6 +138,8 @@ def check_against_torch(sizes: list[int], dtypes: list[torch.dtype], full_ops: b
                             failures.append(
                                 f"{kind} {algorithm} {dtype} op={op} n={size} root={root}: {bad} wrong"
                             )
+    if group is not None:
+        group.close()
     return failures
 
 
@@ -133,6 +147,15 @@ def check_against_torch(sizes: list[int], dtypes: list[torch.dtype], full_ops: b
 def test_every_collective_matches_torch(rank_pools, world_size):
     pool = rank_pools(world_size)
     results = pool.run(check_against_torch, [0, 1, 5, 67, 1000], DTYPES, True, seed=world_size)
+    failures = [f for per_rank in results for f in per_rank]
+    assert not failures, "\n".join(failures[:40])
+
+
+@pytest.mark.parametrize("hosts", ["2x2", "3,1", "1,3"])
+def test_every_collective_matches_torch_across_emulated_hosts(rank_pools, hosts):
+    """The topology-aware algorithms (and auto, which weighs them across hosts) on 4 ranks seen as hosts
+    of equal and of different sizes, every dtype, against gloo's own collectives."""
+    results = rank_pools(4).run(check_against_torch, [1, 7, 1003], DTYPES, False, 11, hosts)
     failures = [f for per_rank in results for f in per_rank]
     assert not failures, "\n".join(failures[:40])
 

@@ -153,7 +153,7 @@ def _resolve_algorithm(
     """The algorithm, segments and pieces of a call, by the communicator's cost model (for the dtype)."""
     if not isinstance(algorithm, str):
         raise invalid("algorithm", algorithm, ["auto", *ALGORITHMS])
-    return resolve(op, algorithm, comm.size, nbytes, comm.cost_model_for(dtype), comm.piece_bytes)
+    return resolve(op, algorithm, comm.size, nbytes, comm.cost_model_for(dtype), comm.piece_bytes, comm.hosts)
 
 
 def _group_rank(comm: Communicator, rank: int, name: str, group: Group) -> int:

@@ -24,6 +24,7 @@ from commlab.collectives.algorithms import ALGORITHMS, build_schedule
 from commlab.collectives.calibration import Calibration, active_profile, as_calibration
 from commlab.collectives.cost import DEFAULT_COST_MODEL, CostModel
 from commlab.collectives.executor import DEFAULT_WINDOW, REDUCERS, Program, compile_program, execute
+from commlab.collectives.hosts import HostMap
 from commlab.collectives.schedule import OPS, subdivide
 from commlab.collectives.transport import Transport
 from commlab.collectives.tuning import DEFAULT_PIECE_BYTES
@@ -95,6 +96,10 @@ class Communicator:
     sliced so transfers overlap reductions (default: the transport's `piece_bytes`, else
     `tuning.DEFAULT_PIECE_BYTES`; 0 turns slicing off); `window` is how many steps the executor keeps in
     flight. Scratch space is kept per dtype and reused across calls (`release_scratch()` frees it).
+
+    `hosts`: which ranks share a host (a `HostMap`, or a spec such as '2x4'), for the topology-aware
+    algorithms and for `auto` across hosts; default: what the transport learned (the launcher's
+    environment, MPI's processor names), else one host.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Communicator:
         piece_bytes: int | None = None,
         window: int = DEFAULT_WINDOW,
         profile: Calibration | str | Path | None = None,
+        hosts: HostMap | str | None = None,
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise invalid("timeout", timeout, "a positive number of seconds, or None for the group's own")
@@ -118,6 +124,7 @@ class Communicator:
         self.transport = transport
         self.rank = transport.rank
         self.size = transport.size
+        self.hosts = _host_map(hosts if hosts is not None else getattr(transport, "hosts", None), self.size)
         self.timeout = float(timeout) if timeout is not None else transport.default_timeout
         self.check = check
         self.calibration: Calibration | None = None
@@ -155,7 +162,9 @@ class Communicator:
         key = (call.op, call.algorithm, call.root, call.segments, call.pieces, call.buffer.numel())
         plan = self._programs.get(key)
         if plan is None:
-            schedule = build_schedule(call.op, call.algorithm, self.size, call.root, call.segments)
+            schedule = build_schedule(
+                call.op, call.algorithm, self.size, call.root, call.segments, self.hosts
+            )
             plan = compile_program(subdivide(schedule, call.pieces), self.rank, key[-1], self.window)
             self._programs[key] = plan
             if len(self._programs) > _PLAN_CACHE:
@@ -310,6 +319,19 @@ class Communicator:
 
     def __repr__(self) -> str:
         return f"Communicator({self.transport!r}, timeout={self.timeout} s, check={self.check})"
+
+
+def _host_map(hosts: HostMap | str | None, size: int) -> HostMap:
+    """A HostMap of `size` ranks from a map, a spec ('2x4', '3,2,3') or None (one host)."""
+    if hosts is None:
+        return HostMap.flat(size)
+    if isinstance(hosts, str):
+        hosts = HostMap.parse(hosts)
+    if not isinstance(hosts, HostMap):
+        raise invalid("hosts", type(hosts).__name__, "a HostMap, a spec such as '2x4', or None")
+    if hosts.world_size != size:
+        raise invalid("hosts", str(hosts), f"a host map of {size} ranks (the communicator's size)")
+    return hosts
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from commlab.errors import invalid
 
@@ -35,13 +35,17 @@ MAX_SEGMENTS = 64  # the largest pipeline depth the tuner considers
 class CostModel:
     """Seconds per message (alpha), per byte sent or received (beta), per byte reduced (gamma), and per
     step on the critical path (`step`, beyond its messages' alpha), and the bandwidth gain of concurrent
-    messages (`concurrency`; see the module docstring)."""
+    messages (`concurrency`; see the module docstring). These describe messages within a host; `inter`,
+    where set, is the model of messages between hosts (a two-level model: NVLink or shared memory inside
+    a host, the network between them), which topology-aware algorithms price their phases by."""
 
     alpha: float
     beta: float
     gamma: float = 0.0
     step: float = 0.0
     concurrency: float = 1.0
+    # the level between hosts, where it differs from this one (keyword-only: subclasses add positional fields)
+    inter: CostModel | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma", "step"):
@@ -51,6 +55,12 @@ class CostModel:
         c = self.concurrency
         if not isinstance(c, numbers.Real) or not math.isfinite(c) or c < 1:
             raise invalid("concurrency", c, "a finite number >= 1")
+        if self.inter is not None and not isinstance(self.inter, CostModel):
+            raise invalid("inter", type(self.inter).__name__, "a CostModel (between hosts) or None")
+
+    def between_hosts(self) -> CostModel:
+        """The model of messages between hosts: `inter` where a two-level model sets it, else this one."""
+        return self.inter if self.inter is not None else self
 
     def gain(self, messages: float, steps: float) -> float:
         """The bandwidth gain of a step of messages / steps concurrent messages: min(k, concurrency), >= 1."""

@@ -14,6 +14,7 @@ mpi4py is imported only when an MPI transport is made (importing `mpi4py.MPI` in
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from commlab.collectives.cost import CostModel
+from commlab.collectives.hosts import HostMap, host_map_from_env
 from commlab.collectives.transport import DEFAULT_TIMEOUT_S, Message
 from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError, invalid
 
@@ -148,6 +150,15 @@ class MPITransport:
         self.max_tag = int(comm.Get_attr(MPI.TAG_UB))
         self.comm = self._duplicate(comm) if duplicate else comm
         self._abandoned: list[MPIRequest] = []  # requests left behind by a timeout, kept with their buffers
+        self.hosts = host_map_from_env(self.global_ranks) or self._processor_hosts()
+
+    def _processor_hosts(self) -> HostMap:
+        """Ranks grouped by MPI_Get_processor_name (the host name), gathered once within the timeout."""
+        name = self._MPI.Get_processor_name().encode()
+        send = torch.tensor([int.from_bytes(hashlib.blake2b(name, digest_size=7).digest(), "little")])
+        out = torch.zeros(self.size, dtype=torch.int64)
+        self.allgather_int64(send, out, time.monotonic() + self.default_timeout)
+        return HostMap.from_labels(out.tolist())
 
     def _duplicate(self, comm: Any) -> Any:
         """MPI_Comm_idup, waited for with the default timeout (every rank of `comm` must make one)."""

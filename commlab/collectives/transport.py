@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.distributed as dist
 
+from commlab.collectives.hosts import host_map_from_env
 from commlab.collectives.tuning import piece_bytes_for_host
 from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError
 
@@ -83,6 +84,7 @@ class TorchTransport:
         if self.rank < 0:
             raise CommlabError("this process is not a member of the group it was asked to communicate in")
         self.global_ranks = [dist.get_global_rank(self.group, r) for r in range(self.size)]
+        self.hosts = host_map_from_env(self.global_ranks)  # None: one host, unless the communicator says
         self.backend = str(dist.get_backend(self.group)).lower()
         self.device_type = "cuda" if self.backend == "nccl" else "cpu"
         self.default_timeout = _group_timeout(self.group, self.device_type)

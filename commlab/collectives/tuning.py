@@ -6,8 +6,13 @@ alpha-beta-gamma cost formula. Pipeline `segments` belong to an
 algorithm's schedule (trees, chains) and come from its formula too. `pieces` slice every chunk of a
 schedule into independent copies run step-major (`schedule.subdivide`), so the executor overlaps one
 slice's reduction with the next one's transfer; a chunk is sliced into pieces of about `piece_bytes`.
-Every decision depends only on (op, algorithm, world size, bytes) and the communicator's settings, so all
-ranks reach the same one without talking (and the argument check would catch it if they did not).
+Every decision depends only on (op, algorithm, world size, bytes, host map) and the communicator's
+settings, so all ranks reach the same one without talking (and the argument check would catch it if they
+did not).
+
+Across hosts (a host map of several hosts) `auto` also weighs the topology-aware algorithms, every
+algorithm priced by its formula at the model's two levels (`CostModel.inter` between hosts): measured
+algorithm times come from one host and do not say what crossing hosts costs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 from commlab.collectives.algorithms import ALGORITHMS, algorithms_for, build_schedule, get_algorithm
 from commlab.collectives.cost import DEFAULT_COST_MODEL, CostModel
+from commlab.collectives.hosts import HostMap
 from commlab.collectives.schedule import ROOTED_OPS
 from commlab.errors import InvalidArgumentError, invalid
 
@@ -35,26 +41,41 @@ class Choice:
     pieces: int = 1
 
 
-def segments_for(algorithm: str, op: str, world_size: int, nbytes: int, model: CostModel) -> int:
+def _spans_hosts(hosts: HostMap | None) -> bool:
+    return hosts is not None and hosts.num_hosts > 1
+
+
+def segments_for(
+    algorithm: str, op: str, world_size: int, nbytes: int, model: CostModel, hosts: HostMap | None = None
+) -> int:
     """Pipeline segments for a pipelined algorithm (from its cost formula); 1 for the others."""
     entry = get_algorithm(algorithm)
     if not entry.pipelined:
         return 1
-    return entry.best_segments(op, world_size, nbytes, model)
+    level = model.between_hosts() if _spans_hosts(hosts) else model
+    return entry.best_segments(op, world_size, nbytes, level)
 
 
-def choose(op: str, world_size: int, nbytes: int, model: CostModel = DEFAULT_COST_MODEL) -> Choice:
+def choose(
+    op: str,
+    world_size: int,
+    nbytes: int,
+    model: CostModel = DEFAULT_COST_MODEL,
+    hosts: HostMap | None = None,
+) -> Choice:
     """The cheapest algorithm for `op` on `world_size` ranks moving `nbytes` per rank: the fastest measured
-    one where the model holds measurements of this op (a calibrated profile), else by the formulas."""
-    names = algorithms_for(op)
-    measured = model.measured_choice(op, nbytes, names) if world_size > 1 else None
+    one where the model holds measurements of this op (a calibrated profile) and the ranks share a host,
+    else by the formulas (topology-aware algorithms included when `hosts` spans several hosts)."""
+    across = _spans_hosts(hosts)
+    names = algorithms_for(op, topology_aware=across)
+    measured = model.measured_choice(op, nbytes, names) if world_size > 1 and not across else None
     if measured is not None:
         segments = segments_for(measured, op, world_size, nbytes, model)
         return Choice(measured, segments, ALGORITHMS[measured].cost(op, world_size, nbytes, model, segments))
     best: Choice | None = None
     for name in names:
-        segments = segments_for(name, op, world_size, nbytes, model)
-        time = ALGORITHMS[name].cost(op, world_size, nbytes, model, segments)
+        segments = segments_for(name, op, world_size, nbytes, model, hosts)
+        time = ALGORITHMS[name].cost(op, world_size, nbytes, model, segments, hosts)
         if best is None or time < best.predicted_time:
             best = Choice(name, segments, time)
     assert best is not None  # every op has at least one algorithm
@@ -75,12 +96,20 @@ def piece_bytes_for_host(local_ranks: int, threads_per_rank: int = 2) -> int:
     return DEFAULT_PIECE_BYTES if cores >= threads_per_rank * max(local_ranks, 1) else 0
 
 
-def pieces_for(op: str, algorithm: str, world_size: int, nbytes: int, segments: int, piece_bytes: int) -> int:
+def pieces_for(
+    op: str,
+    algorithm: str,
+    world_size: int,
+    nbytes: int,
+    segments: int,
+    piece_bytes: int,
+    hosts: HostMap | None = None,
+) -> int:
     """Slices per chunk so that each is about `piece_bytes` (1 up to MAX_PIECES; 1 for one rank)."""
     if world_size == 1 or piece_bytes <= 0:
         return 1
     root = 0 if op in ROOTED_OPS else None
-    chunks = build_schedule(op, algorithm, world_size, root, segments).num_chunks
+    chunks = build_schedule(op, algorithm, world_size, root, segments, hosts).num_chunks
     return max(1, min(MAX_PIECES, nbytes // (chunks * piece_bytes)))
 
 
@@ -92,10 +121,12 @@ def resolve(
     nbytes: int,
     model: CostModel = DEFAULT_COST_MODEL,
     piece_bytes: int = DEFAULT_PIECE_BYTES,
+    hosts: HostMap | None = None,
 ) -> Choice:
-    """Everything a call needs decided: the algorithm ('auto' or a name), its segments and its pieces."""
+    """Everything a call needs decided: the algorithm ('auto' or a name), its segments and its pieces,
+    for ranks on `hosts` (None: one host)."""
     if algorithm == "auto":
-        choice = choose(op, world_size, nbytes, model)
+        choice = choose(op, world_size, nbytes, model, hosts)
     else:
         if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
             raise invalid("algorithm", algorithm, ["auto", *ALGORITHMS])
@@ -104,8 +135,8 @@ def resolve(
                 f"algorithm={algorithm!r} does not implement {op}; accepted: 'auto', "
                 + ", ".join(repr(a) for a in algorithms_for(op))
             )
-        segments = segments_for(algorithm, op, world_size, nbytes, model)
-        predicted = ALGORITHMS[algorithm].cost(op, world_size, nbytes, model, segments)
+        segments = segments_for(algorithm, op, world_size, nbytes, model, hosts)
+        predicted = ALGORITHMS[algorithm].cost(op, world_size, nbytes, model, segments, hosts)
         choice = Choice(algorithm, segments, predicted)
-    pieces = pieces_for(op, choice.algorithm, world_size, nbytes, choice.segments, piece_bytes)
+    pieces = pieces_for(op, choice.algorithm, world_size, nbytes, choice.segments, piece_bytes, hosts)
     return Choice(choice.algorithm, choice.segments, choice.predicted_time, pieces)

@@ -1,8 +1,11 @@
 """The algorithm registry: every family's schedule builder and cost formula, looked up by name.
 
-`build_schedule(op, algorithm, world_size, root, segments)` is what executors and the simulator call; it
-validates the arguments and memoizes the (frozen) schedules. `Algorithm.cost` gives the analytic time the
-tuner ranks algorithms by.
+`build_schedule(op, algorithm, world_size, root, segments, hosts)` is what executors and the simulator
+call; it validates the arguments and memoizes the (frozen) schedules. `Algorithm.cost` gives the analytic
+time the tuner ranks algorithms by. Topology-aware families (`hierarchical`, `multiring`) build from a
+`HostMap` (which ranks share a host) and are priced with the cost model's intra- and inter-host levels;
+the flat families ignore the host map, and their time across hosts is priced at the inter-host level
+(their every step waits for the slowest link).
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from commlab.collectives.algorithms import direct, halving_doubling, ring, tree
+from commlab.collectives.algorithms import direct, halving_doubling, hierarchical, ring, tree
 from commlab.collectives.cost import MAX_SEGMENTS, CostModel, best_segment_count
+from commlab.collectives.hosts import HostMap
 from commlab.collectives.schedule import OPS, ROOTED_OPS, Schedule
 from commlab.errors import InvalidArgumentError, invalid
 
-Builder = Callable[[str, int, int | None, int], Schedule]
-Formula = Callable[[str, int, float, CostModel, int], float]
+Builder = Callable[..., Schedule]  # (op, world_size, root, segments[, hosts])
+Formula = Callable[
+    ..., float
+]  # (op, world_size, nbytes, model, segments), or (op, hosts, nbytes, intra, inter)
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class Algorithm:
     pipelined_ops: tuple[str, ...]
     builder: Builder = field(repr=False)
     formula: Formula = field(repr=False)
+    topology_aware: bool = False  # builds from a HostMap; its formula takes (op, hosts, n, intra, inter)
 
     @property
     def pipelined(self) -> bool:
@@ -43,21 +50,39 @@ class Algorithm:
         """Whether this algorithm builds `op`."""
         return op in self.ops
 
-    def build(self, op: str, world_size: int, root: int | None = None, segments: int = 1) -> Schedule:
+    def build(
+        self,
+        op: str,
+        world_size: int,
+        root: int | None = None,
+        segments: int = 1,
+        hosts: HostMap | None = None,
+    ) -> Schedule:
         """This algorithm's schedule for `op` (uncached; `build_schedule` memoizes).
 
         `segments` is the pipeline depth of the ops in `pipelined_ops`; the other ops do not depend on it.
+        `hosts` matters to topology-aware algorithms only (None: all ranks on one host).
         """
         op, world_size, root, segments = self._arguments(op, world_size, root, segments)
+        if self.topology_aware:
+            return self.builder(op, world_size, root, segments, _host_map(world_size, hosts))
         return self.builder(op, world_size, root, segments)
 
     def cost(
-        self, op: str, world_size: int, nbytes: float, model: CostModel, segments: int | None = None
+        self,
+        op: str,
+        world_size: int,
+        nbytes: float,
+        model: CostModel,
+        segments: int | None = None,
+        hosts: HostMap | None = None,
     ) -> float:
         """Predicted seconds for `op` on `world_size` ranks moving `nbytes`, by the family's formula.
 
         `nbytes` is per rank, or the total for reduce_scatter and allgather. For a pipelined op
-        `segments=None` takes `best_segments`; other ops ignore `segments`.
+        `segments=None` takes `best_segments`; other ops ignore `segments`. With `hosts` spanning several
+        hosts, topology-aware formulas price each phase at its level (`model` inside hosts,
+        `model.inter` between them) and flat ones at `model.inter`.
         """
         self._check_op(op)
         world_size = _positive_int("world_size", world_size)
@@ -65,6 +90,11 @@ class Algorithm:
             raise invalid("nbytes", nbytes, "a number of bytes >= 0")
         if not isinstance(model, CostModel):
             raise invalid("model", type(model).__name__, "a CostModel")
+        hosts = _host_map(world_size, hosts)
+        if self.topology_aware:
+            return self.formula(op, hosts, nbytes, model, model.between_hosts())
+        if hosts.num_hosts > 1:
+            model = model.between_hosts()
         if op not in self.pipelined_ops:
             segments = 1
         elif segments is None:
@@ -123,6 +153,17 @@ def _positive_int(name: str, value: object) -> int:
     return _integer(name, value, 1, math.inf, "an integer >= 1")
 
 
+def _host_map(world_size: int, hosts: HostMap | None) -> HostMap:
+    """`hosts`, checked against the world size; one host of every rank if None."""
+    if hosts is None:
+        return HostMap.flat(world_size)
+    if not isinstance(hosts, HostMap):
+        raise invalid("hosts", type(hosts).__name__, "a commlab HostMap or None")
+    if hosts.world_size != world_size:
+        raise invalid("hosts", str(hosts), f"a host map of {world_size} ranks (the world size)")
+    return hosts
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
@@ -174,6 +215,24 @@ ALGORITHMS: dict[str, Algorithm] = {
             direct.build,
             direct.cost,
         ),
+        Algorithm(
+            hierarchical.HIERARCHICAL,
+            "topology-aware: intra-host reduce-scatter, one ring per rail across hosts, intra-host allgather",
+            hierarchical.HIERARCHICAL_OPS,
+            (),
+            hierarchical.build,
+            hierarchical.cost,
+            topology_aware=True,
+        ),
+        Algorithm(
+            hierarchical.MULTIRING,
+            "topology-aware: one ring per local rank (NCCL channels), each on its own NIC across hosts",
+            hierarchical.MULTIRING_OPS,
+            (),
+            hierarchical.build_multiring,
+            hierarchical.multiring_cost,
+            topology_aware=True,
+        ),
     )
 }
 
@@ -185,21 +244,37 @@ def get_algorithm(name: str) -> Algorithm:
     return ALGORITHMS[name]
 
 
-def algorithms_for(op: str) -> tuple[str, ...]:
-    """Names of the algorithms that implement `op`, in registry order."""
+def algorithms_for(op: str, topology_aware: bool = True) -> tuple[str, ...]:
+    """Names of the algorithms that implement `op`, in registry order (without the topology-aware ones
+    if `topology_aware` is False)."""
     if op not in OPS:
         raise invalid("op", op, OPS)
-    return tuple(name for name, a in ALGORITHMS.items() if op in a.ops)
+    return tuple(
+        name for name, a in ALGORITHMS.items() if op in a.ops and (topology_aware or not a.topology_aware)
+    )
 
 
 def build_schedule(
-    op: str, algorithm: str, world_size: int, root: int | None = None, segments: int = 1
+    op: str,
+    algorithm: str,
+    world_size: int,
+    root: int | None = None,
+    segments: int = 1,
+    hosts: HostMap | None = None,
 ) -> Schedule:
-    """The schedule of `algorithm` for `op`, validated and memoized (schedules are immutable)."""
+    """The schedule of `algorithm` for `op`, validated and memoized (schedules are immutable). `hosts`
+    (which ranks share a host) shapes the topology-aware algorithms; the others ignore it."""
     entry = get_algorithm(algorithm)
-    return _cached_schedule(entry.name, *entry._arguments(op, world_size, root, segments))
+    arguments = entry._arguments(op, world_size, root, segments)
+    hosts = _host_map(world_size, hosts) if entry.topology_aware else None
+    return _cached_schedule(entry.name, *arguments, hosts)
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_schedule(algorithm: str, op: str, world_size: int, root: int | None, segments: int) -> Schedule:
-    return ALGORITHMS[algorithm].builder(op, world_size, root, segments)
+def _cached_schedule(
+    algorithm: str, op: str, world_size: int, root: int | None, segments: int, hosts: HostMap | None
+) -> Schedule:
+    entry = ALGORITHMS[algorithm]
+    if entry.topology_aware:
+        return entry.builder(op, world_size, root, segments, hosts)
+    return entry.builder(op, world_size, root, segments)

@@ -1,0 +1,132 @@
+"""Topology-aware schedules: the host map, the symbolic checker on random and uneven host maps, the bytes
+each host sends across, and the two-level cost formulas."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from commlab.collectives.algorithms import ALGORITHMS, build_schedule, get_algorithm
+from commlab.collectives.algorithms.hierarchical import channel_orders
+from commlab.collectives.cost import CostModel
+from commlab.collectives.hosts import HostMap, host_map_from_env
+from commlab.collectives.schedule import ROOTED_OPS, Schedule, verify
+from commlab.collectives.tuning import choose
+from commlab.errors import InvalidArgumentError
+
+TOPOLOGY_AWARE = [(name, op) for name, a in ALGORITHMS.items() if a.topology_aware for op in a.ops]
+FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None)
+
+
+@st.composite
+def host_maps(draw: st.DrawFn) -> HostMap:
+    """1-5 hosts of 1-4 ranks each, ranks dealt to hosts in a random order."""
+    sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=5))
+    ranks = draw(st.permutations(range(sum(sizes))))
+    hosts, start = [], 0
+    for size in sizes:
+        hosts.append(tuple(ranks[start : start + size]))
+        start += size
+    return HostMap(tuple(hosts))
+
+
+@pytest.mark.parametrize(("name", "op"), TOPOLOGY_AWARE, ids=[f"{n}-{o}" for n, o in TOPOLOGY_AWARE])
+@FAST
+@given(hosts=host_maps(), data=st.data())
+def test_verifies_on_random_and_uneven_host_maps(name: str, op: str, hosts: HostMap, data) -> None:
+    p = hosts.world_size
+    root = data.draw(st.integers(0, p - 1), label="root") if op in ROOTED_OPS else None
+    schedule = build_schedule(op, name, p, root, hosts=hosts)
+    assert (schedule.algorithm, schedule.op, schedule.world_size) == (name, op, p)
+    verify(schedule)
+
+
+def cross_host_bytes(schedule: Schedule, hosts: HostMap, nbytes: float) -> Counter:
+    """Bytes each host sends to other hosts when the op moves `nbytes` (per rank; total for blocked ops)."""
+    chunk = nbytes / schedule.num_chunks
+    sent: Counter = Counter()
+    for rank, steps in enumerate(schedule.steps):
+        for step in steps:
+            for send in step.sends:
+                if hosts.host_of(send.peer) != hosts.host_of(rank):
+                    sent[hosts.host_of(rank)] += len(send.chunks) * chunk
+    return sent
+
+
+def test_hierarchical_allreduce_sends_n_across_where_the_flat_ring_sends_one_and_a_half_n() -> None:
+    hosts, n = HostMap.uniform(2, 2), 1.0
+    ring = cross_host_bytes(build_schedule("allreduce", "ring", 4), hosts, n)
+    hierarchical = cross_host_bytes(build_schedule("allreduce", "hierarchical", 4, hosts=hosts), hosts, n)
+    assert ring == {0: 1.5, 1: 1.5}  # 2(p-1)/p n on each host's one crossing edge
+    assert hierarchical == {0: 1.0, 1: 1.0}  # 2(H-1)/H n/l per rail, l rails per host
+
+
+def test_multiring_crosses_hosts_on_every_local_rank() -> None:
+    hosts = HostMap.uniform(2, 4)
+    orders = channel_orders(hosts)
+    assert len(orders) == 4 and all(sorted(o) == list(range(8)) for o in orders)
+    crossings = [(o[3], o[4]) for o in orders]  # leaving host 0 for host 1
+    assert sorted(a for a, _ in crossings) == [0, 1, 2, 3] and sorted(b for _, b in crossings) == [4, 5, 6, 7]
+    schedule = build_schedule("allreduce", "multiring", 8, hosts=hosts)
+    senders = {
+        rank
+        for rank, steps in enumerate(schedule.steps)
+        for step in steps
+        for send in step.sends
+        if hosts.host_of(send.peer) != hosts.host_of(rank)
+    }
+    assert senders == set(range(8))  # every local rank's NIC carries one channel
+
+
+def test_one_host_and_one_rank_per_host_reduce_to_the_flat_ring() -> None:
+    flat = build_schedule("allreduce", "ring", 5)
+    for hosts in (HostMap.flat(5), HostMap.uniform(5, 1)):
+        schedule = build_schedule("allreduce", "hierarchical", 5, hosts=hosts)
+        assert schedule.num_messages() == flat.num_messages()
+        assert max(len(s) for s in schedule.steps) == max(len(s) for s in flat.steps)
+
+
+def test_host_map_forms_and_errors() -> None:
+    assert HostMap.parse("2x4") == HostMap.uniform(2, 4) and HostMap.parse("2x4").spec() == "2x4"
+    uneven = HostMap.parse("3, 2,3")
+    assert uneven.hosts == ((0, 1, 2), (3, 4), (5, 6, 7)) and uneven.spec() == "3,2,3"
+    assert uneven.host_of(4) == 1 and uneven.local_rank(4) == 1 and uneven.rail_member(1, 2) == 3
+    assert HostMap.from_labels(["b", "a", "b", "a"]).hosts == ((0, 2), (1, 3))
+    for bad in ("2x", "two", "0x3", "1,0"):
+        with pytest.raises(InvalidArgumentError, match="hosts"):
+            HostMap.parse(bad)
+    with pytest.raises(InvalidArgumentError, match="every rank"):
+        HostMap(((0, 1), (1, 2)))
+    with pytest.raises(InvalidArgumentError, match="4 ranks"):
+        build_schedule("allreduce", "hierarchical", 4, hosts=HostMap.uniform(2, 3))
+
+
+def test_host_map_from_the_launchers_environment() -> None:
+    assert host_map_from_env([0, 1, 2, 3], {"LOCAL_WORLD_SIZE": "2"}) == HostMap.uniform(2, 2)
+    assert host_map_from_env([1, 3], {"LOCAL_WORLD_SIZE": "2"}) == HostMap.uniform(2, 1)  # a subgroup
+    assert host_map_from_env([0, 1, 2], {"COMMLAB_HOSTS": "1,2"}).hosts == ((0,), (1, 2))
+    assert host_map_from_env([0, 1], {}) is None
+    with pytest.raises(InvalidArgumentError, match="COMMLAB_HOSTS"):
+        host_map_from_env([0, 5], {"COMMLAB_HOSTS": "2x2"})
+
+
+def test_two_level_formulas_and_auto_across_hosts() -> None:
+    """Fast inside hosts, slow between them: hierarchical and multiring beat the flat ring at large sizes,
+    and auto takes a topology-aware algorithm there; on one host it never weighs them."""
+    network = CostModel(alpha=5e-6, beta=1 / 12.5e9)  # 100 Gb/s per rank
+    model = CostModel(alpha=2e-6, beta=1 / 300e9, inter=network)  # NVLink-class inside hosts
+    hosts, n = HostMap.uniform(2, 8), 1 << 30
+    ring = get_algorithm("ring").cost("allreduce", 16, n, model, hosts=hosts)
+    hierarchical = get_algorithm("hierarchical").cost("allreduce", 16, n, model, hosts=hosts)
+    multiring = get_algorithm("multiring").cost("allreduce", 16, n, model, hosts=hosts)
+    assert ring == pytest.approx(get_algorithm("ring").cost("allreduce", 16, n, network))
+    # hierarchical: each rail carries n/8 across, 2(H-1)/H of it: n/8 bytes at 12.5 GB/s
+    assert hierarchical == pytest.approx(
+        2 * 7 * 2e-6 + 2 * (n * 7 / 8) / 300e9 + 2 * 5e-6 + (n / 8) / 12.5e9, rel=1e-9
+    )
+    assert ring > 5 * hierarchical and ring > 5 * multiring
+    assert choose("allreduce", 16, n, model, hosts).algorithm in ("hierarchical", "multiring")
+    assert choose("allreduce", 16, n, model).algorithm not in ("hierarchical", "multiring")
