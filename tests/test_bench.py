@@ -90,7 +90,7 @@ def test_gloo_sweep_of_every_algorithm_with_json_and_plot(tmp_path) -> None:
         plotting = []
     out = bench("allreduce", *TINY, "--algorithm", "all", "-n", "3", "--json", str(path), *plotting)
     rows = rows_of(out)
-    assert len(rows) == 2 * 6  # two sizes x (auto + five algorithms)
+    assert len(rows) == 2 * 8  # two sizes x (auto + seven algorithms)
     assert "# Out of bounds values : 0 OK" in out and "(native)" in out
     document = json.loads(path.read_text())
     assert document["config"]["world_size"] == 3 and document["machine"]["logical_cores"] >= 1
@@ -100,6 +100,7 @@ def test_gloo_sweep_of_every_algorithm_with_json_and_plot(tmp_path) -> None:
         assert row["ratio"] == pytest.approx(row["native_time_us"] / row["time_us"])
     assert {r["algorithm"] for r in document["rows"]} == {
         "auto", "ring", "tree", "halving_doubling", "recursive_doubling", "direct",
+        "hierarchical", "multiring",
     }  # fmt: skip
     if plotting:
         assert plot.stat().st_size > 1000

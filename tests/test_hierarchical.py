@@ -16,6 +16,8 @@ from commlab.collectives.hosts import HostMap, host_map_from_env
 from commlab.collectives.schedule import ROOTED_OPS, Schedule, verify
 from commlab.collectives.tuning import choose
 from commlab.errors import InvalidArgumentError
+from commlab.sim.network.collective import simulate_collective
+from commlab.sim.network.topology_io import parse_topology
 
 TOPOLOGY_AWARE = [(name, op) for name, a in ALGORITHMS.items() if a.topology_aware for op in a.ops]
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None)
@@ -130,3 +132,28 @@ def test_two_level_formulas_and_auto_across_hosts() -> None:
     assert ring > 5 * hierarchical and ring > 5 * multiring
     assert choose("allreduce", 16, n, model, hosts).algorithm in ("hierarchical", "multiring")
     assert choose("allreduce", 16, n, model).algorithm not in ("hierarchical", "multiring")
+
+
+def test_simulated_two_dgx_h100_nodes_topology_aware_beats_the_flat_ring() -> None:
+    """2 x 8 H100 with one 400 Gb/s NIC per GPU, 1 GiB allreduce, flow fidelity: one flat ring funnels
+    every byte through one NIC pair; one ring per NIC (multiring) and the hierarchical schedule spread it.
+    The bound: a ring-based allreduce's busbw is at most min(NVLink per GPU, the node's NICs together)
+    = min(450, 8 x 50) = 400 GB/s."""
+    topology = parse_topology("cluster:nodes=2,gpu=h100,nic=ndr")
+    assert topology.host_map() == HostMap.uniform(2, 8)
+    n = 1 << 30
+    busbw = {
+        name: simulate_collective("allreduce", name, topology, n).busbw
+        for name in ("ring", "hierarchical", "multiring")
+    }
+    assert busbw["multiring"] >= 5 * busbw["ring"] and busbw["hierarchical"] >= 5 * busbw["ring"], busbw
+    assert 0.85 * 400e9 <= busbw["multiring"] <= 400e9 * 1.001, busbw
+
+
+def test_torus_rows_are_the_hosts_of_the_2d_ring() -> None:
+    topology = parse_topology("torus:dims=4x2")
+    assert topology.host_map().hosts == ((0, 1, 2, 3), (4, 5, 6, 7))
+    schedule = build_schedule("allreduce", "hierarchical", 8, hosts=topology.host_map())
+    verify(schedule)
+    result = simulate_collective("allreduce", "hierarchical", topology, 1 << 20, fidelity="congestion")
+    assert result.time > 0 and result.busbw > 0

@@ -32,7 +32,9 @@ def test_collective_json_trace_and_plot(tmp_path, capsys):
     )
     data = json.loads(capsys.readouterr().out)
     assert data["topology"]["ranks"] == 4
-    assert {r["algorithm"] for r in data["results"]} == {"ring", "halving_doubling", "direct"}
+    assert {r["algorithm"] for r in data["results"]} == {
+        "ring", "halving_doubling", "direct", "hierarchical", "multiring"
+    }  # fmt: skip
     assert all(r["busbw_GBps"] > 0 for r in data["results"])
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e["ph"] == "X" for e in events) and any(e["ph"] == "C" for e in events)

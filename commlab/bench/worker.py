@@ -302,7 +302,7 @@ def run_size(size: int, ranks: Ranks, config: BenchConfig) -> list[dict]:
         if name == "auto":
             comm = ranks.comm
             model = comm.cost_model_for(getattr(torch, config.dtype))
-            resolved = resolve(op, "auto", world, nbytes, model, comm.piece_bytes).algorithm
+            resolved = resolve(op, "auto", world, nbytes, model, comm.piece_bytes, comm.hosts).algorithm
         row = {
             "op": op,
             "size": nbytes,

@@ -394,7 +394,7 @@ def algorithm_variants(
     result = []
     for op in OPS:
         root = 0 if op in ROOTED_OPS else None
-        for name in algorithms_for(op):
+        for name in algorithms_for(op, topology_aware=False):  # one host: the flat algorithms
             choice = resolve(op, name, p, size, model, piece_bytes)
             schedule = subdivide(build_schedule(op, name, p, root, choice.segments), choice.pieces)
             key = (schedule.num_chunks, schedule.steps)

@@ -41,7 +41,7 @@ def decision_table(
     size = 8
     while size <= max_bytes:
         choice = choose(op, world_size, size, model)
-        measured = model.measured_choice(op, size, algorithms_for(op)) is not None
+        measured = model.measured_choice(op, size, algorithms_for(op, topology_aware=False)) is not None
         source = "measured" if measured else "formulas"
         if rows and rows[-1]["algorithm"] == choice.algorithm and rows[-1]["source"] == source:
             rows[-1]["max_bytes"] = size

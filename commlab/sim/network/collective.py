@@ -23,6 +23,7 @@ from functools import partial
 import networkx as nx
 
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule, get_algorithm
+from commlab.collectives.hosts import HostMap
 from commlab.collectives.schedule import Schedule
 from commlab.errors import invalid
 from commlab.shared.ops import BLOCKED_OPS, ROOTED_OPS
@@ -154,12 +155,14 @@ def simulate_collective(
     dtype: str = "float32",
     fidelity: str = "flow",
     profile: Profile = IDEAL,
+    hosts: HostMap | None = None,
 ) -> SimResult:
     """Simulate `algorithm`'s `op` on the topology's ranks (all of them unless `world_size` says fewer).
 
     Rooted ops default to root 0. Pipelined algorithms take `segments`, or by default the count their cost
     formula finds best under the analytic link model of this topology. The analytic fidelity builds no
-    schedule: the formula prices the op directly.
+    schedule: the formula prices the op directly. Topology-aware algorithms build from `hosts`, by
+    default the topology's own host map (`Topology.host_map`).
     """
     _check_fidelity(fidelity)
     topology = as_topology(topology)
@@ -177,5 +180,7 @@ def simulate_collective(
         if op in BLOCKED_OPS:
             numel -= numel % p
         return simulate_analytic(op, entry.name, topology, p, numel * itemsize, segments, dtype, profile)
-    schedule = build_schedule(op, entry.name, p, root, segments)
+    if entry.topology_aware and hosts is None:
+        hosts = topology.host_map(p)
+    schedule = build_schedule(op, entry.name, p, root, segments, hosts)
     return simulate(schedule, topology, nbytes, dtype=dtype, fidelity=fidelity, profile=profile)

@@ -8,7 +8,9 @@ torus, where every NPU is also a router. An undirected graph is taken as full-du
 
 The builders below return such graphs; `Topology(graph)` validates one (any user-built graph too), places
 ranks on its endpoints (in order, or as given) and routes between them (shortest path, or ECMP by flow hash
-where shortest paths tie).
+where shortest paths tie). An endpoint's optional `host` attribute names the host it sits in (ranks of one
+DGX node, of `local`, of a torus row): `Topology.host_map` groups ranks by it for the topology-aware
+algorithms.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from commlab.collectives.hosts import HostMap
 from commlab.errors import TopologyError, invalid
 from commlab.sim.network import hardware
 from commlab.sim.network.routing import ROUTINGS, CompiledGraph, Router, Routes, distances_to
@@ -28,6 +31,7 @@ from commlab.sim.network.routing import ROUTINGS, CompiledGraph, Router, Routes,
 NPU = "npu"
 SWITCH = "switch"
 NIC = "nic"
+HOST = "host"  # endpoint attribute: the host (node) an endpoint sits in
 
 DEFAULT_BANDWIDTH = hardware.IB_NDR.bandwidth  # a 400 Gb/s link, per direction
 DEFAULT_LATENCY = hardware.IB_NDR.latency / 2  # per link: a switch hop is two links
@@ -78,7 +82,8 @@ def torus(
     strides = [math.prod(dims[:d]) for d in range(len(dims))]
     for i in range(size):
         coord = tuple((i // strides[d]) % dims[d] for d in range(len(dims)))
-        graph.add_node(f"npu{i}", kind=NPU, layer=0, coord=coord)
+        row = coord[1:] if len(dims) > 1 else None  # a dimension-0 ring: the "host" of the 2D ring
+        graph.add_node(f"npu{i}", kind=NPU, layer=0, coord=coord, **({"host": row} if row else {}))
     for i in range(size):
         for d, n in enumerate(dims):
             if n == 1:
@@ -138,7 +143,7 @@ def local(n: int, bandwidth: float = LOCAL_BANDWIDTH, latency: float = 0.0) -> n
     bandwidth, latency = _check_link(bandwidth, latency)
     graph = _new_graph(f"local {n}", endpoints_forward=False)
     for i in range(n):
-        graph.add_node(f"rank{i}", kind=NPU, layer=0)
+        graph.add_node(f"rank{i}", kind=NPU, layer=0, host="local")
     graph.add_node("host", kind=SWITCH, layer=1)
     for i in range(n):
         _link(graph, f"rank{i}", "host", bandwidth, latency, "port")
@@ -228,7 +233,7 @@ def _add_dgx(graph: nx.DiGraph, prefix: str, gpus: int, links: NodeLinks) -> Non
     graph.add_node(nvswitch, kind=SWITCH, layer=1)
     for i in range(gpus):
         gpu, nic = f"{prefix}gpu{i}", f"{prefix}nic{i}"
-        graph.add_node(gpu, kind=NPU, layer=0)
+        graph.add_node(gpu, kind=NPU, layer=0, host=prefix or "node")
         graph.add_node(nic, kind=NIC, layer=1)
         _link(graph, gpu, nvswitch, links.nvlink_bandwidth, links.nvlink_latency, "nvlink")
         _link(graph, gpu, nic, links.pcie_bandwidth, links.pcie_latency, "pcie")
@@ -405,6 +410,14 @@ class Topology:
     def with_placement(self, placement: Sequence[object]) -> Topology:
         """The same network with ranks placed differently (a new Topology; routes are recomputed)."""
         return Topology(self.graph, placement, self.routing, self.name)
+
+    def host_map(self, world_size: int | None = None) -> HostMap:
+        """Which of ranks 0..p-1 share a host: the endpoints' `host` attribute (the node of a DGX-style
+        cluster, the one host of `local`, a dimension-0 ring of a torus), else each endpoint its own."""
+        p = self.num_ranks if world_size is None else world_size
+        self.check_world_size(p)
+        nodes = self.graph.nodes
+        return HostMap.from_labels([nodes[v].get(HOST, ("endpoint", v)) for v in self.placement[:p]])
 
     def check_world_size(self, world_size: int) -> None:
         """Raise unless `world_size` ranks fit on the placement."""

@@ -192,7 +192,7 @@ class CollectiveTimer:
         """The algorithm with the lowest closed-form cost on this group's links (what `auto` would pick)."""
         model = link_model(topology, p, self.profile)
         best, best_time = "ring", float("inf")
-        for name in algorithms_for(op):
+        for name in algorithms_for(op, topology_aware=False):  # the validated flat model (docs)
             if name == "direct" and p > 8:
                 continue  # all-to-all messages: never chosen at scale, and costly to simulate
             entry = get_algorithm(name)
