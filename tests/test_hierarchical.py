@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from commlab.cli import main
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule, get_algorithm
 from commlab.collectives.algorithms.hierarchical import channel_orders
 from commlab.collectives.cost import CostModel
@@ -157,3 +158,12 @@ def test_torus_rows_are_the_hosts_of_the_2d_ring() -> None:
     verify(schedule)
     result = simulate_collective("allreduce", "hierarchical", topology, 1 << 20, fidelity="congestion")
     assert result.time > 0 and result.busbw > 0
+
+
+def test_tune_show_prints_auto_per_host_map(capsys) -> None:
+    assert main(["tune", "--show", "--op", "allreduce", "--hosts", "2x2;3,1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 hosts (2x2)" in out and "2 hosts (3,1)" in out and "(formulas)" in out
+    with pytest.raises(SystemExit):
+        main(["tune", "--show", "--hosts", "2y"])
+    assert "HxL" in capsys.readouterr().err

@@ -1,11 +1,14 @@
 """`commlab tune --show`: the decision table of `algorithm="auto"` under a profile.
 
-    commlab tune --show [--backend gloo|mpi] [--profile FILE] [--ranks 2,3,4,8] [--op allreduce]
+    commlab tune --show [--backend gloo|mpi] [--profile FILE] [--ranks 2,3,4,8 | --hosts 2x2,3,1]
+                        [--op allreduce]
 
 For every op and world size it sweeps message sizes (powers of two), asks the tuner which algorithm it
 picks (`tuning.choose`, exactly what a call with algorithm="auto" resolves to) and prints the size ranges
 over which each choice holds, and whether the profile's measured algorithm times or the fitted formulas
-decided it (`--formulas`: the formulas' table even where measurements exist).
+decided it (`--formulas`: the formulas' table even where measurements exist). `--hosts` takes host maps
+instead of world sizes ('2x2' two hosts of two ranks; '3,1' hosts of 3 and 1 ranks; several separated by
+';'): across hosts auto also weighs the topology-aware algorithms.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 
 from commlab.collectives.algorithms import algorithms_for
 from commlab.collectives.calibration import BACKENDS, Calibration, active_profile_path, as_calibration
+from commlab.collectives.hosts import HostMap
 from commlab.collectives.tuning import choose
 from commlab.errors import CommlabError, invalid
 from commlab.shared.ops import OPS
@@ -31,17 +35,21 @@ def decision_table(
     dtype: str = "float32",
     max_bytes: int = 1 << 30,
     formulas: bool = False,
+    hosts: HostMap | None = None,
 ) -> list[dict]:
     """[{min_bytes, max_bytes, algorithm, source}] over sizes 8 B..max_bytes (powers of two); source is
-    'measured' (the profile's algorithm times decide) or 'formulas'; `formulas`: ignore the measurements."""
+    'measured' (the profile's algorithm times decide) or 'formulas'; `formulas`: ignore the measurements;
+    `hosts`: the ranks' host map (None: one host)."""
     model = calibration.cost_model(world_size, dtype)
     if formulas:
         model = dataclasses.replace(model, measured=None)
     rows: list[dict] = []
     size = 8
     while size <= max_bytes:
-        choice = choose(op, world_size, size, model)
-        measured = model.measured_choice(op, size, algorithms_for(op, topology_aware=False)) is not None
+        choice = choose(op, world_size, size, model, hosts)
+        across = hosts is not None and hosts.num_hosts > 1
+        flat = algorithms_for(op, topology_aware=False)
+        measured = not across and model.measured_choice(op, size, flat) is not None
         source = "measured" if measured else "formulas"
         if rows and rows[-1]["algorithm"] == choice.algorithm and rows[-1]["source"] == source:
             rows[-1]["max_bytes"] = size
@@ -72,6 +80,13 @@ def _ranks(text: str) -> list[int]:
     return values
 
 
+def _host_maps(text: str) -> list[HostMap]:
+    try:
+        return [HostMap.parse(part) for part in text.split(";") if part.strip()]
+    except CommlabError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def show(args: argparse.Namespace) -> int:
     if not args.show:
         print("commlab tune: nothing to do; accepted: --show (print auto's decision table)", file=sys.stderr)
@@ -86,8 +101,19 @@ def show(args: argparse.Namespace) -> int:
     ops = [args.op] if args.op else list(OPS)
     if args.op and args.op not in OPS:
         raise invalid("--op", args.op, OPS)
+    layouts = {str(h): h for h in args.hosts} if args.hosts else {f"{p} ranks": None for p in args.ranks}
     tables = {
-        op: {p: decision_table(calibration, op, p, args.dtype, formulas=args.formulas) for p in args.ranks}
+        op: {
+            label: decision_table(
+                calibration,
+                op,
+                hosts.world_size if hosts else int(label.split()[0]),
+                args.dtype,
+                formulas=args.formulas,
+                hosts=hosts,
+            )
+            for label, hosts in layouts.items()
+        }
         for op in ops
     }
     if args.json:
@@ -101,13 +127,15 @@ def show(args: argparse.Namespace) -> int:
     )
     for op, per_size in tables.items():
         print(op)
-        for p, rows in per_size.items():
+        for label, rows in per_size.items():
+            hosts = layouts[label]
+            p = hosts.world_size if hosts else int(label.split()[0])
             note = (
                 ""
                 if p in calibration.levels
                 else f" (priced with the {calibration.level(p).world_size}-rank fit)"
             )
-            print(f"  {p} ranks{note}")
+            print(f"  {label}{note}")
             for row in rows:
                 span = f"{_fmt(row['min_bytes'])} .. {_fmt(row['max_bytes'])}"
                 print(f"    {span:>22}  {row['algorithm']:<20} ({row['source']})")
@@ -121,6 +149,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="gloo", help="whose active profile (gloo)")
     parser.add_argument("--profile", default=None, help="a calibration file (default: the active profile)")
     parser.add_argument("--ranks", type=_ranks, default=[2, 3, 4, 8], help="world sizes (2,3,4,8)")
+    parser.add_argument(
+        "--hosts",
+        type=_host_maps,
+        default=None,
+        help="host maps instead of world sizes: '2x2' or '3,1', several separated by ';'",
+    )
     parser.add_argument("--op", default=None, choices=OPS, help="one op (default: all)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="reduction dtype (float32)")
     parser.add_argument(

@@ -232,30 +232,39 @@ def _hosts(world_size: int, hosts: HostMap | None) -> HostMap:
     return hosts
 
 
+def _intra_time(hosts: HostMap, nbytes: float, model: CostModel, reduce: bool) -> float:
+    """The slowest host's intra-host ring phase: l_h - 1 steps, each moving one rank's rails
+    (ceil(L / l_h) of the L rails of n / L bytes)."""
+    rails, worst = hosts.max_local, 0.0
+    for host in hosts.hosts:
+        size = len(host)
+        if size > 1:
+            moved = (size - 1) * math.ceil(rails / size) * nbytes / rails
+            worst = max(worst, model.time(size - 1, moved, moved if reduce else 0.0))
+    return worst
+
+
 def cost(op: str, hosts: HostMap, nbytes: float, intra: CostModel, inter: CostModel | None = None) -> float:
-    """Seconds for the hierarchical `op` by the formulas in this module's docstring."""
+    """Seconds for the hierarchical `op` by the formulas in this module's docstring (uneven hosts: the
+    slowest host inside, the carrier of the most rails across)."""
     inter = intra if inter is None else inter
-    n, num_hosts = nbytes, hosts.num_hosts
-    smallest = min(len(host) for host in hosts.hosts)
-    carried = math.ceil(hosts.max_local / smallest) * n / hosts.max_local  # bytes on the busiest carrier
-    inside = n - carried  # what the busiest carrier's host-mates move to or from it
-    steps_in = smallest - 1
-    across = carried * (num_hosts - 1) / num_hosts
+    n, num_hosts, rails = nbytes, hosts.num_hosts, hosts.max_local
+    per_carrier = math.ceil(rails / min(len(host) for host in hosts.hosts))  # rails on the busiest carrier
+    across = per_carrier * n / rails * (num_hosts - 1) / num_hosts
+    ring_steps = num_hosts - 1
     if op == "allreduce":
-        return (
-            intra.time(steps_in, inside, inside)
-            + inter.time(2 * (num_hosts - 1), 2 * across, across)
-            + intra.time(steps_in, inside)
-        )
+        crossing = inter.time(2 * ring_steps * per_carrier, 2 * across, across, steps=2 * ring_steps)
+        return _intra_time(hosts, n, intra, True) + crossing + _intra_time(hosts, n, intra, False)
     if op == "reduce_scatter":
-        return intra.time(steps_in, inside, inside) + inter.time(num_hosts - 1, across, across)
+        crossing = inter.time(ring_steps * per_carrier, across, across, steps=ring_steps)
+        return _intra_time(hosts, n, intra, True) + crossing
     if op == "allgather":
-        return inter.time(num_hosts - 1, across) + intra.time(steps_in, inside)
+        return inter.time(ring_steps * per_carrier, across, steps=ring_steps) + _intra_time(
+            hosts, n, intra, False
+        )
     reduced = n if op == "reduce" else 0.0
     if op in ("broadcast", "reduce"):
-        return ceil_log2(num_hosts) * inter.time(1, n, reduced) + ceil_log2(hosts.max_local) * intra.time(
-            1, n, reduced
-        )
+        return ceil_log2(num_hosts) * inter.time(1, n, reduced) + ceil_log2(rails) * intra.time(1, n, reduced)
     raise invalid("op", op, OPS)
 
 
