@@ -58,7 +58,7 @@ class Config:
 def _algorithms(op: str) -> tuple[str, ...]:
     from commlab.collectives.algorithms import algorithms_for
 
-    return algorithms_for(op)
+    return algorithms_for(op, topology_aware=False)  # measured on one host: the flat algorithms
 
 
 # ------------------------------------------------------------------------------------------ rank side

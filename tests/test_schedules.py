@@ -186,9 +186,20 @@ def test_a_leaf_of_one_tree_is_inner_in_the_other(world_size: int) -> None:
 
 
 def test_registry_names_and_ops() -> None:
-    assert set(ALGORITHMS) == {"ring", "tree", "halving_doubling", "bruck", "recursive_doubling", "direct"}
-    assert algorithms_for("allgather") == ("ring", "halving_doubling", "bruck", "direct")
-    assert algorithms_for("allreduce") == ("ring", "tree", "halving_doubling", "recursive_doubling", "direct")
+    flat = {"ring", "tree", "halving_doubling", "bruck", "recursive_doubling", "direct"}
+    assert set(ALGORITHMS) == flat | {"hierarchical", "multiring"}
+    assert algorithms_for("allgather") == (
+        "ring",
+        "halving_doubling",
+        "bruck",
+        "direct",
+        "hierarchical",
+        "multiring",
+    )
+    assert algorithms_for("allreduce", topology_aware=False) == (
+        "ring", "tree", "halving_doubling", "recursive_doubling", "direct",
+    )  # fmt: skip
+    assert algorithms_for("broadcast")[-1] == "hierarchical"
     assert get_algorithm("tree").pipelined and get_algorithm("ring").pipelined
     assert not get_algorithm("halving_doubling").pipelined and not get_algorithm("bruck").pipelined
     for op in OPS:
