@@ -29,6 +29,11 @@ class TransportError(CommlabError):
     """The transport failed under a collective (a peer closed its connection, a send failed)."""
 
 
+class TestbedError(CommlabError):
+    """The emulated cluster could not be built, reached or torn down (no root, a failed `ip`/`tc` command,
+    an unknown run or host)."""
+
+
 class TopologyError(CommlabError, ValueError):
     """A simulated network is malformed: a bad link attribute, a disconnected pair, an unreadable file."""
 

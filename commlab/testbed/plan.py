@@ -1,0 +1,263 @@
+"""From a simulator topology to what the testbed builds: hosts, switches and wires, with names and addresses.
+
+This is pure data (no root, no commands), so it is testable anywhere. The rules:
+- A **host** is an endpoint (kind "npu") with exactly one link, to a switch: one rank. Or a node of kind
+  "nic" whose endpoints hang off it alone: that host runs those endpoints' ranks (several ranks per host);
+  the links between the nic and its endpoints are inside the host (its local stack), not emulated.
+- Every other node is a **switch** (a Linux bridge). Links between switches must form a tree: bridges
+  without spanning tree would loop on a cycle (a fat-tree with k > 2, a torus).
+- A host's ranks must be consecutive in the placement and every host must run as many ranks, because
+  `torchrun --node-rank i --nproc-per-node R` gives host i the ranks i*R .. i*R+R-1.
+- Each direction of a wire gets the rate and latency of the graph edge in that direction.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import networkx as nx
+
+from commlab.errors import TopologyError, invalid
+from commlab.sim.topology import LOCAL_BANDWIDTH, NIC, NPU, SWITCH, Topology
+
+SUBNET = "10.77.0.0/16"  # only ever configured inside the run's own namespaces
+HOST_DEVICE = "eth0"  # every host's interface, the same name in every namespace (GLOO_SOCKET_IFNAME)
+
+
+def host_address(index: int) -> str:
+    """The address of host `index` in SUBNET: 10.77.0.1, 10.77.0.2, ..., 10.77.1.1 after 250 hosts."""
+    if not 0 <= index < 250 * 250:
+        raise invalid("host index", index, "0 .. 62499")
+    return f"10.77.{index // 250}.{index % 250 + 1}"
+
+
+def hostname_of(label: object, used: set[str]) -> str:
+    """A valid, unique hostname for a node label: letters, digits and '-' (npu0, n0-nic0, h3)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", str(label).lower()).strip("-")[:40] or "host"
+    if name[0].isdigit():
+        name = "h" + name
+    base, k = name, 1
+    while name in used:
+        name, k = f"{base}-{k}", k + 1
+    used.add(name)
+    return name
+
+
+@dataclass(frozen=True)
+class Host:
+    """An emulated host: its node in the graph, hostname, address and the ranks (placement order) it runs."""
+
+    label: str
+    hostname: str
+    address: str
+    ranks: tuple[int, ...]
+    switch: str  # the switch its wire goes to
+
+
+@dataclass(frozen=True)
+class Wire:
+    """A full-duplex link to emulate: `a` -> `b` and `b` -> `a` with their own rate (bytes/s) and latency (s).
+
+    `a` is a host or a switch, `b` a switch; `index` numbers the wire (it names the veth ends)."""
+
+    index: int
+    a: str
+    b: str
+    rate_ab: float
+    rate_ba: float
+    latency_ab: float
+    latency_ba: float
+    host: bool  # whether `a` is a host (else both ends are switches)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the testbed builds for one topology, in placement order."""
+
+    name: str
+    hosts: tuple[Host, ...]
+    switches: tuple[str, ...]
+    wires: tuple[Wire, ...]
+    ranks_per_host: int
+
+    @property
+    def world_size(self) -> int:
+        return len(self.hosts) * self.ranks_per_host
+
+    def host(self, name: str) -> Host:
+        """A host by hostname or graph label, or by index ('0', '1', ...)."""
+        for host in self.hosts:
+            if name in (host.hostname, host.label):
+                return host
+        if name.isdigit() and int(name) < len(self.hosts):
+            return self.hosts[int(name)]
+        raise invalid("host", name, [h.hostname for h in self.hosts])
+
+    def wire_of(self, host: Host) -> Wire:
+        return next(w for w in self.wires if w.host and w.a == host.label)
+
+    def route(self, a: Host, b: Host) -> list[tuple[Wire, bool]]:
+        """The wires from host a to host b, each with True where it is crossed a -> b (host/switch side
+        first), False where b -> a."""
+        tree = nx.Graph()
+        for wire in self.wires:
+            tree.add_edge(wire.a, wire.b, wire=wire)
+        path = nx.shortest_path(tree, a.label, b.label)
+        hops = []
+        for u, v in zip(path, path[1:], strict=False):
+            wire = tree.edges[u, v]["wire"]
+            hops.append((wire, wire.a == u))
+        return hops
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        return cls(
+            data["name"],
+            tuple(Host(**{**h, "ranks": tuple(h["ranks"])}) for h in data["hosts"]),
+            tuple(data["switches"]),
+            tuple(Wire(**w) for w in data["wires"]),
+            data["ranks_per_host"],
+        )
+
+
+def _kind(graph: nx.DiGraph, node: object) -> str | None:
+    return graph.nodes[node].get("kind")
+
+
+def _neighbours(graph: nx.DiGraph, node: object) -> set:
+    return set(graph.successors(node)) | set(graph.predecessors(node))
+
+
+def plan_for(topology: Topology) -> Plan:
+    """The hosts, switches and wires that emulate `topology` (rules in the module docstring)."""
+    graph = topology.graph
+    rank_of = {node: rank for rank, node in enumerate(topology.placement)}
+    if len(rank_of) != len(topology.endpoints):
+        raise TopologyError(
+            f"{topology.name}: the testbed runs a rank on every endpoint; the placement covers "
+            f"{len(rank_of)} of {len(topology.endpoints)}"
+        )
+    groups: dict[object, list[int]] = {}
+    for node in topology.placement:
+        near = _neighbours(graph, node)
+        if len(near) != 1:
+            raise TopologyError(
+                f"{topology.name}: endpoint {node!r} has {len(near)} links; the testbed emulates hosts "
+                "with one link each, to a switch (or ranks behind one 'nic' node)"
+            )
+        (peer,) = near
+        if _kind(graph, peer) == NIC:
+            groups.setdefault(peer, []).append(rank_of[node])
+        elif _kind(graph, peer) in (SWITCH, None) and peer not in rank_of:
+            groups[node] = [rank_of[node]]
+        else:
+            raise TopologyError(
+                f"{topology.name}: endpoint {node!r} links straight to {peer!r}; the testbed emulates "
+                "hosts on switches (ring, torus and fully-connected topologies are not supported)"
+            )
+    hosts_in_order = sorted(groups, key=lambda h: min(groups[h]))
+    sizes = {len(groups[h]) for h in hosts_in_order}
+    if len(sizes) != 1:
+        raise TopologyError(f"{topology.name}: hosts run different numbers of ranks {sorted(sizes)}")
+    (per_host,) = sizes
+    used: set[str] = set()
+    hosts, wires = [], []
+    for index, label in enumerate(hosts_in_order):
+        ranks = sorted(groups[label])
+        if ranks != list(range(index * per_host, (index + 1) * per_host)):
+            raise TopologyError(
+                f"{topology.name}: host {label!r} runs ranks {ranks}; a host's ranks must be consecutive "
+                f"in the placement ({index * per_host}..{(index + 1) * per_host - 1})"
+            )
+        members = {n for n in topology.placement if rank_of[n] in ranks}
+        out = _neighbours(graph, label) - members
+        if len(out) != 1 or _kind(graph, next(iter(out))) not in (SWITCH, None):
+            raise TopologyError(
+                f"{topology.name}: host {label!r} links to {sorted(map(str, out))}; the testbed needs "
+                "exactly one link from a host, to a switch"
+            )
+        (switch,) = out
+        hosts.append(Host(str(label), hostname_of(label, used), host_address(index), tuple(ranks), str(switch)))
+        wires.append(_wire(graph, len(wires), label, switch, host=True))
+    host_nodes = set(hosts_in_order) | set(topology.placement)
+    switches = [n for n in graph.nodes if n not in host_nodes]
+    fabric = nx.Graph()
+    fabric.add_nodes_from(switches)
+    for a, b in graph.edges:
+        if a in fabric and b in fabric and not fabric.has_edge(a, b):
+            fabric.add_edge(a, b)
+            wires.append(_wire(graph, len(wires), a, b, host=False))
+    if not nx.is_forest(fabric):
+        cycle = nx.find_cycle(fabric)
+        raise TopologyError(
+            f"{topology.name}: its switches form a cycle ({' - '.join(str(u) for u, _ in cycle)}); the "
+            "testbed's bridges need a tree of switches (fat-tree:k=2, or one or two switches)"
+        )
+    return Plan(topology.name, tuple(hosts), tuple(map(str, switches)), tuple(wires), per_host)
+
+
+def _wire(graph: nx.DiGraph, index: int, a: object, b: object, host: bool) -> Wire:
+    if not graph.has_edge(a, b) or not graph.has_edge(b, a):
+        raise TopologyError(f"link {a!r} - {b!r} is one-way; the testbed emulates full-duplex links")
+    ab, ba = graph.edges[a, b], graph.edges[b, a]
+    return Wire(
+        index, str(a), str(b), ab["bandwidth"], ba["bandwidth"], ab["latency"], ba["latency"], host
+    )
+
+
+def with_ranks_per_host(topology: Topology, ranks: int, local_bandwidth: float = LOCAL_BANDWIDTH) -> Topology:
+    """`topology` with every endpoint turned into a host ('nic' node) running `ranks` ranks ('<host>.r<j>').
+
+    The ranks reach their host over links of `local_bandwidth` and no latency: the host's own stack, which
+    a profile calibrated on the testbed (`commlab calibrate`) times. 1 returns `topology` unchanged."""
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise invalid("ranks_per_host", ranks, "an integer >= 1")
+    if ranks == 1:
+        return topology
+    graph = nx.DiGraph(topology.graph)
+    placement = []
+    for node in topology.placement:
+        graph.nodes[node]["kind"] = NIC
+        for j in range(ranks):
+            rank = f"{node}.r{j}"
+            graph.add_node(rank, kind=NPU, layer=0)
+            graph.add_edge(rank, node, bandwidth=local_bandwidth, latency=0.0, kind="port")
+            graph.add_edge(node, rank, bandwidth=local_bandwidth, latency=0.0, kind="port")
+            placement.append(rank)
+    for node in graph.nodes:
+        graph.nodes[node].setdefault("kind", SWITCH)
+    graph.graph["name"] = f"{topology.name}, {ranks} ranks per host"
+    return Topology(graph, placement, topology.routing, graph.graph["name"])
+
+
+def topology_toml(topology: Topology) -> str:
+    """`topology` as a commlab topology file (nodes, links, placement): `commlab sim --topology FILE`
+    then simulates exactly the network the testbed emulates."""
+    graph = topology.graph
+
+    def text(value: object) -> str:
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [
+        f"name = {text(topology.name)}",
+        f"endpoints_forward = {str(bool(graph.graph.get('endpoints_forward', True))).lower()}",
+        "placement = [" + ", ".join(text(p) for p in topology.placement) + "]",
+    ]
+    endpoint = set(topology.endpoints)
+    for node in graph.nodes:
+        kind = graph.nodes[node].get("kind") or (NPU if node in endpoint else SWITCH)
+        lines += ["[[nodes]]", f"name = {text(node)}", f"kind = {text(kind)}"]
+    for a, b, data in graph.edges(data=True):
+        lines += [
+            "[[links]]",
+            f"src = {text(a)}",
+            f"dst = {text(b)}",
+            f"bandwidth = {data['bandwidth']!r}",
+            f"latency = {data['latency']!r}",
+            "duplex = false",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""The commands the testbed runs: `ip` (namespaces, veth pairs, bridges, addresses) and `tc` (shaping).
+
+Every command names its namespace with `ip -n NS` / `tc -n NS`, so nothing here configures the root
+namespace's network. A failed command raises TestbedError with the command and its stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from commlab.errors import TestbedError
+
+NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts /etc/netns/NS/hosts over /etc/hosts
+COMMAND_TIMEOUT = 30.0  # seconds for one ip/tc command; they normally take milliseconds
+
+
+def require_root() -> None:
+    """Raise TestbedError unless this process may create namespaces and configure their networks."""
+    if os.geteuid() != 0:
+        raise TestbedError(
+            "commlab testbed needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN: network namespaces, veth pairs, "
+            "bridges and tc); run it with sudo"
+        )
+    for tool in ("ip", "tc", "unshare"):
+        if shutil.which(tool) is None:
+            raise TestbedError(f"commlab testbed needs `{tool}` (iproute2, util-linux) on PATH")
+
+
+def run(args: list[str], check: bool = True, timeout: float = COMMAND_TIMEOUT) -> str:
+    """Run one command; its stdout. check=False returns "" on failure instead of raising."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TestbedError(f"`{' '.join(args)}` did not finish within {timeout:g} s") from None
+    if done.returncode != 0:
+        if not check:
+            return ""
+        raise TestbedError(f"`{' '.join(args)}` failed (exit {done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def ip(namespace: str, *args: str, check: bool = True) -> str:
+    return run(["ip", "-n", namespace, *args], check)
+
+
+def tc(namespace: str, *args: str, check: bool = True) -> str:
+    return run(["tc", "-n", namespace, *args], check)
+
+
+def namespaces() -> list[str]:
+    """The names of every network namespace `ip netns` knows."""
+    out = run(["ip", "-j", "netns", "list"], check=False).strip()
+    return [entry["name"] for entry in json.loads(out)] if out else []
+
+
+def add_namespace(name: str) -> None:
+    run(["ip", "netns", "add", name])
+    ip(name, "link", "set", "lo", "up")
+
+
+def delete_namespace(name: str) -> None:
+    """Delete a namespace (its veth ends go with it, and so do their peers) and its /etc/netns files."""
+    if name in namespaces():
+        run(["ip", "netns", "delete", name], check=False)
+    shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+
+
+def write_hosts_file(namespace: str, entries: list[tuple[str, str]], own: str) -> None:
+    """/etc/netns/NS/hosts: localhost and every emulated host, so names resolve (c10d, hydra need it)."""
+    folder = NETNS_ETC / namespace
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["127.0.0.1 localhost", "::1 localhost"]
+    lines += [f"{address} {hostname}" for address, hostname in entries]
+    (folder / "hosts").write_text("\n".join(lines) + "\n")
+    (folder / "hostname").write_text(own + "\n")
+
+
+LATENCY_FLOOR = 20e-6  # s: a veth pair and a bridge already take about this long; less is not emulated
+
+
+def shape(namespace: str, device: str, rate: float, latency: float) -> None:
+    """Egress of `device`: a token bucket at `rate` bytes/s (tbf), and a netem child delaying by `latency`
+    seconds where that is above LATENCY_FLOOR. Replaces whatever was there.
+
+    The bucket holds 5 ms of traffic (at least 64 KiB): smaller buckets stall TCP at high rates on a
+    timer-driven qdisc; the queue holds 50 ms, enough for TCP to keep the link busy."""
+    bits = max(8, round(rate * 8))
+    burst = max(64 << 10, round(rate * 0.005))
+    tc(namespace, "qdisc", "del", "dev", device, "root", check=False)
+    tc(namespace, "qdisc", "add", "dev", device, "root", "handle", "1:", "tbf", "rate", f"{bits}bit",
+       "burst", str(burst), "latency", "50ms")  # fmt: skip
+    if latency > LATENCY_FLOOR:
+        if not has_netem():
+            raise TestbedError(
+                f"a link latency of {latency * 1e3:g} ms needs tc's netem, which this kernel lacks "
+                "(CONFIG_NET_SCH_NETEM); give the topology latency <= "
+                f"{LATENCY_FLOOR * 1e6:g} us (e.g. latency=0) or use a kernel with netem"
+            )
+        delay = f"{round(latency * 1e6)}us"
+        tc(namespace, "qdisc", "add", "dev", device, "parent", "1:1", "handle", "10:", "netem", "delay", delay,
+           "limit", "100000")  # fmt: skip
+
+
+_NETEM: list[bool] = []
+
+
+def has_netem() -> bool:
+    """Whether the kernel has tc's netem qdisc (tried once on a veth pair in a scratch namespace)."""
+    if not _NETEM:
+        scratch = f"commlab-probe-{os.getpid()}"
+        add_namespace(scratch)
+        try:
+            ip(scratch, "link", "add", "p0", "type", "veth", "peer", "name", "p1")
+            tc(scratch, "qdisc", "add", "dev", "p0", "root", "netem", "delay", "1ms", check=False)
+            _NETEM.append(_qdisc_kind(scratch, "p0") == "netem")
+        finally:
+            delete_namespace(scratch)
+    return _NETEM[0]
+
+
+def _qdisc_kind(namespace: str, device: str) -> str:
+    out = tc(namespace, "-j", "qdisc", "show", "dev", device, check=False)
+    qdiscs = json.loads(out) if out.strip() else []
+    return qdiscs[0].get("kind", "") if qdiscs else ""
+
+
+def set_port(namespace: str, device: str, forwarding: bool) -> None:
+    """A bridge port forwarding, or disabled: frames on it are dropped silently while the link stays up
+    (what 100% loss looks like to TCP: no reset, no carrier change, only retransmissions)."""
+    state = "3" if forwarding else "0"  # `ip link set type bridge_slave state` is ignored by some kernels
+    run(["ip", "netns", "exec", namespace, "bridge", "link", "set", "dev", device, "state", state])
+
+
+def link_counters(namespace: str) -> dict[str, tuple[int, int]]:
+    """(tx_bytes, rx_bytes) of every interface in a namespace, from `ip -s -j link`."""
+    out = ip(namespace, "-s", "-j", "link", "show")
+    counters = {}
+    for link in json.loads(out):
+        stats = link.get("stats64", {})
+        counters[link["ifname"]] = (int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"]))
+    return counters
+
+
+def wrap(namespace: str, hostname: str, command: list[str]) -> list[str]:
+    """argv that runs `command` in a namespace under its own hostname: `ip netns exec` (network, and the
+    /etc/netns hosts file) then a fresh UTS namespace whose hostname is set before `command` starts."""
+    return ["ip", "netns", "exec", namespace, "unshare", "--uts", "--", "sh", "-c",
+            'hostname "$0" && exec "$@"', hostname, *command]  # fmt: skip
