@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_calibrate_parser(sub)
     add_tune_parser(sub)
+    from commlab.testbed.cli import add_parser as add_testbed_parser
+
+    add_testbed_parser(sub)
     return parser
 
 
