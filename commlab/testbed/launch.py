@@ -10,7 +10,7 @@
   ssh-style options and runs the proxy in the named host's namespace. `UCX_TLS=tcp`: MPICH's UCX netmod
   otherwise finds the other namespaces' ranks through shared memory (same machine) and bypasses the wire.
 
-`commlab ...` as the command runs this interpreter's `-m commlab.cli`; a `.py` file runs under torchrun's
+`commlab ...` as the command runs this interpreter's `-m commlab.cli`, `python` this interpreter; a `.py` file runs under torchrun's
 Python, anything else under `torchrun --no-python`. Every process is in its own session and is stopped
 (SIGTERM, then SIGKILL) when one host fails, on timeout, and on Ctrl-C.
 """
@@ -35,11 +35,13 @@ DEFAULT_TIMEOUT = 3600.0
 
 def resolve(command: list[str]) -> list[str]:
     """`commlab ARGS` -> this Python's `-m commlab.cli ARGS` (the console script may not be on PATH or
-    may belong to another installation); other commands unchanged."""
+    may belong to another installation), `python ARGS` -> this Python; other commands unchanged."""
     if not command:
         raise invalid("command", command, "a program and its arguments after --")
     if command[0] == "commlab":
         return [sys.executable, "-m", "commlab.cli", *command[1:]]
+    if command[0] in ("python", "python3"):
+        return [sys.executable, *command[1:]]
     return list(command)
 
 

@@ -18,12 +18,32 @@ NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts /etc/netns/NS/h
 COMMAND_TIMEOUT = 30.0  # seconds for one ip/tc command; they normally take milliseconds
 
 
+CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21  # bits of the capability sets (linux/capability.h)
+
+
+def effective_capabilities() -> int:
+    """This process's effective capability set, from /proc/self/status (0 where it cannot be read)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def is_privileged() -> bool:
+    """Whether this process may create namespaces and configure their networks."""
+    caps = effective_capabilities()
+    return os.geteuid() == 0 and bool(caps >> CAP_NET_ADMIN & 1) and bool(caps >> CAP_SYS_ADMIN & 1)
+
+
 def require_root() -> None:
     """Raise TestbedError unless this process may create namespaces and configure their networks."""
-    if os.geteuid() != 0:
+    if not is_privileged():
         raise TestbedError(
-            "commlab testbed needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN: network namespaces, veth pairs, "
-            "bridges and tc); run it with sudo"
+            "commlab testbed needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN (network namespaces, veth "
+            "pairs, bridges, tc); run it with sudo"
         )
     for tool in ("ip", "tc", "unshare"):
         if shutil.which(tool) is None:

@@ -1,0 +1,320 @@
+"""`commlab testbed`: plans from topologies (anywhere), and real emulated hosts (as root).
+
+The emulated-host tests need root (network namespaces); where the tests do not run as root they skip and
+say why (pytest -ra prints it). Every testbed is removed by its fixture, also when a test fails. No test
+asserts a speed: the link checks assert what the token bucket makes impossible (more than the set rate
+plus one bucket), and the byte counters what the collective must move across the wire at least.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from commlab.errors import InvalidArgumentError, TestbedError, TopologyError
+from commlab.sim.topology_io import parse_topology
+from commlab.testbed import system
+from commlab.testbed.plan import plan_for, topology_toml, with_ranks_per_host
+from commlab.testbed.testbed import Testbed, remove_run
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+needs_root = pytest.mark.skipif(
+    not system.is_privileged(),
+    reason="commlab testbed needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) for network namespaces; "
+    "these tests run as root in CI",
+)
+TWO_SWITCHES = """
+name = "two switches"
+endpoints_forward = false
+[[nodes]]
+name = "a0"
+kind = "npu"
+[[nodes]]
+name = "a1"
+kind = "npu"
+[[nodes]]
+name = "b0"
+kind = "npu"
+[[nodes]]
+name = "sa"
+kind = "switch"
+[[nodes]]
+name = "sb"
+kind = "switch"
+[[links]]
+src = "a0"
+dst = "sa"
+bandwidth = "400Mb/s"
+latency = 0
+[[links]]
+src = "a1"
+dst = "sa"
+bandwidth = "400Mb/s"
+latency = 0
+[[links]]
+src = "b0"
+dst = "sb"
+bandwidth = "400Mb/s"
+latency = 0
+[[links]]
+src = "sa"
+dst = "sb"
+bandwidth = "100Mb/s"
+latency = 0
+"""
+
+
+# ------------------------------------------------------------------------------------ plans (no root)
+
+
+def test_plan_of_one_switch_names_addresses_and_rates() -> None:
+    plan = plan_for(parse_topology("switch:n=3,bandwidth=200Mb/s"))
+    assert [h.hostname for h in plan.hosts] == ["npu0", "npu1", "npu2"]
+    assert [h.address for h in plan.hosts] == ["10.77.0.1", "10.77.0.2", "10.77.0.3"]
+    assert [h.ranks for h in plan.hosts] == [(0,), (1,), (2,)]
+    assert plan.switches == ("switch",) and len(plan.wires) == 3
+    assert all(w.host and w.rate_ab == w.rate_ba == 25e6 for w in plan.wires)  # 200 Mbit/s in bytes/s
+
+
+def test_plan_with_ranks_per_host_keeps_ranks_consecutive_and_round_trips_through_a_file(tmp_path) -> None:
+    topology = with_ranks_per_host(parse_topology("switch:n=2,bandwidth=1Gb/s"), 2)
+    plan = plan_for(topology)
+    assert [h.ranks for h in plan.hosts] == [(0, 1), (2, 3)] and plan.world_size == 4
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(topology))
+    again = parse_topology(str(path))
+    assert again.placement == topology.placement
+    assert plan_for(again) == plan  # the file `commlab sim` reads is the network the testbed builds
+
+
+def test_plan_of_two_switches_has_an_uplink_wire(tmp_path) -> None:
+    path = tmp_path / "two.toml"
+    path.write_text(TWO_SWITCHES)
+    plan = plan_for(parse_topology(str(path)))
+    uplink = [w for w in plan.wires if not w.host]
+    assert len(uplink) == 1 and {uplink[0].a, uplink[0].b} == {"sa", "sb"}
+    assert uplink[0].rate_ab == 100e6 / 8
+    a0, b0 = plan.host("a0"), plan.host("b0")
+    assert [w.index for w, _ in plan.route(a0, b0)] == [0, 3, 2]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("ring:n=3", "has 2 links"),
+        ("fat-tree:k=4", "form a cycle"),
+        ("torus:dims=2x2", "links"),
+    ],
+)
+def test_plan_refuses_what_bridges_cannot_emulate(spec: str, message: str) -> None:
+    with pytest.raises(TopologyError, match=message):
+        plan_for(parse_topology(spec))
+
+
+def test_unknown_host_and_bad_ranks_per_host_name_what_is_accepted() -> None:
+    plan = plan_for(parse_topology("switch:n=2"))
+    with pytest.raises(InvalidArgumentError, match="'npu0', 'npu1'"):
+        plan.host("nope")
+    with pytest.raises(InvalidArgumentError, match="ranks_per_host"):
+        with_ranks_per_host(parse_topology("switch:n=2"), 0)
+
+
+def test_without_privileges_a_clear_error() -> None:
+    """As root, the capabilities are dropped with setpriv; otherwise the command runs as it is."""
+    command = [sys.executable, "-m", "commlab.cli", "testbed", "up", "--topology", "switch:n=2"]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-net_admin,-sys_admin", "--inh-caps=-net_admin,-sys_admin", *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "needs root with CAP_NET_ADMIN" in done.stderr
+
+
+# ------------------------------------------------------------------------------------ emulated hosts (root)
+
+
+@pytest.fixture
+def testbeds(tmp_path):
+    """up(spec, ranks_per_host) -> a Testbed recorded under tmp_path; all removed at the end."""
+    made: list[Testbed] = []
+
+    def up(spec: str, ranks_per_host: int = 1) -> Testbed:
+        testbed = Testbed.up(spec, ranks_per_host, directory=tmp_path)
+        made.append(testbed)
+        up.last = testbed
+        return testbed
+
+    yield up
+    for testbed in made:
+        testbed.down()
+    for testbed in made:
+        assert not [n for n in system.namespaces() if n.startswith(testbed.run)]
+
+
+def cli(tmp_path: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COMMLAB_TESTBED_DIR": str(tmp_path)}
+    return subprocess.run(
+        [sys.executable, "-m", "commlab.cli", "testbed", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+
+@needs_root
+def test_up_builds_hosts_with_names_addresses_and_shaping(testbeds) -> None:
+    testbed = testbeds("switch:n=2,bandwidth=200Mb/s")
+    script = "hostname; getent hosts npu0 npu1; ip -o -4 addr show eth0; tc qdisc show dev eth0"
+    out = subprocess.run(
+        testbed.command("npu1", ["sh", "-c", script]), capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    lines = out.splitlines()
+    assert lines[0] == "npu1"
+    assert "10.77.0.1" in lines[1] and "npu0" in lines[1] and "10.77.0.2" in lines[2]
+    assert "inet 10.77.0.2/16" in out and "tbf" in out and "rate 200Mbit" in out
+    fabric = system.run(["tc", "-n", testbed.fabric, "qdisc", "show"])
+    assert fabric.count("rate 200Mbit") == 2  # the switch side of both wires, one per host
+    assert system.run(["ip", "-n", testbed.fabric, "-br", "link", "show", "type", "bridge"]).startswith("br0")
+
+
+@needs_root
+def test_down_removes_a_crashed_run(tmp_path) -> None:
+    """A process that builds a testbed and dies without `down` leaves namespaces; down removes them all."""
+    code = (
+        "import os, sys; from commlab.testbed.testbed import Testbed; "
+        f"t = Testbed.up('switch:n=2', directory={str(tmp_path)!r}); print(t.run, flush=True); os._exit(9)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    run = done.stdout.strip()
+    assert done.returncode == 9 and run.startswith("commlab-")
+    try:
+        assert len([n for n in system.namespaces() if n.startswith(run)]) == 3
+        assert cli(tmp_path, "status").stdout.startswith(f"run {run}")
+        down = cli(tmp_path, "down")
+        assert down.returncode == 0, down.stderr
+    finally:
+        remove_run(run, tmp_path)
+    assert not [n for n in system.namespaces() if n.startswith(run)]
+    assert not list(tmp_path.glob(f"{run}*")) and not (system.NETNS_ETC / f"{run}-npu0").exists()
+
+
+@needs_root
+def test_a_failed_build_leaves_nothing(tmp_path) -> None:
+    """A link latency the kernel cannot emulate (no netem) fails mid-build; where netem exists it is set."""
+    before = set(system.namespaces())
+    if system.has_netem():
+        with Testbed.up("switch:n=2,latency=2ms", directory=tmp_path) as testbed:
+            assert "delay 2ms" in system.run(["tc", "-n", testbed.fabric, "qdisc", "show"])
+    else:
+        with pytest.raises(TestbedError, match="netem"):
+            Testbed.up("switch:n=2,latency=2ms", directory=tmp_path)
+    assert set(system.namespaces()) == before and not list(tmp_path.glob("commlab-*"))
+
+
+@needs_root
+def test_check_measures_every_wire_direction_within_what_the_shaper_allows(testbeds) -> None:
+    from commlab.testbed.check import check
+
+    testbed = testbeds("switch:n=2,bandwidth=400Mb/s")
+    results = check(testbed, seconds=0.25, pings=5)
+    assert sorted((r.wire, r.direction) for r in results) == [
+        (0, "npu0->switch"), (0, "switch->npu0"), (1, "npu1->switch"), (1, "switch->npu1"),
+    ]  # fmt: skip
+    for r in results:
+        size = max(r.set_rate * 0.25, 1 << 20)
+        burst = max(64 << 10, r.set_rate * 0.005)  # what system.shape gives the bucket
+        # The receiver's clock starts at the first byte: at most one bucket plus one TCP window (<= 4 MiB)
+        # arrive unshaped; the rest cannot beat the set rate however idle the machine is.
+        assert 0 < r.measured_rate <= r.set_rate * size / max(size - burst - (4 << 20), 1) or size < 8 << 20
+        assert 0 < r.measured_rtt < 5.0
+
+
+@needs_root
+def test_exec_runs_on_the_named_host_with_its_exit_status(testbeds, tmp_path) -> None:
+    testbeds("switch:n=2")
+    done = cli(tmp_path, "exec", "npu1", "--", "sh", "-c", "hostname; exit 3")
+    assert done.returncode == 3 and done.stdout.strip() == "npu1"
+    with pytest.raises(InvalidArgumentError, match="accepted: 'npu0', 'npu1'"):
+        testbeds.last.command("nope", ["true"])
+
+
+def wire_bytes(testbed: Testbed, before: dict) -> list[tuple[int, int]]:
+    after = testbed.counters()
+    return [(after[w][0] - before[w][0], after[w][1] - before[w][1]) for w in sorted(after)]
+
+
+SIZE = 1 << 20
+BENCH = ["commlab", "bench", "allreduce", "-b", "1M", "-e", "1M", "--algorithm", "all",
+         "--iters", "1", "--warmup", "1", "--repeats", "1", "--no-progress", "--timeout", "60"]  # fmt: skip
+
+
+def wrong_counts(table: str) -> list[int]:
+    rows = [line.split() for line in table.splitlines() if line.strip() and not line.startswith("#")]
+    return [int(row[-4]) for row in rows]  # #wrong, then the native time, busbw and ratio
+
+
+@needs_root
+@pytest.mark.parametrize("launcher", ["torchrun", "mpi"])
+def test_bench_across_two_hosts_checks_every_algorithm_and_crosses_the_wire(testbeds, tmp_path, launcher) -> None:
+    """2 hosts x 2 ranks: every allreduce algorithm's result is exact (#wrong 0) and the host wires carry
+    at least what any allreduce must move between two hosts: half the buffer each way per call."""
+    if launcher == "mpi" and not (BIN / "mpiexec").exists():
+        pytest.skip("the mpich wheel's mpiexec is not installed")
+    testbed = testbeds("switch:n=2,bandwidth=1Gb/s", ranks_per_host=2)
+    before = testbed.counters()
+    done = cli(tmp_path, "run", "--launcher", launcher, "--timeout", "150", "--", *BENCH)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    wrong = wrong_counts(done.stdout)
+    assert len(wrong) >= 4 and not any(wrong), done.stdout  # auto and every algorithm
+    floor = len(wrong) * 2 * SIZE / 2  # a warmup and a timed call per row, at least
+    for forward, backward in wire_bytes(testbed, before):
+        assert forward >= floor and backward >= floor, (forward, backward, floor)
+
+
+DDP = ["--preset=tiny", "--steps=4", "--batch-size=8", "--eval-every=0", "--sample-tokens=0", "--log-every=1"]
+
+
+def losses(stdout: str) -> list[str]:
+    return re.findall(r"^step +\d+/\d+ +loss +([0-9.]+)", stdout, flags=re.MULTILINE)
+
+
+@needs_root
+def test_ddp_example_across_two_hosts_equals_one_host(testbeds, tmp_path) -> None:
+    """examples/ddp.py on 2 emulated hosts x 2 ranks, on gloo and on MPI, prints the loss lines of
+    4 ranks on one host; the gradients crossed the wires (at least half of them each way per step)."""
+    from commlab.models import GPT, GPTConfig
+
+    script = str(ROOT / "examples" / "ddp.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    local = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "4", script, *DDP],
+        capture_output=True, text=True, timeout=180, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    expected = losses(local.stdout)
+    assert len(expected) == 4
+    testbed = testbeds("switch:n=2,bandwidth=1Gb/s", ranks_per_host=2)
+    gradient_bytes = 4 * sum(p.numel() for p in GPT(GPTConfig.preset("tiny")).parameters())
+    launchers = ["torchrun", "mpi"] if (BIN / "mpiexec").exists() else ["torchrun"]
+    for launcher in launchers:
+        before = testbed.counters()
+        extra = ["--backend", "mpi"] if launcher == "mpi" else []
+        done = cli(tmp_path, "run", "--launcher", launcher, "--timeout", "150", "--", "python", script, *DDP, *extra)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        assert losses(done.stdout) == expected, (launcher, done.stdout)
+        for forward, backward in wire_bytes(testbed, before):
+            assert min(forward, backward) >= 4 * gradient_bytes / 2, (launcher, forward, backward)
+
+
+@needs_root
+def test_status_and_json(testbeds, tmp_path) -> None:
+    testbed = testbeds("switch:n=2,bandwidth=100Mb/s", ranks_per_host=2)
+    status = cli(tmp_path, "status", "--json")
+    data = json.loads(status.stdout)
+    assert data["run"] == testbed.run and data["plan"]["ranks_per_host"] == 2
+    text = cli(tmp_path, "status").stdout
+    assert "npu0" in text and "100 Mbit/s" in text and str(testbed.topology_file) in text
