@@ -130,7 +130,12 @@ def test_without_privileges_a_clear_error() -> None:
     """As root, the capabilities are dropped with setpriv; otherwise the command runs as it is."""
     command = [sys.executable, "-m", "commlab.cli", "testbed", "up", "--topology", "switch:n=2"]
     if os.geteuid() == 0:
-        command = ["setpriv", "--bounding-set=-net_admin,-sys_admin", "--inh-caps=-net_admin,-sys_admin", *command]
+        command = [
+            "setpriv",
+            "--bounding-set=-net_admin,-sys_admin",
+            "--inh-caps=-net_admin,-sys_admin",
+            *command,
+        ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2, done.stderr
     assert "needs root with CAP_NET_ADMIN" in done.stderr
@@ -259,7 +264,9 @@ def wrong_counts(table: str) -> list[int]:
 
 @needs_root
 @pytest.mark.parametrize("launcher", ["torchrun", "mpi"])
-def test_bench_across_two_hosts_checks_every_algorithm_and_crosses_the_wire(testbeds, tmp_path, launcher) -> None:
+def test_bench_across_two_hosts_checks_every_algorithm_and_crosses_the_wire(
+    testbeds, tmp_path, launcher
+) -> None:
     """2 hosts x 2 ranks: every allreduce algorithm's result is exact (#wrong 0) and the host wires carry
     at least what any allreduce must move between two hosts: half the buffer each way per call."""
     if launcher == "mpi" and not (BIN / "mpiexec").exists():
@@ -303,7 +310,9 @@ def test_ddp_example_across_two_hosts_equals_one_host(testbeds, tmp_path) -> Non
     for launcher in launchers:
         before = testbed.counters()
         extra = ["--backend", "mpi"] if launcher == "mpi" else []
-        done = cli(tmp_path, "run", "--launcher", launcher, "--timeout", "150", "--", "python", script, *DDP, *extra)
+        done = cli(
+            tmp_path, "run", "--launcher", launcher, "--timeout", "150", "--", "python", script, *DDP, *extra
+        )
         assert done.returncode == 0, done.stdout + done.stderr[-3000:]
         assert losses(done.stdout) == expected, (launcher, done.stdout)
         for forward, backward in wire_bytes(testbed, before):

@@ -55,10 +55,15 @@ def _probe(testbed: Testbed, src: Host, dst: Host, args: list[str], timeout: flo
     try:
         ready = server.stdout.readline().strip()
         if ready != "ready":
-            raise TestbedError(f"the probe server on {dst.hostname} did not start: {server.stderr.read()[-500:]}")
+            raise TestbedError(
+                f"the probe server on {dst.hostname} did not start: {server.stderr.read()[-500:]}"
+            )
         client = [*PROBE, args[0], dst.address, str(PORT), *args[1:]]
         done = subprocess.run(
-            testbed.command(src, [*client, str(timeout)]), capture_output=True, text=True, timeout=timeout + 10
+            testbed.command(src, [*client, str(timeout)]),
+            capture_output=True,
+            text=True,
+            timeout=timeout + 10,
         )
         if done.returncode != 0:
             raise TestbedError(f"probe {src.hostname} -> {dst.hostname} failed: {done.stderr.strip()[-500:]}")

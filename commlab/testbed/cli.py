@@ -44,10 +44,7 @@ def _up(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     from commlab.testbed import testbed as tb
 
-    if args.all:
-        deleted = tb.remove_all()
-    else:
-        deleted = tb.remove_run(tb.load(args.run_id).run)
+    deleted = tb.remove_all() if args.all else tb.remove_run(tb.load(args.run_id).run)
     print(f"removed {len(deleted)} namespaces" + (f": {', '.join(deleted)}" if deleted else ""))
     return 0
 
@@ -68,14 +65,18 @@ def _status(args: argparse.Namespace) -> int:
 
     missing = sorted(set(testbed.namespaces()) - set(namespaces()))
     if missing:
-        print(f"namespaces missing (a crashed run?): {', '.join(missing)}; `commlab testbed down` removes the rest")
+        print(
+            f"namespaces missing (a crashed run?): {', '.join(missing)}; "
+            "`commlab testbed down` removes the rest"
+        )
     if len(known) > 1:
         print(f"other runs: {', '.join(r for r in known if r != testbed.run)}")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
-    from commlab.testbed import check, testbed as tb
+    from commlab.testbed import check
+    from commlab.testbed import testbed as tb
 
     results = check.check(tb.load(args.run_id), seconds=args.seconds)
     if args.json:
@@ -86,13 +87,15 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _exec(args: argparse.Namespace) -> int:
-    from commlab.testbed import launch, testbed as tb
+    from commlab.testbed import launch
+    from commlab.testbed import testbed as tb
 
     return launch.execute(tb.load(args.run_id), args.host, _command(args), args.timeout)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from commlab.testbed import launch, testbed as tb
+    from commlab.testbed import launch
+    from commlab.testbed import testbed as tb
 
     command = _command(args)
     if args.topology is None:

@@ -10,13 +10,15 @@
   ssh-style options and runs the proxy in the named host's namespace. `UCX_TLS=tcp`: MPICH's UCX netmod
   otherwise finds the other namespaces' ranks through shared memory (same machine) and bypasses the wire.
 
-`commlab ...` as the command runs this interpreter's `-m commlab.cli`, `python` this interpreter; a `.py` file runs under torchrun's
-Python, anything else under `torchrun --no-python`. Every process is in its own session and is stopped
-(SIGTERM, then SIGKILL) when one host fails, on timeout, and on Ctrl-C.
+`commlab ...` as the command runs this interpreter's `-m commlab.cli`, `python` this interpreter; a `.py`
+file runs under torchrun's Python, anything else under `torchrun --no-python`. Every process is in its own
+session and is stopped (SIGTERM, then SIGKILL with all it started) when one host fails, on timeout, and
+on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -58,10 +60,7 @@ def torchrun_commands(testbed: Testbed, command: list[str], max_restarts: int = 
     """One argv per host: torchrun multi-node (static rendezvous on host 0) in the host's namespace."""
     plan = testbed.plan
     first = plan.hosts[0]
-    if command and command[0].endswith(".py"):
-        program = command
-    else:
-        program = ["--no-python", *resolve(command)]
+    program = command if command and command[0].endswith(".py") else ["--no-python", *resolve(command)]
     argvs = []
     for index, host in enumerate(plan.hosts):
         torchrun = [
@@ -78,9 +77,7 @@ def torchrun_commands(testbed: Testbed, command: list[str], max_restarts: int = 
 def launcher_script(testbed: Testbed) -> str:
     """The path of the per-run script hydra calls instead of ssh: `SCRIPT [options] HOST COMMAND...`."""
     path = testbed.directory / f"{testbed.run}.launch"
-    cases = "\n".join(
-        f"  {h.hostname}|{h.address}) ns={testbed.namespace(h)};;" for h in testbed.plan.hosts
-    )
+    cases = "\n".join(f"  {h.hostname}|{h.address}) ns={testbed.namespace(h)};;" for h in testbed.plan.hosts)
     path.write_text(
         "#!/bin/sh\n"
         "# hydra's ssh launcher for a commlab testbed: drop ssh options, run in the host's namespace\n"
@@ -183,21 +180,43 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> int:
         return 130
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): torchrun starts its workers in sessions of their own, so
+    signalling the launcher's process group alone would orphan them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM each process's session, then SIGKILL what is left after `grace` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [p for p in procs if p.poll() is None]
-        for proc in alive:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-        end = time.monotonic() + grace
-        for proc in alive:
-            try:
-                proc.wait(timeout=max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+    """SIGTERM each process's session, then SIGKILL it and everything it started that is left after
+    `grace` seconds."""
+    alive = [p for p in procs if p.poll() is None]
+    trees = {p.pid: descendants(p.pid) for p in alive}
+    for proc in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    for proc in alive:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, end - time.monotonic()))
+    for proc in alive:
+        for pid in [proc.pid, *trees[proc.pid], *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     for proc in procs:
         if proc.poll() is None:
             proc.wait()

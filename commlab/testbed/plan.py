@@ -13,6 +13,7 @@ This is pure data (no root, no commands), so it is testable anywhere. The rules:
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import asdict, dataclass
 
@@ -105,7 +106,7 @@ class Plan:
             tree.add_edge(wire.a, wire.b, wire=wire)
         path = nx.shortest_path(tree, a.label, b.label)
         hops = []
-        for u, v in zip(path, path[1:], strict=False):
+        for u, v in itertools.pairwise(path):
             wire = tree.edges[u, v]["wire"]
             hops.append((wire, wire.a == u))
         return hops
@@ -181,7 +182,9 @@ def plan_for(topology: Topology) -> Plan:
                 "exactly one link from a host, to a switch"
             )
         (switch,) = out
-        hosts.append(Host(str(label), hostname_of(label, used), host_address(index), tuple(ranks), str(switch)))
+        hosts.append(
+            Host(str(label), hostname_of(label, used), host_address(index), tuple(ranks), str(switch))
+        )
         wires.append(_wire(graph, len(wires), label, switch, host=True))
     host_nodes = set(hosts_in_order) | set(topology.placement)
     switches = [n for n in graph.nodes if n not in host_nodes]
@@ -204,9 +207,7 @@ def _wire(graph: nx.DiGraph, index: int, a: object, b: object, host: bool) -> Wi
     if not graph.has_edge(a, b) or not graph.has_edge(b, a):
         raise TopologyError(f"link {a!r} - {b!r} is one-way; the testbed emulates full-duplex links")
     ab, ba = graph.edges[a, b], graph.edges[b, a]
-    return Wire(
-        index, str(a), str(b), ab["bandwidth"], ba["bandwidth"], ab["latency"], ba["latency"], host
-    )
+    return Wire(index, str(a), str(b), ab["bandwidth"], ba["bandwidth"], ab["latency"], ba["latency"], host)
 
 
 def with_ranks_per_host(topology: Topology, ranks: int, local_bandwidth: float = LOCAL_BANDWIDTH) -> Topology:

@@ -6,6 +6,7 @@ namespace's network. A failed command raises TestbedError with the command and i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,8 +84,12 @@ def add_namespace(name: str) -> None:
 
 
 def delete_namespace(name: str) -> None:
-    """Delete a namespace (its veth ends go with it, and so do their peers) and its /etc/netns files."""
+    """Kill what still runs in a namespace, delete it (its veth ends go with it, and so do their peers)
+    and its /etc/netns files."""
     if name in namespaces():
+        for pid in run(["ip", "netns", "pids", name], check=False).split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), 9)
         run(["ip", "netns", "delete", name], check=False)
     shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
 
@@ -121,8 +126,8 @@ def shape(namespace: str, device: str, rate: float, latency: float) -> None:
                 f"{LATENCY_FLOOR * 1e6:g} us (e.g. latency=0) or use a kernel with netem"
             )
         delay = f"{round(latency * 1e6)}us"
-        tc(namespace, "qdisc", "add", "dev", device, "parent", "1:1", "handle", "10:", "netem", "delay", delay,
-           "limit", "100000")  # fmt: skip
+        tc(namespace, "qdisc", "add", "dev", device, "parent", "1:1", "handle", "10:", "netem",
+           "delay", delay, "limit", "100000")  # fmt: skip
 
 
 _NETEM: list[bool] = []

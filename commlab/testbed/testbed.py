@@ -6,13 +6,14 @@
 Layout of a run `commlab-<id>`: a namespace `commlab-<id>-fabric` holds one Linux bridge per switch and
 the switch ends of every veth pair (`w<k>` for host wire k, `w<k>a`/`w<k>b` for a switch-switch wire);
 a namespace `commlab-<id>-<hostname>` per host holds the host end, `eth0`, with the host's address. Each
-direction of a wire is shaped on the egress of the end that sends it (tbf rate; netem delay where the kernel has it). The
-state file `<state dir>/<run>.json` is written before anything is created and lists every namespace,
-so `down` removes a crashed run's leftovers too.
+direction of a wire is shaped on the egress of the end that sends it (tbf rate; netem delay where the
+kernel has it). The state file `<state dir>/<run>.json` is written before anything is created and lists
+every namespace, so `down` removes a crashed run's leftovers too (processes still in them included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -175,8 +176,20 @@ class Testbed:
         if state not in WIRE_STATES:
             raise invalid("state", state, WIRE_STATES)
         for end in filter(None, self.ends(wire)):
-            system.ip(self.fabric, "link", "set", end, "down" if state == "down" else "up")
-            system.set_port(self.fabric, end, forwarding=state != "drop")
+            if state == "down":
+                system.ip(self.fabric, "link", "set", end, "down")
+            else:
+                system.ip(self.fabric, "link", "set", end, "up")
+                system.set_port(self.fabric, end, forwarding=state == "up")
+
+    def kill_host(self, host: Host | str) -> int:
+        """SIGKILL every process in a host's namespace (a host crash, its network staying up); how many."""
+        host = host if isinstance(host, Host) else self.plan.host(host)
+        pids = [int(p) for p in system.run(["ip", "netns", "pids", self.namespace(host)]).split()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        return len(pids)
 
     def describe(self) -> list[str]:
         """Lines for `commlab testbed status`: hosts, wires with their rates and latencies."""
