@@ -327,3 +327,33 @@ def test_status_and_json(testbeds, tmp_path) -> None:
     assert data["run"] == testbed.run and data["plan"]["ranks_per_host"] == 2
     text = cli(tmp_path, "status").stdout
     assert "npu0" in text and "100 Mbit/s" in text and str(testbed.topology_file) in text
+
+
+FAULT_TIMEOUT = 5.0
+
+
+@needs_root
+@pytest.mark.parametrize("fault", ["link-down", "link-drop", "kill-host"])
+def test_a_fault_on_the_wire_fails_every_surviving_rank_fast_and_clearly(testbeds, tmp_path, fault) -> None:
+    """2 hosts x 2 ranks in a loop of ring allreduces (gloo, 5 s timeout); host 1's wire goes down or drops
+    every frame, or host 1's processes are killed: every rank still alive raises CollectiveTimeoutError
+    or TransportError naming all_reduce and a peer rank, long before anything like a hang (the bound is
+    the timeout plus generous slack for a loaded machine: commlab's deadline is the call's start +5 s)."""
+    from commlab.testbed.faults import inject
+
+    testbed = testbeds("switch:n=2,bandwidth=200Mb/s", ranks_per_host=2)
+    folder = tmp_path / "job"
+    folder.mkdir()
+    job = ["python", str(ROOT / "tests" / "testbed_fault_job.py"), str(folder), str(FAULT_TIMEOUT)]
+    reports = inject(testbed, fault, job, folder, timeout=150)
+    survivors = [0, 1] if fault == "kill-host" else [0, 1, 2, 3]
+    assert [r["rank"] for r in reports] == survivors, reports
+    for r in reports:
+        assert r["error"] in ("CollectiveTimeoutError", "TransportError"), r
+        assert r["message"].startswith("all_reduce (ring") and re.search(
+            r"(from|to) rank \d", r["message"]
+        ), r
+        assert r["after_fault"] < FAULT_TIMEOUT + 20, r
+    if fault != "kill-host":  # a silent wire is only noticed by the deadline
+        assert all(r["error"] == "CollectiveTimeoutError" for r in reports), reports
+    assert testbed.counters()  # the wire is mended and the testbed still answers
