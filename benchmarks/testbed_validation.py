@@ -113,7 +113,7 @@ def cases(scratch: Path, quick: bool) -> list[dict]:
         {"name": "one switch, 4 hosts, 200 Mbit/s", "topology": "switch:n=4,bandwidth=200Mb/s", "rph": 1},
         {"name": "one switch, 2 hosts, 200 Mbit/s", "topology": "switch:n=2,bandwidth=200Mb/s", "rph": 2},
         {"name": "two switches (4 x 400 Mbit/s hosts, 400 Mbit/s uplink: 2:1)", "topology": uplink, "rph": 1},
-        {"name": "fat-tree k=2 (3 switch hops), 100 Mbit/s", "topology": "fat-tree:k=2,bandwidth=100Mb/s",
+        {"name": "fat-tree k=2 (4 switches between the hosts), 100 Mbit/s", "topology": "fat-tree:k=2,bandwidth=100Mb/s",
          "rph": 2},
     ]  # fmt: skip
     return every[:2] if quick else every
@@ -185,10 +185,12 @@ def statistics_of(report: dict) -> dict:
         for row in case["rows"]:
             if row["algorithm"] != "auto":
                 continue
-            own = next(r for r in case["rows"] if r["op"] == row["op"] and r["size"] == row["size"]
-                       and r["algorithm"] == row["resolved"])  # fmt: skip
+            own = [r for r in case["rows"] if (r["op"], r["size"], r["algorithm"]) == (row["op"], row["size"],
+                   row["resolved"])]  # fmt: skip
             auto_total += 1
-            auto_ok += statistics.fmean(own["measured"]) <= 1.05 * best[(row["op"], row["size"])]
+            if not own:  # auto picked an algorithm not in the sweep: judge auto's own time instead
+                own = [row]
+            auto_ok += statistics.fmean(own[0]["measured"]) <= 1.05 * best[(row["op"], row["size"])]
     summary = {
         name: {"median": statistics.median(v), "max": max(v), "count": len(v)} for name, v in errors.items()
     }
@@ -232,6 +234,51 @@ def write_report(report: dict, path: Path) -> None:
         lines.append(f"| {label} | {s['median']:.1%} | {s['max']:.1%} | {s['count']} |")
     auto = summary["auto"]
     lines += [
+        "",
+        "| network | ranks/host | wire error median / max | host error median / max | spread median / max |",
+        "|---|---|---|---|---|",
+    ]
+    signed = []
+    for case in report["cases"]:
+        rows = [r for r in case["rows"] if r["algorithm"] != "auto"]
+        means = [statistics.fmean(r["measured"]) for r in rows]
+        wire = [_error(r["predicted"]["wire"], m) for r, m in zip(rows, means, strict=True)]
+        host = [_error(r["predicted"]["host"], m) for r, m in zip(rows, means, strict=True)]
+        spread = [abs(r["measured"][0] - r["measured"][1]) / m for r, m in zip(rows, means, strict=True)]
+        signed += [(r["predicted"]["host"] - m) / m for r, m in zip(rows, means, strict=True)]
+        lines.append(
+            f"| {case['name']} | {case['ranks_per_host']} | {statistics.median(wire):.1%} / "
+            f"{max(wire):.1%} | "
+            f"{statistics.median(host):.1%} / {max(host):.1%} | {statistics.median(spread):.1%} / "
+            f"{max(spread):.1%} |"
+        )
+    host = summary["host"]
+    met = host["median"] <= 0.05 and host["max"] <= 0.15
+    lines += [
+        "",
+        "## Reading",
+        "",
+        "- The issue's targets (median <= 5%, max <= 15% at >= 1 MiB) are "
+        f"**{'met' if met else 'not met'}**: "
+        f"the host profile's median error is {host['median']:.1%}, its max {host['max']:.1%}. The "
+        "predictions "
+        f"are biased low (median signed error {statistics.median(signed):+.1%}): the measured "
+        "collectives take "
+        "longer than the wire alone allows, and the host's costs as calibrated on an idle local group add "
+        "only a few percent of that.",
+        "- The model error is of the size of the measurement's own spread (median "
+        f"{summary['spread']['median']:.1%}, "
+        f"max {summary['spread']['max']:.1%} between two runs of the same case): the 2 cores were "
+        "shared with "
+        "other work, and at 200-400 Mbit/s gloo's threads and the reductions of 4 ranks still compete for "
+        "them. The slowest network (100 Mbit/s, the fat-tree) is the most wire-bound: there the spread is "
+        "smallest and so is the error.",
+        "- No delay topology: this kernel has no netem (CONFIG_NET_SCH_NETEM unset), so `commlab testbed` "
+        "cannot add latency here (it says so and refuses). The latency-bound target was not judged.",
+        "- A calibrated profile itself (`--profile commlab/profiles/gloo.json`) is not usable on a shaped "
+        "wire: it prices every message by the local fit (its beta is the loopback's), whatever the "
+        "topology's links say, and predicted 10-20x too fast in a first run; the host profile above takes "
+        "only its scalar costs (alpha, gamma, launch) on top of the topology's links.",
         "",
         f"auto (which uses the local calibration, not the testbed's topology) picked an algorithm within 5% "
         f"of the measured fastest in {auto['within_5pct']} of {auto['cases']} cases.",
@@ -332,7 +379,11 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "testbed-validation.md"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "testbed_validation.json"))
     parser.add_argument("--timeout", type=float, default=400.0, help="seconds per measurement launch")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from --json")
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads(Path(args.json).read_text()), Path(args.out))
+        return 0
     if args.worker:
         worker(args.worker, args.quick)
         return 0
