@@ -3,7 +3,8 @@ frame, or a host's processes killed, while the job's ranks are inside their coll
 
 `inject(testbed, fault, command, folder)` starts `command` on every host (torchrun or mpiexec), waits until
 every rank has written `folder/ready-<rank>`, injects the fault, writes its time to `folder/fault`, and
-collects each rank's one-line report (`FAULT {json}` on stdout: see tests/testbed_fault_job.py). The wire
+collects each rank's report (`folder/report-<rank>.json`, see tests/testbed_fault_job.py: a file, because
+under mpiexec the output of a host cut off by the fault never reaches mpiexec). The wire
 is mended and every process stopped before it returns.
 """
 
@@ -67,14 +68,13 @@ def inject(
         survivors = world - (len(target.ranks) if fault == "kill-host" else 0)
         end = time.monotonic() + timeout
         while time.monotonic() < end and any(p.poll() is None for p in procs):
-            if _output(logs).count("FAULT {") >= survivors:
+            if len(list(folder.glob("report-*.json"))) >= survivors:
                 break
             time.sleep(0.1)
     finally:
         launch.stop(procs, grace=5.0)
         testbed.set_wire(wire, "up")
-    output = _output(logs)
-    reports = [json.loads(line[6:]) for line in output.splitlines() if line.startswith("FAULT {")]
+    reports = [json.loads(path.read_text()) for path in folder.glob("report-*.json")]
     return sorted(reports, key=lambda r: r["rank"])
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from commlab.errors import TestbedError
@@ -151,6 +152,17 @@ def _qdisc_kind(namespace: str, device: str) -> str:
     out = tc(namespace, "-j", "qdisc", "show", "dev", device, check=False)
     qdiscs = json.loads(out) if out.strip() else []
     return qdiscs[0].get("kind", "") if qdiscs else ""
+
+
+def wait_operational(namespace: str, device: str, timeout: float = 5.0) -> None:
+    """Wait until a device just set up has its carrier (a bridge port's state cannot be set before)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = ip(namespace, "-j", "link", "show", "dev", device, check=False)
+        if out.strip() and json.loads(out)[0].get("operstate") in ("UP", "UNKNOWN"):
+            return
+        time.sleep(0.05)
+    raise TestbedError(f"{device} in {namespace} did not come up within {timeout:g} s")
 
 
 def set_port(namespace: str, device: str, forwarding: bool) -> None:

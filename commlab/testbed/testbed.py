@@ -180,6 +180,7 @@ class Testbed:
                 system.ip(self.fabric, "link", "set", end, "down")
             else:
                 system.ip(self.fabric, "link", "set", end, "up")
+                system.wait_operational(self.fabric, end)
                 system.set_port(self.fabric, end, forwarding=state == "up")
 
     def kill_host(self, host: Host | str) -> int:
