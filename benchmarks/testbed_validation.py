@@ -79,7 +79,7 @@ def worker(out: str, quick: bool) -> None:
     import torch.distributed as dist
 
     import commlab
-    from commlab.bench import BenchConfig
+    from commlab.bench.config import BenchConfig
     from commlab.bench.worker import run_worker
     from commlab.collectives.algorithms import algorithms_for
 
@@ -113,8 +113,8 @@ def cases(scratch: Path, quick: bool) -> list[dict]:
         {"name": "one switch, 4 hosts, 200 Mbit/s", "topology": "switch:n=4,bandwidth=200Mb/s", "rph": 1},
         {"name": "one switch, 2 hosts, 200 Mbit/s", "topology": "switch:n=2,bandwidth=200Mb/s", "rph": 2},
         {"name": "two switches (4 x 400 Mbit/s hosts, 400 Mbit/s uplink: 2:1)", "topology": uplink, "rph": 1},
-        {"name": "fat-tree k=2 (4 switches between the hosts), 100 Mbit/s", "topology": "fat-tree:k=2,bandwidth=100Mb/s",
-         "rph": 2},
+        {"name": "fat-tree k=2 (4 switches between the hosts), 100 Mbit/s",
+         "topology": "fat-tree:k=2,bandwidth=100Mb/s", "rph": 2},
     ]  # fmt: skip
     return every[:2] if quick else every
 
@@ -148,7 +148,7 @@ RETRIES: list[int] = []
 
 def predict(topology_file: Path, rows: list[dict], profiles: dict) -> dict:
     from commlab.sim import simulate_collective
-    from commlab.sim.topology_io import parse_topology
+    from commlab.sim.network.topology_io import parse_topology
 
     topology = parse_topology(str(topology_file))
     predictions = {}
@@ -364,7 +364,7 @@ def host_costs(path: Path):
     A calibrated profile itself (Profile.load) prices each message by the local fit alone, whatever the
     topology's links say (its beta is the loopback's), so on a shaped wire it predicts 10-20x too fast;
     the scalars keep the topology's links as the bandwidth and add the host's costs on top."""
-    from commlab.sim.profile import Profile
+    from commlab.sim.network.profile import Profile
 
     data = json.loads(path.read_text())
     level = data["levels"]["4"]
@@ -388,7 +388,7 @@ def main() -> int:
         worker(args.worker, args.quick)
         return 0
 
-    from commlab.sim.profile import Profile
+    from commlab.sim.network.profile import Profile
     from commlab.testbed.check import check
     from commlab.testbed.testbed import Testbed
 

@@ -16,6 +16,7 @@ from commlab.collectives.schedule import OPS
 from commlab.errors import CommlabError
 from commlab.sim.cli import add_sim_parser
 from commlab.sim.training.cli import add_plan_parser
+from commlab.testbed.cli import add_parser as add_testbed_parser
 
 
 def _algorithms(args: argparse.Namespace) -> int:
@@ -83,8 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_calibrate_parser(sub)
     add_tune_parser(sub)
-    from commlab.testbed.cli import add_parser as add_testbed_parser
-
     add_testbed_parser(sub)
     return parser
 

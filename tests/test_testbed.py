@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from commlab.errors import InvalidArgumentError, TestbedError, TopologyError
-from commlab.sim.topology_io import parse_topology
+from commlab.sim.network.topology_io import parse_topology
 from commlab.testbed import system
 from commlab.testbed.plan import plan_for, topology_toml, with_ranks_per_host
 from commlab.testbed.testbed import Testbed, remove_run
@@ -87,6 +87,7 @@ def test_plan_with_ranks_per_host_keeps_ranks_consecutive_and_round_trips_throug
     topology = with_ranks_per_host(parse_topology("switch:n=2,bandwidth=1Gb/s"), 2)
     plan = plan_for(topology)
     assert [h.ranks for h in plan.hosts] == [(0, 1), (2, 3)] and plan.world_size == 4
+    assert topology.host_map().hosts == ((0, 1), (2, 3))  # what topology-aware schedules see
     path = tmp_path / "t.toml"
     path.write_text(topology_toml(topology))
     again = parse_topology(str(path))

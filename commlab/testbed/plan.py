@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import networkx as nx
 
 from commlab.errors import TopologyError, invalid
-from commlab.sim.topology import LOCAL_BANDWIDTH, NIC, NPU, SWITCH, Topology
+from commlab.sim.network.topology import HOST, LOCAL_BANDWIDTH, NIC, NPU, SWITCH, Topology
 
 SUBNET = "10.77.0.0/16"  # only ever configured inside the run's own namespaces
 HOST_DEVICE = "eth0"  # every host's interface, the same name in every namespace (GLOO_SOCKET_IFNAME)
@@ -225,7 +225,7 @@ def with_ranks_per_host(topology: Topology, ranks: int, local_bandwidth: float =
         graph.nodes[node]["kind"] = NIC
         for j in range(ranks):
             rank = f"{node}.r{j}"
-            graph.add_node(rank, kind=NPU, layer=0)
+            graph.add_node(rank, kind=NPU, layer=0, **{HOST: str(node)})  # Topology.host_map groups them
             graph.add_edge(rank, node, bandwidth=local_bandwidth, latency=0.0, kind="port")
             graph.add_edge(node, rank, bandwidth=local_bandwidth, latency=0.0, kind="port")
             placement.append(rank)
@@ -252,6 +252,8 @@ def topology_toml(topology: Topology) -> str:
     for node in graph.nodes:
         kind = graph.nodes[node].get("kind") or (NPU if node in endpoint else SWITCH)
         lines += ["[[nodes]]", f"name = {text(node)}", f"kind = {text(kind)}"]
+        if HOST in graph.nodes[node]:
+            lines.append(f"host = {text(graph.nodes[node][HOST])}")
     for a, b, data in graph.edges(data=True):
         lines += [
             "[[links]]",

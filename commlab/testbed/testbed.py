@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from commlab.errors import TestbedError, invalid
-from commlab.sim.topology import Topology
-from commlab.sim.topology_io import parse_topology
+from commlab.sim.network.topology import Topology
+from commlab.sim.network.topology_io import parse_topology
 from commlab.testbed import system
 from commlab.testbed.plan import HOST_DEVICE, Host, Plan, Wire, plan_for, topology_toml, with_ranks_per_host
 
