@@ -355,6 +355,6 @@ def test_a_fault_on_the_wire_fails_every_surviving_rank_fast_and_clearly(testbed
             r"(from|to) rank \d", r["message"]
         ), r
         assert r["after_fault"] < FAULT_TIMEOUT + 20, r
-    if fault != "kill-host":  # a silent wire is only noticed by the deadline
+    if fault == "link-drop":  # frames vanish silently: only the deadline can notice
         assert all(r["error"] == "CollectiveTimeoutError" for r in reports), reports
     assert testbed.counters()  # the wire is mended and the testbed still answers
