@@ -18,7 +18,7 @@ from commlab.collectives.schedule import ROOTED_OPS, Schedule, verify
 from commlab.collectives.tuning import choose
 from commlab.errors import InvalidArgumentError
 from commlab.sim.network.collective import simulate_collective
-from commlab.sim.network.topology_io import parse_topology
+from commlab.sim.network.topology_io import load_topology, parse_topology
 
 TOPOLOGY_AWARE = [(name, op) for name, a in ALGORITHMS.items() if a.topology_aware for op in a.ops]
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None)
@@ -167,3 +167,18 @@ def test_tune_show_prints_auto_per_host_map(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["tune", "--show", "--hosts", "2y"])
     assert "HxL" in capsys.readouterr().err
+
+
+def test_topology_files_keep_the_host_of_each_endpoint(tmp_path) -> None:
+    """A topology file's `host` names (as `commlab testbed up` writes them) make the host map."""
+    path = tmp_path / "two_hosts.toml"
+    nodes = "".join(
+        f'[[nodes]]\nname = "h{h}.r{r}"\nkind = "npu"\nhost = "h{h}"\n' for h in (0, 1) for r in (0, 1)
+    )
+    links = "".join(
+        f'[[links]]\nsrc = "h{h}.r{r}"\ndst = "sw"\nbandwidth = "1Gb/s"\nlatency = "1us"\n'
+        for h in (0, 1)
+        for r in (0, 1)
+    )
+    path.write_text('name = "two hosts"\n[[nodes]]\nname = "sw"\nkind = "switch"\n' + nodes + links)
+    assert load_topology(path).host_map() == HostMap.uniform(2, 2)

@@ -172,7 +172,8 @@ def graph_from_mapping(data: dict, source: str = "topology") -> tuple[nx.DiGraph
         kind = node.get("kind", NPU)
         if kind not in (NPU, SWITCH, "nic"):
             raise TopologyError(f"{source}: nodes[{i}] kind={kind!r}; accepted: 'npu', 'switch', 'nic'")
-        graph.add_node(node["name"], kind=kind)
+        host = {"host": str(node["host"])} if "host" in node else {}  # the host an endpoint sits in
+        graph.add_node(node["name"], kind=kind, **host)
     declared = set(graph.nodes)
     for i, link in enumerate(links):
         where = f"{source}: links[{i}]"
