@@ -1,8 +1,8 @@
 """A GPT decoder (pre-norm, rotary positions) built through swappable layer factories.
 
 Read top to bottom: config and presets, the layer factories tensor parallelism replaces, rotary
-embeddings, the transformer block (shared with vit.py), the model, then the analytic parameter and FLOP
-counts the simulator uses.
+embeddings, the transformer block (shared with vit.py and bert.py), the model, then the analytic parameter
+and FLOP counts the simulator uses. Attention is softmax (scaled dot product) or linear (attention.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from commlab.errors import invalid
+from commlab.models.attention import ATTENTIONS, LinearAttentionState, linear_attention
 from commlab.parallel.layers import Layers
 from commlab.shared.layout import CHECKPOINT_MODES
 
@@ -25,7 +26,8 @@ NORMS = ("rmsnorm", "layernorm")
 
 
 def check_transformer_config(cfg: Any) -> None:
-    """Validate the fields GPT and ViT configs share; raise naming the bad value and what is accepted."""
+    """Validate the fields GPT, ViT and BERT configs share; raise naming the bad value and what is
+    accepted."""
     for name in ("n_layer", "n_head", "d_model", "d_ff"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
@@ -38,6 +40,8 @@ def check_transformer_config(cfg: Any) -> None:
         raise invalid("norm", cfg.norm, NORMS)
     if cfg.checkpoint not in CHECKPOINT_MODES:
         raise invalid("checkpoint", cfg.checkpoint, CHECKPOINT_MODES)
+    if cfg.attention not in ATTENTIONS:
+        raise invalid("attention", cfg.attention, ATTENTIONS)
 
 
 def config_from_preset(cls: type, presets: dict[str, dict[str, Any]], name: str, overrides: dict) -> Any:
@@ -66,6 +70,7 @@ class GPTConfig:
     norm: str = "rmsnorm"
     tie_embeddings: bool = True
     checkpoint: str = "none"
+    attention: str = "softmax"  # or "linear": elu + 1 feature map, O(n) in the sequence (attention.py)
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -152,15 +157,21 @@ def make_norm(kind: str, dim: int) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; the local head count comes from the qkv output width.
+    """Multi-head self-attention, softmax or linear (cfg.attention); the local head count comes from the
+    qkv output width.
 
     qkv's output is laid out head by head, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], so a column-parallel qkv
     that keeps a contiguous block of output features holds whole heads and this code runs unchanged.
+    Linear attention has no attention-probability matrix, so cfg.dropout does not apply inside it (the
+    block's residual dropout still does). With RoPE, q and k are rotated before linear attention's
+    feature map: positions enter the features, and the weights stay positive.
     """
 
     def __init__(self, cfg: Any, layers: Layers, causal: bool, rope: tuple[Tensor, Tensor] | None) -> None:
         super().__init__()
         self.head_dim, self.dropout, self.causal = cfg.d_model // cfg.n_head, cfg.dropout, causal
+        self.linear = cfg.attention == "linear"
+        self.rope_base = getattr(cfg, "rope_base", 10000.0)
         self.qkv = layers.column_linear(cfg.d_model, 3 * cfg.d_model)
         self.out_proj = layers.row_linear(cfg.d_model, cfg.d_model)
         self.recompute_core = False  # selective checkpointing: recompute core() in backward
@@ -182,12 +193,39 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, n_local_heads * self.head_dim))
 
     def core(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """RoPE, then softmax(q k^T / sqrt(d)) v: the part selective checkpointing recomputes."""
+        """RoPE, then softmax(q k^T / sqrt(d)) v or linear attention: what selective checkpointing
+        recomputes."""
         if self.rope:
             cos, sin = self.rope_cos[: q.shape[-2]], self.rope_sin[: q.shape[-2]]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.linear:
+            return linear_attention(q, k, v, self.causal)
         dropout = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
+
+    def step(
+        self, x: Tensor, state: LinearAttentionState | None, position: int
+    ) -> tuple[Tensor, LinearAttentionState]:
+        """Causal linear attention's recurrent form: one token x (B, 1, d_model) at `position` through
+        the state (None: no token yet); returns the output (B, 1, d_model) and the updated state."""
+        if not (self.linear and self.causal):
+            raise invalid("attention", "softmax" if not self.linear else "non-causal linear", "causal linear")
+        batch = x.shape[0]
+        qkv = self.qkv(x)
+        n_local_heads = qkv.shape[-1] // (3 * self.head_dim)
+        q, k, v = qkv.view(batch, n_local_heads, 3, self.head_dim).unbind(2)  # each (B, heads, head_dim)
+        if self.rope:
+            if position < self.rope_cos.shape[0]:
+                cos, sin = self.rope_cos[position], self.rope_sin[position]
+            else:  # past the table: the same angles, computed for this position
+                cos, sin = (
+                    t[0] for t in rope_frequencies(self.head_dim, torch.tensor([position]), self.rope_base)
+                )
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if state is None:
+            state = LinearAttentionState.zeros((batch, n_local_heads), self.head_dim, self.head_dim, q)
+        y = state.step(q, k, v)
+        return self.out_proj(y.reshape(batch, 1, n_local_heads * self.head_dim)), state
 
 
 class MLP(nn.Module):
@@ -203,10 +241,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, x + attn(norm(x)) then x + mlp(norm(x)); GPT and ViT both use it.
+    """Pre-norm transformer block, x + attn(norm(x)) then x + mlp(norm(x)); GPT, ViT and BERT use it.
 
-    cfg is a GPTConfig or ViTConfig (d_model, n_head, d_ff, dropout, norm); rope is the (cos, sin) pair
-    from rope_frequencies, or None for no rotary positions.
+    cfg is a GPTConfig, ViTConfig or BERTConfig (d_model, n_head, d_ff, dropout, norm, attention); rope is
+    the (cos, sin) pair from rope_frequencies, or None for no rotary positions.
     """
 
     def __init__(self, cfg: Any, layers: Layers, causal: bool, rope: tuple[Tensor, Tensor] | None) -> None:
@@ -233,6 +271,14 @@ class Block(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         x = x + self.drop(self.attn(self.norm1(x)))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+    def step(
+        self, x: Tensor, state: LinearAttentionState | None, position: int
+    ) -> tuple[Tensor, LinearAttentionState]:
+        """One token (B, 1, d_model) through the block with recurrent linear attention (no dropout)."""
+        y, state = self.attn.step(self.norm1(x), state, position)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), state
 
 
 def fill_(param: Tensor, fill: Callable[[Tensor], Any]) -> None:
@@ -333,24 +379,58 @@ class GPT(nn.Module):
     ) -> Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 takes the argmax.
 
-        The context is cropped to the last seq_len tokens. Call model.eval() first if dropout is on.
+        Softmax attention re-runs the model on the context cropped to the last seq_len tokens for every
+        token. Linear attention runs its recurrent form instead: the prompt, then each new token, goes
+        through the blocks one token at a time, each block's attention keeping its state (S, z), so a
+        token costs O(1) in the context length and nothing is cropped (while the whole text fits in
+        seq_len, the tokens are those of re-running the parallel form on every prefix). Call model.eval()
+        first if dropout is on.
         """
         if temperature < 0:
             raise invalid("temperature", temperature, "a float >= 0")
         if top_k is not None and top_k < 1:
             raise invalid("top_k", top_k, "None or a positive int")
+        if self.config.attention == "linear":
+            return self._generate_recurrent(idx, max_new_tokens, temperature, top_k, generator)
         for _ in range(max_new_tokens):
             logits = self.factories.gather_logits(self(idx[:, -self.config.seq_len :])[0][:, -1, :])
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
-            idx = torch.cat((idx, nxt), dim=1)
+            idx = torch.cat((idx, _sample(logits, temperature, top_k, generator)), dim=1)
         return idx
+
+    def step(self, token: Tensor, states: list[LinearAttentionState | None], position: int) -> Tensor:
+        """Recurrent linear attention: token ids (B, 1) at `position` through every block, updating
+        `states` (one per block, None before the first token) in place; returns full logits (B, vocab)."""
+        x = self.embed(token)
+        for i, block in enumerate(self.blocks):
+            x, states[i] = block.step(x, states[i], position)
+        return self.factories.gather_logits(self.head(x)[:, -1, :])
+
+    def _generate_recurrent(
+        self, idx: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:  # fmt: skip
+        states: list[LinearAttentionState | None] = [None] * len(self.blocks)
+        for position in range(idx.shape[1]):  # the prompt, token by token through the recurrence
+            logits = self.step(idx[:, position : position + 1], states, position)
+        for i in range(max_new_tokens):
+            nxt = _sample(logits, temperature, top_k, generator)
+            idx = torch.cat((idx, nxt), dim=1)
+            if i + 1 < max_new_tokens:
+                logits = self.step(nxt, states, idx.shape[1] - 1)
+        return idx
+
+
+def _sample(
+    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
+    """Next token ids (B, 1) from logits (B, vocab): argmax at temperature 0, else top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
 def parameter_count(config: GPTConfig) -> int:
@@ -370,8 +450,11 @@ def training_flops_per_token(config: GPTConfig) -> int:
     attention matmuls, q k^T and scores v, over the full context, as in Chowdhery et al. 2022 (PaLM)
     appendix B (Kaplan's Table 1 counts q k^T only). N counts the parameters used in matmuls:
     parameter_count minus an untied input embedding (a lookup); tied, the table is the head's matmul.
-    Recomputation from checkpointing is not counted (the MFU convention).
+    Recomputation from checkpointing is not counted (the MFU convention). Linear attention replaces
+    the two attention matmuls by phi(k) v^T into the state and phi(q) against it, 2 d_head^2 FLOPs per
+    head each: 12 n_layer d_model d_head (the seq_len of the softmax term becomes d_head).
     """
     untied_input = 0 if config.tie_embeddings else config.vocab_size * config.d_model
     matmul_params = parameter_count(config) - untied_input
-    return 6 * matmul_params + 12 * config.n_layer * config.d_model * config.seq_len
+    context = config.head_dim if config.attention == "linear" else config.seq_len
+    return 6 * matmul_params + 12 * config.n_layer * config.d_model * context

@@ -35,6 +35,7 @@ class ViTConfig:
     dropout: float = 0.0
     norm: str = "layernorm"
     checkpoint: str = "none"
+    attention: str = "softmax"  # or "linear" (attention.py), non-causal
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
