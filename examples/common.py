@@ -17,6 +17,16 @@ import torch
 import torch.distributed as dist
 
 import commlab
+from commlab.models import (
+    ATTENTIONS,
+    BERT_PRESETS,
+    GPT_PRESETS,
+    VIT_PRESETS,
+    BERTConfig,
+    ByteCorpus,
+    GPTConfig,
+    ViTConfig,
+)
 from commlab.parallel.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -30,7 +40,70 @@ from commlab.parallel.faults import fault_planned, fault_point
 DEFAULTS = {
     "gpt": dict(preset="small", steps=250, batch_size=32, lr=3e-3, eval_every=50),
     "vit": dict(preset="digits", steps=600, batch_size=64, lr=2e-3, eval_every=200),
+    "bert": dict(preset="small", steps=300, batch_size=32, lr=3e-3, eval_every=100),
 }
+PRESETS = {"gpt": GPT_PRESETS, "vit": VIT_PRESETS, "bert": BERT_PRESETS}
+CONFIGS = {"gpt": GPTConfig, "vit": ViTConfig, "bert": BERTConfig}
+
+
+def preset_help() -> str:
+    return "model shape; " + "; ".join(f"{m}: {', '.join(p)}" for m, p in PRESETS.items())
+
+
+def add_attention_flag(add) -> None:
+    """--attention softmax|linear (every model)."""
+    add("--attention", default="softmax", choices=ATTENTIONS, help="softmax or linear attention (elu + 1)")
+
+
+class MaskedLMScore:
+    """A BERT evaluation's sums, beside the unigram baseline at the same masked positions: the baseline
+    predicts the train split's most frequent byte everywhere and scores log p(byte) of its frequencies."""
+
+    def __init__(self, corpus: ByteCorpus) -> None:
+        self.log_p = torch.from_numpy(corpus.unigram_log_probs())
+        self.mode = int(self.log_p.argmax())
+        self.sums = torch.zeros(5, dtype=torch.float64)  # loss x count, correct, count, baseline ones
+
+    def add(self, full_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Count one batch from full-vocabulary logits (B, T, V) and targets (B, T)."""
+        keep = targets != -100
+        target, logits = targets[keep], full_logits[keep].double()
+        nll = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        correct = (logits.argmax(-1) == target).sum()
+        base_correct = (target == self.mode).sum()
+        base_nll = -self.log_p[target].sum()
+        self.sums += torch.stack([nll, correct, keep.sum(), base_correct, base_nll]).double()
+
+    def result(self, group=None) -> dict:
+        """Sum over ranks (group: the ranks holding the counts) and return the scores."""
+        commlab.all_reduce(self.sums, group=group)
+        nll, correct, count, base_correct, base_nll = self.sums.tolist()
+        return {
+            "val_loss": nll / count,
+            "masked_accuracy": correct / count,
+            "unigram_loss": base_nll / count,
+            "unigram_accuracy": base_correct / count,
+            "masked_positions": int(count),
+        }
+
+    def describe(self, score: dict) -> str:
+        ratio = score["masked_accuracy"] / max(score["unigram_accuracy"], 1e-12)
+        return (
+            f"  validation MLM loss {score['val_loss']:.3f} nats, masked-token accuracy "
+            f"{score['masked_accuracy']:.1%} over {score['masked_positions']:,} masked bytes; unigram "
+            f"baseline {score['unigram_loss']:.3f} nats, {score['unigram_accuracy']:.1%} (always "
+            f"{chr(self.mode)!r}): accuracy {ratio:.2f}x the baseline's"
+        )
+
+
+def bert_summary(result: dict) -> str:
+    score = result["evals"][-1]
+    return (
+        f"final masked-token accuracy {score['masked_accuracy']:.1%} = "
+        f"{score['masked_accuracy'] / score['unigram_accuracy']:.2f}x the unigram baseline's "
+        f"{score['unigram_accuracy']:.1%}; MLM loss {score['val_loss']:.3f} nats against the baseline's "
+        f"{score['unigram_loss']:.3f}; {result['rate_per_s']:,.0f} tokens/s"
+    )
 
 
 def init_distributed(backend: str) -> torch.device:

@@ -1,13 +1,18 @@
-"""Train a GPT on the standard library's bytes (or a ViT on digits) with commlab's DataParallel.
+"""Train a GPT (or a BERT encoder) on the standard library's bytes, or a ViT on digits, with commlab's
+DataParallel.
 
     torchrun --standalone --nproc-per-node 4 examples/ddp.py              # GPT, 4 gloo ranks
     torchrun --standalone --nproc-per-node 4 examples/ddp.py --zero       # ZeRO-1 optimizer instead
     torchrun --standalone --nproc-per-node 2 examples/ddp.py --model vit  # ViT on 8x8 digits
+    torchrun --standalone --nproc-per-node 4 examples/ddp.py --model bert # masked language model
+    torchrun --standalone --nproc-per-node 4 examples/ddp.py --attention linear  # linear attention
     python examples/ddp.py --steps 50                                     # one process, no torchrun
 
 Gradients are averaged by commlab's bucketed allreduce, overlapped with backward (DataParallel), or
 reduce-scattered into a sharded optimizer (--zero). Rank 0 prints step, loss and tokens/s, the validation
 loss next to the unigram (byte-frequency) baseline every --eval-every steps, and a text sample at the end.
+BERT reports the masked-token accuracy and MLM loss on held-out bytes beside the unigram baseline's (the
+most frequent byte, the byte frequencies) at the same masked positions.
 The defaults are the `make demo` run: about a minute on 4 ranks sharing 2 CPU cores.
 """
 
@@ -28,16 +33,14 @@ import torch.distributed as dist
 import commlab
 from commlab.collectives.algorithms import algorithms_for
 from commlab.models import (
+    BERT,
     GPT,
-    GPT_PRESETS,
-    VIT_PRESETS,
     ByteCorpus,
-    GPTConfig,
     ShardedBatchSampler,
     ViT,
-    ViTConfig,
     lm_batch,
     load_digits_images,
+    mlm_batch,
 )
 from commlab.models.gpt import CHECKPOINT_MODES
 from commlab.parallel import DataParallel, ZeroOptimizer
@@ -45,15 +48,21 @@ from commlab.parallel.checkpoint import Layout
 from commlab.parallel.faults import fault_point
 
 from common import (
+    CONFIGS,
     DEFAULTS,
+    PRESETS,
     Checkpoints,
+    MaskedLMScore,
+    add_attention_flag,
     add_checkpoint_flags,
     barrier,
+    bert_summary,
     checkpoint_flag_error,
     collective_fault,
     init_distributed,
     lr_at,
     mean_over_ranks,
+    preset_help,
     rank_and_world,
 )
 
@@ -64,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--model", default="gpt", choices=sorted(DEFAULTS), help="what to train (default: gpt)")
-    add("--preset", help=f"model shape; gpt: {', '.join(GPT_PRESETS)}; vit: {', '.join(VIT_PRESETS)}")
-    add("--steps", type=int, help="optimizer steps (gpt: 250, vit: 600)")
-    add("--batch-size", type=int, help="global batch in sequences/images per step (gpt: 32, vit: 64)")
+    add("--preset", help=preset_help())
+    add_attention_flag(add)
+    add("--steps", type=int, help="optimizer steps (gpt: 250, vit: 600, bert: 300)")
+    add("--batch-size", type=int, help="global batch in sequences/images per step (gpt, bert: 32; vit: 64)")
     add(
         "--grad-accum",
         "--micro-batches",
@@ -75,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="micro-batches per rank per step; gradients accumulate locally between them (default: 1)",
     )
-    add("--lr", type=float, help="peak learning rate of AdamW (gpt: 3e-3, vit: 2e-3)")
+    add("--lr", type=float, help="peak learning rate of AdamW (gpt, bert: 3e-3; vit: 2e-3)")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     add("--warmup", type=int, help="linear warm-up steps before the cosine decay (default: steps/15)")
     add("--clip", type=float, default=1.0, help="global gradient-norm clip, 0 for none (default: 1)")
@@ -99,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--eval-every",
         type=int,
-        help="evaluate every this many steps; 0: only at the end (gpt: 50, vit: 200)",
+        help="evaluate every this many steps; 0: only at the end (gpt: 50, vit: 200, bert: 100)",
     )
     add("--eval-batches", type=int, default=8, help="validation batches (of --batch-size) per evaluation")
     add("--log-every", type=int, help="progress line every this many steps (default: steps/10)")
@@ -127,7 +137,7 @@ def parse_args(argv: list[str] | None, world: int, rank: int) -> argparse.Namesp
             parser.error(message)
         sys.exit(2)
 
-    presets = GPT_PRESETS if args.model == "gpt" else VIT_PRESETS
+    presets = PRESETS[args.model]
     if args.preset not in presets:
         fail(f"--preset {args.preset!r} is not a {args.model} preset; accepted: {', '.join(presets)}")
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
@@ -259,7 +269,7 @@ def run_gpt(args: argparse.Namespace, device: torch.device) -> dict:
     if rank != 0:
         corpus = ByteCorpus.from_stdlib()
     unigram = corpus.unigram_loss()
-    config = GPTConfig.preset(args.preset, checkpoint=args.checkpoint)
+    config = CONFIGS["gpt"].preset(args.preset, checkpoint=args.checkpoint, attention=args.attention)
     seq_len = config.seq_len
     torch.manual_seed(args.seed)
     module = GPT(config).to(device)
@@ -307,7 +317,7 @@ def run_gpt(args: argparse.Namespace, device: torch.device) -> dict:
 
 def run_vit(args: argparse.Namespace, device: torch.device) -> dict:
     rank, world = rank_and_world()
-    config = ViTConfig.preset(args.preset, checkpoint=args.checkpoint)
+    config = CONFIGS["vit"].preset(args.preset, checkpoint=args.checkpoint, attention=args.attention)
     data = load_digits_images(config.image_size)
     if (config.in_channels, config.num_classes) != (1, 10):
         raise commlab.InvalidArgumentError(
@@ -351,6 +361,47 @@ def run_vit(args: argparse.Namespace, device: torch.device) -> dict:
     return result
 
 
+def run_bert(args: argparse.Namespace, device: torch.device) -> dict:
+    rank, world = rank_and_world()
+    if rank == 0:  # build the corpus cache once, before the other ranks read it
+        ByteCorpus.from_stdlib()
+    barrier()
+    corpus = ByteCorpus.from_stdlib()
+    config = CONFIGS["bert"].preset(args.preset, checkpoint=args.checkpoint, attention=args.attention)
+    seq_len, mask_id = config.seq_len, config.mask_id
+    torch.manual_seed(args.seed)
+    module = BERT(config).to(device)
+    trainer = Trainer(module, args, device)
+    if rank == 0:
+        describe(args, world, sum(p.numel() for p in module.parameters()), f"{config}")
+        print(
+            f"data: {len(corpus.train):,} train / {len(corpus.val):,} validation bytes of the standard "
+            f"library; {args.batch_size * seq_len:,} tokens per step, 15% masked (80% [MASK], 10% random, "
+            f"10% kept), loss on masked bytes only",
+            flush=True,
+        )
+
+    def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return mlm_batch(corpus.train, step, args.batch_size, seq_len, mask_id, args.seed, rank, world)
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict:
+        module.eval()
+        score = MaskedLMScore(corpus)
+        for k in range(args.eval_batches):
+            x, y = mlm_batch(corpus.val, k, args.batch_size, seq_len, mask_id, args.seed + 1, rank, world)
+            score.add(module(x.to(device))[0].cpu(), y)
+        module.train()
+        result = score.result()
+        if rank == 0:
+            print(score.describe(result), flush=True)
+        return result
+
+    result = trainer.train(batch_at, evaluate, "tokens", seq_len)
+    result.update({k: v for k, v in result["evals"][-1].items() if k != "step"})
+    return result
+
+
 def describe(args: argparse.Namespace, world: int, n_params: int, config: str) -> None:
     sync = (
         "ZeRO-1 (reduce-scatter + allgather)"
@@ -376,10 +427,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     device = init_distributed(args.backend)
     try:
-        result = run_gpt(args, device) if args.model == "gpt" else run_vit(args, device)
+        result = {"gpt": run_gpt, "vit": run_vit, "bert": run_bert}[args.model](args, device)
         wall = time.perf_counter() - start
         if rank_and_world()[0] == 0:
-            if args.model == "gpt":
+            if args.model == "bert":
+                summary = bert_summary(result)
+            elif args.model == "gpt":
                 verdict = "below" if result["val_loss"] < result["unigram_loss"] else "NOT below"
                 summary = (
                     f"final validation loss {result['val_loss']:.3f}, {verdict} the unigram baseline "

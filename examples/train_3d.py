@@ -78,7 +78,7 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         help="split the activations between TP regions along the sequence too (GPT, tp > 1)",
     )
     add("--steps", type=int, help="optimizer steps (gpt: 250, vit: 600)")
-    add("--batch-size", type=int, help="global batch in sequences/images per step (gpt: 32, vit: 64)")
+    add("--batch-size", type=int, help="global batch in sequences/images per step (gpt, bert: 32; vit: 64)")
     add(
         "--micro-batches",
         "--grad-accum",
@@ -86,7 +86,7 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         type=int,
         help="microbatches per data-parallel replica per step (default: 1, or 2 x pp with pipelining)",
     )
-    add("--lr", type=float, help="peak learning rate of AdamW (gpt: 3e-3, vit: 2e-3)")
+    add("--lr", type=float, help="peak learning rate of AdamW (gpt, bert: 3e-3; vit: 2e-3)")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     add("--warmup", type=int, help="linear warm-up steps before the cosine decay (default: steps/15)")
     add("--clip", type=float, default=1.0, help="global gradient-norm clip, 0 for none (default: 1)")

@@ -156,14 +156,17 @@ class ByteCorpus:
             raise invalid("split", name, ("train", "val"))
         return self.train if name == "train" else self.val
 
+    def unigram_log_probs(self) -> np.ndarray:
+        """log p(byte) of the 256 bytes under the train split's frequencies, add-one smoothed."""
+        counts = np.bincount(self.train, minlength=256).astype(np.float64) + 1.0
+        return np.log(counts / counts.sum())
+
     def unigram_loss(self) -> float:
         """Cross-entropy in nats of the validation bytes under train byte frequencies (add-one smoothed).
 
         The loss of the best model that ignores context: a trained LM must beat it.
         """
-        counts = np.bincount(self.train, minlength=256).astype(np.float64) + 1.0
-        log_p = np.log(counts / counts.sum())
-        return float(-log_p[self.val].mean())
+        return float(-self.unigram_log_probs()[self.val].mean())
 
     @staticmethod
     def decode(tokens: Tensor | np.ndarray | list[int]) -> str:
