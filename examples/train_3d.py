@@ -1,8 +1,11 @@
-"""Train a GPT on the standard library's bytes (or a ViT on digits) under any dp x pp x tp layout.
+"""Train a GPT or a BERT encoder on the standard library's bytes (or a ViT on digits) under any dp x pp x tp
+layout.
 
     torchrun --standalone --nproc-per-node 8 examples/train_3d.py --tp 2 --pp 2        # dp 2 x pp 2 x tp 2
     torchrun --standalone --nproc-per-node 4 examples/train_3d.py --pp 2 --schedule gpipe
     torchrun --standalone --nproc-per-node 4 examples/train_3d.py --model vit --tp 2 --pp 2
+    torchrun --standalone --nproc-per-node 4 examples/train_3d.py --model bert --tp 2 --pp 2
+    torchrun --standalone --nproc-per-node 4 examples/train_3d.py --attention linear --tp 2 --pp 2
     mpiexec -n 4 python examples/train_3d.py --tp 2 --pp 2 --backend mpi               # on the MPI transport
     torchrun --max-restarts 3 --standalone --nproc-per-node 4 examples/train_3d.py --pp 2 \
         --checkpoint-dir ckpt --save-every 20                                          # resumes after a crash
@@ -32,16 +35,14 @@ import torch.distributed as dist
 import commlab
 from commlab.collectives.algorithms import algorithms_for
 from commlab.models import (
+    BERT,
     GPT,
-    GPT_PRESETS,
-    VIT_PRESETS,
     ByteCorpus,
-    GPTConfig,
     ShardedBatchSampler,
     ViT,
-    ViTConfig,
     lm_batch,
     load_digits_images,
+    mlm_batch,
 )
 from commlab.models.gpt import CHECKPOINT_MODES
 from commlab.parallel import Mesh, Pipeline, tensor_parallel_layers
@@ -52,13 +53,19 @@ from commlab.parallel.sequence import sequence_parallel_layers
 from commlab.parallel.tensor import gather_from_tensor_parallel, is_tensor_parallel
 
 from common import (
+    CONFIGS,
     DEFAULTS,
+    PRESETS,
     Checkpoints,
+    MaskedLMScore,
+    add_attention_flag,
     add_checkpoint_flags,
+    bert_summary,
     checkpoint_flag_error,
     collective_fault,
     init_distributed,
     lr_at,
+    preset_help,
     rank_and_world,
 )
 
@@ -67,7 +74,8 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--model", default="gpt", choices=sorted(DEFAULTS), help="what to train (default: gpt)")
-    add("--preset", help=f"model shape; gpt: {', '.join(GPT_PRESETS)}; vit: {', '.join(VIT_PRESETS)}")
+    add("--preset", help=preset_help())
+    add_attention_flag(add)
     add("--tp", type=int, help="tensor-parallel size (default: 1; examples/tensor_parallel.py: world)")
     add("--pp", type=int, help="pipeline stages (default: 1; examples/pipeline.py: world)")
     add("--dp", type=int, help="data-parallel size (default: world / (tp x pp))")
@@ -75,9 +83,9 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
     add(
         "--sequence-parallel",
         action="store_true",
-        help="split the activations between TP regions along the sequence too (GPT, tp > 1)",
+        help="split the activations between TP regions along the sequence too (GPT, BERT; tp > 1)",
     )
-    add("--steps", type=int, help="optimizer steps (gpt: 250, vit: 600)")
+    add("--steps", type=int, help="optimizer steps (gpt: 250, vit: 600, bert: 300)")
     add("--batch-size", type=int, help="global batch in sequences/images per step (gpt, bert: 32; vit: 64)")
     add(
         "--micro-batches",
@@ -142,7 +150,7 @@ def parse_args(
         args.warmup = args.steps // 15
     if args.log_every is None:
         args.log_every = max(1, args.steps // 10)
-    presets = GPT_PRESETS if args.model == "gpt" else VIT_PRESETS
+    presets = PRESETS[args.model]
     if args.preset not in presets:
         fail(f"--preset {args.preset!r} is not a {args.model} preset; accepted: {', '.join(presets)}")
     for name in ("steps", "batch_size", "micro_batches", "log_every", "eval_batches"):
@@ -163,9 +171,9 @@ def parse_args(
             f"--batch-size {args.batch_size} must be a multiple of dp x --micro-batches = "
             f"{args.dp} x {args.micro_batches} = {args.dp * args.micro_batches}"
         )
-    if args.sequence_parallel and (args.model != "gpt" or args.tp == 1):
-        fail("--sequence-parallel needs --model gpt and --tp > 1")
-    config = (GPTConfig if args.model == "gpt" else ViTConfig).preset(args.preset, checkpoint=args.checkpoint)
+    if args.sequence_parallel and (args.model == "vit" or args.tp == 1):
+        fail("--sequence-parallel needs --model gpt or bert and --tp > 1")
+    config = CONFIGS[args.model].preset(args.preset, checkpoint=args.checkpoint, attention=args.attention)
     if args.sequence_parallel and config.seq_len % args.tp:
         fail(
             f"--sequence-parallel needs the sequence length {config.seq_len} to be a multiple of --tp "
@@ -377,6 +385,54 @@ def run_vit(args: argparse.Namespace, mesh: Mesh) -> dict:
     return result
 
 
+def run_bert(args: argparse.Namespace, mesh: Mesh) -> dict:
+    if mesh.rank == 0:  # build the corpus cache once, before the other ranks read it
+        ByteCorpus.from_stdlib()
+    commlab.all_reduce(torch.zeros(1), group=mesh.world_group)  # a barrier on any transport
+    corpus = ByteCorpus.from_stdlib()
+    config, seq_len = args.config, args.config.seq_len
+    torch.manual_seed(args.seed)  # the same full weights on every rank; each keeps its shard and stage
+    layers = (sequence_parallel_layers if args.sequence_parallel else tensor_parallel_layers)(mesh.tp_group)
+    module = BERT(config, layers)
+    n_params = full_size(module, mesh)
+    trainer = Trainer(module, mesh, args)
+    if mesh.rank == 0:
+        describe(args, mesh, n_params, f"{config}", trainer)
+        print(
+            f"data: {len(corpus.train):,} train / {len(corpus.val):,} validation bytes of the standard "
+            f"library; {args.batch_size * seq_len:,} tokens per step, 15% masked (80% [MASK], 10% random, "
+            f"10% kept), loss on masked bytes only",
+            flush=True,
+        )
+
+    def batch_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return mlm_batch(
+            corpus.train, step, args.batch_size, seq_len, config.mask_id, args.seed, mesh.dp_rank, mesh.dp
+        )
+
+    def evaluate(step: int) -> dict:
+        score = MaskedLMScore(corpus)
+        trainer.pipeline.stage.eval()
+        for k in range(args.eval_batches):
+            x, y = mlm_batch(
+                corpus.val, k, args.batch_size, seq_len, config.mask_id, args.seed + 1, mesh.dp_rank, mesh.dp
+            )
+            logits = trainer.pipeline.forward_only(x)[0]
+            if logits is not None:  # the last stage: vocabulary shards, gathered; tp rank 0 counts
+                logits = gather_from_tensor_parallel(logits, mesh.tp_group)
+                if mesh.tp_rank == 0:
+                    score.add(logits, y)
+        trainer.pipeline.stage.train()
+        result = score.result(group=mesh.world_group)
+        if mesh.rank == 0:
+            print(score.describe(result), flush=True)
+        return result
+
+    result = trainer.train(batch_at, evaluate, "tokens", seq_len)
+    result.update({k: v for k, v in result["evals"][-1].items() if k != "step"})
+    return result
+
+
 def full_size(module: torch.nn.Module, mesh: Mesh) -> int:
     """Parameters of the whole model, from this rank's TP shards (before the pipeline cuts it)."""
     return sum(p.numel() * (mesh.tp if is_tensor_parallel(p) else 1) for p in module.parameters())
@@ -410,10 +466,12 @@ def main(argv: list[str] | None = None, doc: str = __doc__, default_axis: str | 
     args = parse_args(argv, world, rank, doc, default_axis)
     try:
         mesh = Mesh(dp=args.dp, pp=args.pp, tp=args.tp)
-        result = run_gpt(args, mesh) if args.model == "gpt" else run_vit(args, mesh)
+        result = {"gpt": run_gpt, "vit": run_vit, "bert": run_bert}[args.model](args, mesh)
         wall = time.perf_counter() - start
         if rank == 0:
-            if args.model == "gpt":
+            if args.model == "bert":
+                summary = bert_summary(result)
+            elif args.model == "gpt":
                 verdict = "below" if result["val_loss"] < result["unigram_loss"] else "NOT below"
                 summary = (
                     f"final validation loss {result['val_loss']:.3f}, {verdict} the unigram baseline "

@@ -188,7 +188,7 @@ class Pipeline:
         m, stage, mesh = len(micro), self.stage, self.mesh
         actions = schedule_actions(self.schedule, mesh.pp_rank, mesh.pp, m)
         saved: dict[int, tuple[Tensor | None, Tensor]] = {}
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # fp64: exact for fp64 models
         self.peak_in_flight = 0
         with self.meter if self.meter is not None else contextlib.nullcontext():
             for k, (kind, i) in enumerate(actions):
