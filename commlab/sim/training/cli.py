@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 from commlab.errors import invalid
+from commlab.shared.attention import ATTENTIONS
 from commlab.shared.layout import CHECKPOINT_MODES
 from commlab.shared.pipeline_order import SCHEDULES
 from commlab.sim.network import FIDELITIES
@@ -34,7 +36,11 @@ MODEL_HELP = f"a preset ({', '.join(MODEL_PRESETS)}) or a TOML file with layers,
 
 
 def _model(args: argparse.Namespace) -> ModelSpec:
-    return model_spec(args.model, seq_len=args.seq, vocab=args.vocab)
+    spec = model_spec(args.model, seq_len=args.seq, vocab=args.vocab)
+    changes = {"attention": args.attention} if args.attention else {}
+    if args.encoder:
+        changes["causal"] = False
+    return replace(spec, **changes) if changes else spec
 
 
 def _efficiency(args: argparse.Namespace) -> Efficiency:
@@ -97,7 +103,8 @@ def _train(args: argparse.Namespace) -> int:
     billions = model.parameter_count() / 1e9
     print(
         f"# commlab sim train: {model.name} ({billions:.1f}B parameters, seq {model.seq_len}, "
-        f"vocab {model.vocab}) on {layout.gpus} GPUs"
+        f"vocab {model.vocab}, {'decoder' if model.causal else 'encoder'}, {model.attention} attention) "
+        f"on {layout.gpus} GPUs"
     )
     print(f"# cluster {spec.describe()}")
     print(
@@ -191,6 +198,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's)")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the model's)")
+    parser.add_argument(
+        "--attention", choices=ATTENTIONS, default=None, help="softmax or linear (default: the model's)"
+    )
+    parser.add_argument(
+        "--encoder", action="store_true", help="a bidirectional encoder (causal = false; bert-* presets are)"
+    )
     parser.add_argument("--efficiency", default=None, help="TOML file overriding the efficiency constants")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

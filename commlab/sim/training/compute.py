@@ -99,19 +99,16 @@ def layer_forward(model: ModelSpec, micro_batch: int, tp: int, sequence_parallel
     activations and the norms and dropouts run on the whole sequence on every TP rank; with it, an
     allgather opens and a reduce-scatter closes each half and those elementwise ops run on s / t.
     """
-    b, s, h, f, a, t = micro_batch, model.seq_len, model.hidden, model.ffn_hidden, model.heads, tp
+    b, s, h, f, t = micro_batch, model.seq_len, model.hidden, model.ffn_hidden, tp
     tokens = b * s
     rows = tokens / t if sequence_parallel else tokens  # elements of the replicated region, per h
     act = BF16 * tokens * h
-    scores = b * a * s * s / t
     items: list[Item] = [_elementwise("layernorm 1", rows * h, 4)]
     if sequence_parallel and t > 1:
         items.append(Comm("allgather (attention input)", "allgather", act))
     items += [
         _matmul("qkv", tokens, h, 3 * h / t),
-        _matmul("attention scores", b * a / t * s, model.head_dim, s, "attention", core=True),
-        _elementwise("softmax + dropout", scores, 9, core=True),  # fused scale-mask-softmax, then dropout
-        _matmul("attention over values", b * a / t * s, s, model.head_dim, "attention", core=True),
+        *core_attention(model, micro_batch, tp),
         _matmul("output projection", tokens, h / t, h),
     ]
     if t > 1:
@@ -139,6 +136,32 @@ def layer_forward(model: ModelSpec, micro_batch: int, tp: int, sequence_parallel
         )
     items.append(_elementwise("bias + dropout + residual", rows * h, 7))
     return items
+
+
+def core_attention(model: ModelSpec, micro_batch: int, tp: int) -> list[Op]:
+    """Attention between the qkv and output projections, on one TP rank (a / t heads).
+
+    Softmax: q k^T and scores x v over the whole s x s square, causal or not (the simulator counts the
+    square for decoders and encoders alike). Linear (Katharopoulos et al. 2020): the feature map on q and
+    k, phi(K)^T V into the d x d state and phi(Q) against it, 2 s d^2 FLOPs per head each, and the
+    normaliser; the same count for causal (prefix sums) and non-causal, the cost the paper gives for
+    both; a chunked causal kernel's within-chunk products (2 x 2 s c d per head at chunk c) are left
+    out, as the masked half of the softmax square is left in.
+    """
+    b, s, d, t = micro_batch, model.seq_len, model.head_dim, tp
+    heads = b * model.heads / t  # (sequence, head) pairs on this rank
+    if model.attention == "linear":
+        return [
+            _elementwise("feature map elu + 1", 2 * heads * s * d, 4, core=True),
+            _matmul("linear attention state", heads * d, s, d, "attention", core=True),
+            _matmul("linear attention output", heads * s, d, d, "attention", core=True),
+            _elementwise("normaliser + division", heads * s * d, 6, core=True),
+        ]
+    return [
+        _matmul("attention scores", heads * s, d, s, "attention", core=True),
+        _elementwise("softmax + dropout", heads * s * s, 9, core=True),  # fused scale-mask-softmax, dropout
+        _matmul("attention over values", heads * s, s, d, "attention", core=True),
+    ]
 
 
 def embedding_forward(model: ModelSpec, micro_batch: int, tp: int, sequence_parallel: bool) -> list[Item]:

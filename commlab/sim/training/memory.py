@@ -10,6 +10,8 @@ Large Transformer Models", sec. 4), bytes, with s sequence, b microbatch, h hidd
   none + sequence par.: s b h (34 + 5 a s / h) / t
   selective:            s b h (10 + 24/t)                      (+ sequence parallel: 34 s b h / t)
   full:                 2 s b h per layer input                (+ sequence parallel: / t)
+Linear attention keeps no s x s scores: its 5 a s / (h t) term becomes (4 + 2 d / s) / t, the feature
+maps phi(Q), phi(K) (2 s b h bytes each) and the d x d state per head (2 b h d bytes).
 Full recomputation also needs one layer's activations while that layer's backward runs. The first stage
 holds the embedding dropout's mask (s b h bytes per microbatch, / t with sequence parallelism), the last
 the output layer's 4 s b h / t (1 + V / h) for one microbatch. How many microbatches are in flight comes
@@ -33,15 +35,25 @@ def layer_activation_bytes(
     model: ModelSpec, micro_batch: int, tp: int, checkpoint: str, sequence_parallel: bool
 ) -> float:
     """Bytes one layer keeps for its backward, per microbatch, on one TP rank (Korthikanti's formulas)."""
-    s, b, h, a, t = model.seq_len, micro_batch, model.hidden, model.heads, tp
+    s, b, h, t = model.seq_len, micro_batch, model.hidden, tp
     sbh = s * b * h
     if checkpoint == "full":
         return 2 * sbh / (t if sequence_parallel else 1)
+    core = core_attention_bytes(model, micro_batch, tp)  # what selective recomputation drops
     if sequence_parallel:
-        return sbh * 34 / t if checkpoint == "selective" else sbh * (34 + 5 * a * s / h) / t
+        return sbh * 34 / t + (0 if checkpoint == "selective" else core)
     if checkpoint == "selective":
         return sbh * (10 + 24 / t)
-    return sbh * (10 + 24 / t + 5 * a * s / (h * t))
+    return sbh * (10 + 24 / t) + core
+
+
+def core_attention_bytes(model: ModelSpec, micro_batch: int, tp: int) -> float:
+    """Bytes attention's core keeps per layer on one TP rank: softmax's scores, dropout mask and
+    probabilities, 5 a s^2 b / t; linear attention's feature maps and state, (4 s b h + 2 b h d) / t."""
+    s, b, h, t = model.seq_len, micro_batch, model.hidden, tp
+    if model.attention == "linear":
+        return (4 * s * b * h + 2 * b * h * model.head_dim) / t
+    return 5 * model.heads * s * s * b / t
 
 
 def recompute_working_bytes(model: ModelSpec, micro_batch: int, tp: int, sequence_parallel: bool) -> float:

@@ -1,8 +1,9 @@
 """What a simulated training step trains, and how it is split: a transformer's shape and a parallel layout.
 
-`ModelSpec` is a GPT-style decoder (layers, hidden size, heads, sequence length, vocabulary), with presets
-for the models of Korthikanti et al. 2022 (gpt-22b ... gpt-1t) and the GPT-3 family, or read from a TOML
-file. `Layout` is DP x TP x PP with microbatches, virtual stages, ZeRO, activation checkpointing and
+`ModelSpec` is a GPT-style decoder (layers, hidden size, heads, sequence length, vocabulary) or a
+BERT-style encoder (causal = false), with softmax or linear attention, with presets for the models of
+Korthikanti et al. 2022 (gpt-22b ... gpt-1t), the GPT-3 family and BERT, or read from a TOML file.
+`Layout` is DP x TP x PP with microbatches, virtual stages, ZeRO, activation checkpointing and
 sequence parallelism; `check_layout` rejects layouts that cannot run, naming the argument.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from commlab.errors import invalid
+from commlab.shared.attention import ATTENTIONS
 from commlab.shared.layout import CHECKPOINT_MODES
 from commlab.shared.pipeline_order import SCHEDULES
 
@@ -24,8 +26,17 @@ NORMS = ("layernorm", "rmsnorm")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only transformer: `ffn_hidden` defaults to 4 x hidden; parameters as Megatron-LM's GPT
-    (biases, LayerNorm, learned positions, tied embeddings) unless the flags say otherwise."""
+    """A transformer: `ffn_hidden` defaults to 4 x hidden; parameters as Megatron-LM's GPT (biases,
+    LayerNorm, learned positions, tied embeddings) unless the flags say otherwise.
+
+    causal: a decoder (True) or a bidirectional encoder (False). The simulator counts softmax attention's
+    two products over the full s x s scores either way (as Megatron-LM and Korthikanti et al. do: the mask
+    picks which entries count, the kernels counted do the whole square), so an encoder of one shape costs
+    what the decoder does; the field says what the model is. attention: "softmax" or "linear"
+    (Katharopoulos et al. 2020), which replaces the s x s products by two of 2 s d^2 FLOPs per head and the
+    s x s activations by the feature maps (compute.py, memory.py). An encoder's segment table and its MLM
+    head's transform are not counted (about 0.6% of BERT-base's parameters).
+    """
 
     name: str
     layers: int
@@ -38,6 +49,8 @@ class ModelSpec:
     norm: str = "layernorm"
     position_embedding: bool = True
     tied_embeddings: bool = True
+    causal: bool = True
+    attention: str = "softmax"
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "seq_len", "vocab"):
@@ -49,6 +62,10 @@ class ModelSpec:
             raise invalid("hidden", self.hidden, f"a multiple of heads={self.heads}")
         if self.norm not in NORMS:
             raise invalid("norm", self.norm, NORMS)
+        if self.attention not in ATTENTIONS:
+            raise invalid("attention", self.attention, ATTENTIONS)
+        if not isinstance(self.causal, bool):
+            raise invalid("causal", self.causal, "true (a decoder) or false (an encoder)")
 
     @property
     def head_dim(self) -> int:
@@ -91,11 +108,18 @@ def _gpt3(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
     return ModelSpec(name, layers, hidden, heads, seq_len=2048, vocab=50257)
 
 
+def _bert(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
+    return ModelSpec(name, layers, hidden, heads, seq_len=512, vocab=30522, causal=False)
+
+
 # Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", Table 3:
 # (hidden, layers, heads), sequence 2048, vocabulary 51200.
 # GPT-3 family: Brown et al. 2020, "Language Models are Few-Shot Learners", Table 2.1 (n_layer, d_model,
 # n_head), n_ctx 2048, GPT-2 BPE vocabulary 50257. As in commlab.models.gpt.GPT_PRESETS, two rows keep
 # d_head = 128 where the table breaks d_model = n_head x d_head: 1.3B has 16 heads, 13B d_model 5120.
+# BERT: Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers", sec. 3: BASE (L 12,
+# H 768, A 12) and LARGE (L 24, H 1024, A 16), WordPiece vocabulary 30522, sequences of 512, learned
+# positions, encoders (causal = false).
 MODEL_PRESETS: dict[str, ModelSpec] = {
     m.name: m
     for m in (
@@ -111,6 +135,8 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
         _gpt3("gpt3-6.7b", 32, 4096, 32),
         _gpt3("gpt3-13b", 40, 5120, 40),
         _gpt3("gpt3-175b", 96, 12288, 96),
+        _bert("bert-base", 12, 768, 12),
+        _bert("bert-large", 24, 1024, 16),
     )
 }
 
