@@ -81,7 +81,7 @@ def test_gradients_of_parallel_form_equal_reference():
 
 
 def test_normaliser_epsilon_keeps_outputs_finite():
-    """Very negative q and k: phi = elu + 1 -> e^x underflows to 0, the normaliser too; eps keeps it finite."""
+    """Very negative q, k: phi = elu + 1 -> e^x underflows to 0, the normaliser too; eps keeps y finite."""
     q, k, v = qkv(20)
     out = linear_attention(q - 800.0, k - 800.0, v, causal=True)
     assert torch.isfinite(out).all()

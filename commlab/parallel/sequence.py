@@ -12,7 +12,7 @@ An allreduce is a reduce-scatter followed by an allgather, so the bytes on the w
 embedding reduce-scatters its output and the head gathers its input. Norm weights see only their rank's
 tokens, so their gradients are partial sums: `sync_sequence_parallel_grads` adds them over TP after
 backward (Pipeline does it). Activations are (batch, sequence, features); the sequence length must be a
-multiple of the TP size. GPT only: a ViT's class token would have to be gathered before its head.
+multiple of the TP size. GPT and BERT; not ViT: its class token would have to be gathered before its head.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def sequence_parallel_tied_logits(x: Tensor, embedding: nn.Module) -> Tensor:
 
 
 def sequence_parallel_layers(group: Group = None) -> Layers:
-    """Model factories for TP with sequence parallelism over `group` (GPT); one rank: the plain layers."""
+    """Model factories for TP with sequence parallelism over `group` (GPT, BERT); one rank: the plain
+    layers."""
     comm = communicator(group)
     if comm.size == 1:
         return Layers()
