@@ -2,15 +2,14 @@
 process.
 
 Equivalence runs in float64 with AdamW for 3 steps, so the tolerance follows from the arithmetic and holds
-on any CPU. A parallel run sums the same products as one process in another order (TP splits matmul sums,
-DP and PP average shard means, SP reduce-scatters); in float64 each gradient entry then differs by at most
-about n u |g| with u = 1.1e-16 and n <= 2^12 terms, < 1e-12 |g|max with |g|max < 10 here: dg < 1e-11.
-AdamW's update lr m / (sqrt(v) + eps) can amplify a gradient difference by up to lr / eps (an entry whose
-v is tiny: 1e-2 / 1e-8 = 1e6), so after 3 steps a parameter differs by at most 3 x 1e6 x 1e-11 = 3e-5 in
-the worst case and by 3 x lr x dg / |g| ~ 1e-13 for any entry whose gradient is not tiny. ATOL 1e-7
-covers the worst case of the bound through a fraction of a tiny-gradient entry; in fp32 (u = 6e-8) the
-same amplification gives 1e-2 / 1e-8 x 6e-8 x 10 = 6e-2 per step, which is why fp32 AdamW multi-step
-comparisons at 1e-6 fail on some CPUs (AVX-512 sums in another order than AVX2). Losses: RTOL 1e-9.
+on any CPU (tests/numerics.py). A parallel run sums the same products as one process in another order (TP
+splits matmul sums, DP and PP average shard means, SP reduce-scatters, the GEMM kernels block differently
+per CPU); a sum of <= 1024 terms then moves by at most 2 x 1023 x 2^-53 x 4 = 9e-13 (Higham, sec. 4.2).
+AdamW's update lr m / (sqrt(v) + eps) can amplify a gradient difference by up to lr / eps (1e-2 / 1e-8
+= 1e6, an entry whose v is tiny), so after 3 steps the weights differ by at most 3 x 1e6 x 9e-13 = 2.7e-6
+(`adam_tolerance`): the bound for losses and every parameter. A real bug moves weights by ~lr = 1e-2. In
+fp32 (u = 2^-24) the same amplification reaches ~lr itself, which is why fp32 AdamW multi-step comparisons
+at 1e-6 fail on some CPUs (AVX-512 sums in another order than AVX2).
 """
 
 from __future__ import annotations
@@ -26,11 +25,13 @@ from commlab.models import BERT, IGNORE_INDEX, BERTConfig, ByteCorpus, mask_toke
 from commlab.models.mlm import MASK_FRACTION, masked_count
 from commlab.parallel import Pipeline, tensor_parallel_layers
 from commlab.parallel.sequence import sequence_parallel_layers
+from tests.numerics import adam_tolerance
 from tests.test_data_parallel import shard
 from tests.test_tensor_parallel import mesh_of, my_slice
 
 SEED, STEPS, GLOBAL_BATCH, SEQ = 100, 3, 8, 32
-RTOL, ATOL = 1e-9, 1e-7
+LR, EPS = 1e-2, 1e-8  # AdamW
+TOLERANCE = adam_tolerance(STEPS, LR, EPS)
 MASK_ID = 256
 
 
@@ -119,7 +120,7 @@ def make_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    return torch.optim.AdamW(params, lr=LR, eps=EPS, weight_decay=0.01)
 
 
 def reference(**overrides) -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -17,7 +17,7 @@ from commlab.models.bert import BERT
 from commlab.models.gpt import training_flops_per_token
 from commlab.sim.training.compute import core_attention, flops_of, layer_forward, model_flops
 from commlab.sim.training.memory import core_attention_bytes, layer_activation_bytes
-from commlab.sim.training.workload import MODEL_PRESETS, Layout, ModelSpec, model_spec
+from commlab.sim.training.workload import MODEL_PRESETS, Layout, ModelSpec, from_gpt_config, model_spec
 
 SPEC = ModelSpec("m", layers=4, hidden=256, heads=8, seq_len=1024, vocab=1000)
 
@@ -53,11 +53,8 @@ def test_linear_attention_step_flops_match_the_model_count():
     """model_flops per token for linear attention equals models.gpt's 6 N + 12 n_layer d_model d_head (the
     norms aside, which the model counts as parameters and the simulator as no matmul)."""
     config = GPTConfig.preset("small", attention="linear", seq_len=256)
-    spec = ModelSpec(
-        "gpt", layers=config.n_layer, hidden=config.d_model, heads=config.n_head, seq_len=config.seq_len,
-        vocab=config.vocab_size, biases=False, norm=config.norm, position_embedding=False,
-        attention="linear",
-    )  # fmt: skip
+    spec = from_gpt_config(config)
+    assert spec.attention == "linear"
     layout = Layout(dp=1, tp=1, pp=1, micro_batch=1, global_batch=2)
     norms = (2 * config.n_layer + 1) * config.d_model
     assert model_flops(spec, layout) / (2 * config.seq_len) == training_flops_per_token(config) - 6 * norms

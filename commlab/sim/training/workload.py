@@ -159,8 +159,8 @@ def model_spec(
 
 def from_gpt_config(config: Any, name: str = "gpt") -> ModelSpec:
     """A `commlab.models.GPTConfig` (read by its fields, so this module needs no torch) as a ModelSpec:
-    bias-free linears and rotary positions (no learned position table), so `commlab sim train` simulates
-    what commlab's GPT trains."""
+    bias-free linears and rotary positions (no learned position table), its attention (softmax or
+    linear), so `commlab sim train` simulates what commlab's GPT trains."""
     return ModelSpec(
         name,
         layers=config.n_layer,
@@ -173,6 +173,7 @@ def from_gpt_config(config: Any, name: str = "gpt") -> ModelSpec:
         norm=config.norm,
         position_embedding=False,
         tied_embeddings=config.tie_embeddings,
+        attention=getattr(config, "attention", "softmax"),
     )
 
 
