@@ -163,12 +163,14 @@ def assert_matches(results: list, expected: tuple[list[float], dict[str, torch.T
     want_losses, want_params = expected
     seen = set()
     for losses, params in results:
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=RTOL, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(want_losses), rtol=TOLERANCE, atol=TOLERANCE
+        )
         for name, (param, shard_of) in params.items():
             holder = type("P", (), {"shard_of": shard_of, "shape": param.shape})
-            torch.testing.assert_close(
-                param, my_slice(want_params[name], holder), rtol=0, atol=ATOL, msg=name
-            )
+            want = my_slice(want_params[name], holder)
+            assert param.dtype == want.dtype == torch.float64, name
+            torch.testing.assert_close(param, want, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
             seen.add(name)
     assert seen == set(want_params), set(want_params) ^ seen
 
