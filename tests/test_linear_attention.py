@@ -23,6 +23,7 @@ from commlab.models.bert import BERT
 from commlab.models.vit import ViT
 from commlab.parallel.memory import ActivationMeter
 
+pytestmark = pytest.mark.numerics  # float64 comparisons across summation orders: run on every kernel path
 TOL = dict(rtol=1e-10, atol=1e-12)
 EPS = 1e-6
 
