@@ -2,9 +2,10 @@
 
 Token embeddings (+ optional segment embeddings, + learned positions or RoPE) -> bidirectional blocks
 -> final norm -> the MLM head (dense, GELU, norm, then logits tied to the token embedding). Built from
-gpt.py's Block and Layers, so tensor parallelism (column/row-parallel linears, the vocabulary-parallel
-embedding, tied logits and cross-entropy), sequence parallelism, pipelines (embed / blocks / head /
-loss / stage_parts) and activation checkpointing apply unchanged. Attention is softmax or linear.
+gpt.py's Block and parallel/layers.py's Layers, so tensor parallelism (column/row-parallel linears, the
+vocabulary-parallel embedding, tied logits and cross-entropy), sequence parallelism, pipelines (embed /
+blocks / head / loss / stage_parts) and activation checkpointing apply unchanged. Attention is softmax
+or linear.
 
 Pre-LN, not BERT's post-LN: the blocks are x + f(norm(x)). Post-LN (norm after the residual add) has
 large gradients near the output at initialisation and needs a learning-rate warm-up to train at all
