@@ -1,7 +1,8 @@
 """commlab: collective communication for deep learning, written once as schedules.
 
 The collectives are shaped like torch.distributed's: `commlab.all_reduce(tensor, op="sum", group=None,
-algorithm="auto", async_op=False)`, `reduce_scatter`, `all_gather`, `broadcast`, `reduce`.
+algorithm="auto", async_op=False)`, `reduce_scatter`, `all_gather`, `broadcast`, `reduce`, `all_to_all`.
+Importing commlab registers the torch.distributed backend "commlab" (`commlab.torch_backend`).
 """
 
 __version__ = "0.1.0"
@@ -9,6 +10,7 @@ __version__ = "0.1.0"
 from commlab.collectives.api import (
     all_gather,
     all_reduce,
+    all_to_all,
     broadcast,
     communicator,
     reduce,
@@ -23,7 +25,11 @@ from commlab.errors import (
     InvalidArgumentError,
     ScheduleError,
     TransportError,
+    UnsupportedOperationError,
 )
+from commlab.torch_backend import configure, register_backend
+
+register_backend()
 
 __all__ = [
     "CollectiveMismatchError",
@@ -33,13 +39,17 @@ __all__ = [
     "InvalidArgumentError",
     "ScheduleError",
     "TransportError",
+    "UnsupportedOperationError",
     "Work",
     "__version__",
     "all_gather",
     "all_reduce",
+    "all_to_all",
     "broadcast",
     "communicator",
+    "configure",
     "reduce",
     "reduce_scatter",
+    "register_backend",
     "release",
 ]

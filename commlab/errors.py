@@ -43,3 +43,7 @@ def invalid(name: str, value: object, accepted: Iterable[object] | str) -> Inval
     if not isinstance(accepted, str):
         accepted = ", ".join(repr(a) for a in accepted)
     return InvalidArgumentError(f"{name}={value!r} is not accepted; accepted: {accepted}")
+
+
+class UnsupportedOperationError(CommlabError, NotImplementedError):
+    """An operation commlab does not implement (e.g. a torch.distributed op or reduction the backend lacks)."""

@@ -12,6 +12,7 @@ one Communicator, created on first use and kept in `_COMMUNICATORS`. Tensors may
 from __future__ import annotations
 
 import atexit
+import time
 import sys
 from typing import Any
 
@@ -25,7 +26,7 @@ from commlab.collectives.executor import REDUCE_OPS
 from commlab.collectives.mpi import MPITransport, comm_key, is_mpi_comm
 from commlab.collectives.transport import TorchTransport
 from commlab.collectives.tuning import Choice, resolve
-from commlab.errors import InvalidArgumentError, invalid
+from commlab.errors import InvalidArgumentError, UnsupportedOperationError, invalid
 
 Group = dist.ProcessGroup | Communicator | Any | None  # Any: an mpi4py communicator
 
@@ -179,8 +180,11 @@ def _submit(
     async_op: bool,
     timeout: float | None,
     check: bool | None,
+    nbytes: int | None = None,
 ) -> Work | None:
-    nbytes = buffer.numel() * buffer.element_size()
+    """Resolve the algorithm for `nbytes` (default: the buffer's; the cost formulas' convention) and run."""
+    if nbytes is None:
+        nbytes = buffer.numel() * buffer.element_size()
     choice = _resolve_algorithm(comm, algorithm, op, nbytes, buffer.dtype)
     name, segments, pieces = choice.algorithm, choice.segments, choice.pieces
     signature = encode_signature(
@@ -372,3 +376,104 @@ def _check_pair(
         raise InvalidArgumentError(
             f"{large_name}.dtype={large.dtype} differs from {small_name}.dtype={small.dtype}; they must match"
         )
+
+
+def all_to_all(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    output_split_sizes: list[int] | None = None,
+    input_split_sizes: list[int] | None = None,
+    group: Group = None,
+    algorithm: str = "auto",
+    async_op: bool = False,
+    timeout: float | None = None,
+    check: bool | None = None,
+) -> Work | None:
+    """Rank r sends slice d of `input` to rank d, which stores it as slice r of its `output`.
+
+    Shaped like `torch.distributed.all_to_all_single`: slices run along dim 0, of equal size without split
+    sizes, else of `input_split_sizes[d]` / `output_split_sizes[s]` rows. Every rank passes split sizes or
+    none; with them the ranks first exchange their sizes (one small allgather), so a size that does not
+    match its peer's is an InvalidArgumentError on every rank, and uneven slices run padded to the
+    largest. The schedule's buffer is p x p blocks (the IR's all-to-all layout), p times a rank's input.
+    """
+    comm = communicator(group)
+    output = _check_tensor("output", output, comm)
+    input = _check_tensor("input", input, comm)
+    if output.dtype != input.dtype:
+        raise InvalidArgumentError(f"output.dtype={output.dtype} differs from input.dtype={input.dtype}")
+    p, r = comm.size, comm.rank
+    sends = _split_elements(input, input_split_sizes, p, "input")
+    receives = _split_elements(output, output_split_sizes, p, "output")
+    if input_split_sizes is None and output_split_sizes is None:
+        if sends != receives:
+            raise InvalidArgumentError(
+                f"output has {output.numel()} elements and input {input.numel()}; without split sizes "
+                "all_to_all needs them equal"
+            )
+        block = sends[0]
+    else:
+        block = _exchange_splits(comm, sends, receives)
+    buffer = comm.staging(input, p * p * block) if not async_op else input.new_empty(p * p * block)
+    rows = buffer.view(p, p, block) if block else buffer
+    flat_in = input.reshape(-1)
+    start = 0
+    for d, n in enumerate(sends):
+        if n:
+            rows[r, d, :n].copy_(flat_in[start : start + n])
+        start += n
+    out_flat, is_view = _flat_work(output)
+
+    def finish() -> None:
+        begin = 0
+        for s, n in enumerate(receives):
+            if n:
+                out_flat[begin : begin + n].copy_(rows[s, r, :n])
+            begin += n
+        if not is_view:
+            output.copy_(out_flat.view(output.shape))
+
+    nbytes = p * block * buffer.element_size()
+    return _submit(
+        comm, "all_to_all", "alltoall", None, buffer, algorithm, None, finish, async_op, timeout, check, nbytes
+    )
+
+
+def _split_elements(tensor: torch.Tensor, splits: list[int] | None, p: int, name: str) -> list[int]:
+    """Elements per peer: `splits` rows along dim 0 times a row's elements (None: equal slices)."""
+    rows = tensor.shape[0] if tensor.dim() else 1
+    row = tensor.numel() // rows if rows else 0
+    if splits is None:
+        if rows % p:
+            raise invalid(f"{name}.shape[0]", rows, f"a multiple of the world size {p} (or pass split sizes)")
+        return [rows // p * row] * p
+    splits = list(splits)
+    if len(splits) != p or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in splits):
+        raise invalid(f"{name}_split_sizes", splits, f"{p} integers >= 0 (one per rank)")
+    if sum(splits) != rows:
+        raise invalid(f"{name}_split_sizes", splits, f"sizes summing to {name}.shape[0] = {rows}")
+    return [s * row for s in splits]
+
+
+def _exchange_splits(comm: Communicator, sends: list[int], receives: list[int]) -> int:
+    """Allgather every rank's send and receive sizes, check each pair agrees, return the largest slice."""
+
+    native = getattr(comm.transport, "allgather_int64", None)
+    if native is None:
+        raise UnsupportedOperationError(
+            f"all_to_all with split sizes needs a transport with allgather_int64; {comm.transport!r} has none"
+        )
+    p = comm.size
+    mine = torch.tensor([*sends, *receives], dtype=torch.int64, device=comm.transport.device_type)
+    table = mine.new_zeros(p * 2 * p)
+    native(mine, table, time.monotonic() + comm.timeout)
+    rows = table.view(p, 2, p).tolist()
+    bad = [
+        f"rank {s} sends {rows[s][0][d]} elements to rank {d}, which expects {rows[d][1][s]}"
+        for s in range(p)
+        for d in range(p)
+        if rows[s][0][d] != rows[d][1][s]
+    ]
+    if bad:
+        raise InvalidArgumentError("all_to_all split sizes disagree: " + "; ".join(bad[:4]))
+    return max(max(row[0]) for row in rows)

@@ -76,6 +76,11 @@ class Work:
     def is_completed(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call `callback(error)` (None on success) once the collective is done: at once if it is, else on
+        the thread that completes it (the communicator's worker)."""
+        self._future.add_done_callback(lambda future: callback(future.exception()))
+
     def exception(self) -> BaseException | None:
         return self._future.exception() if self._future.done() else None
 

@@ -10,6 +10,12 @@ all of the step's transfers are done, so a step may send a chunk and reduce into
 The symbolic checker (`simulate`, `verify`) runs a schedule without data, with rendezvous semantics (a
 transfer happens only once both ends have reached the steps that hold it), and proves which ranks'
 contributions every chunk holds at the end.
+
+All-to-all fits this IR by its buffer: p x p blocks, block (s, d) = s * p + d holding what rank s sends to
+rank d. Rank r starts with its row (blocks (r, d)) and must end with its column (blocks (s, r)); a message
+keeps a chunk's index on every rank it passes, so every algorithm (direct, pairwise, Bruck) is a set of
+transfers like any other, and the checker proves the result: chunk (s, r) on rank r must hold rank s's data,
+which only rank s had. The runtime pays p times the input's memory for that layout (`api.all_to_all`).
 """
 
 from __future__ import annotations
@@ -81,6 +87,8 @@ class Schedule:
 
     @property
     def num_blocks(self) -> int:
+        if self.op == "alltoall":
+            return self.world_size * self.world_size
         return self.world_size if self.op in BLOCKED_OPS else 1
 
     @property
@@ -231,6 +239,8 @@ def initial_holdings(schedule: Schedule) -> Holdings:
         return [[frozenset((r,))] * c for r in range(p)]
     if schedule.op == "allgather":
         return [[frozenset((r,)) if schedule.block_of(i) == r else None for i in range(c)] for r in range(p)]
+    if schedule.op == "alltoall":  # rank r holds its row: blocks (r, d)
+        return [[frozenset((r,)) if schedule.block_of(i) // p == r else None for i in range(c)] for r in range(p)]
     root_data = frozenset((schedule.root,))
     return [[root_data if r == schedule.root else None] * c for r in range(p)]
 
@@ -369,6 +379,11 @@ def expected_holdings(schedule: Schedule) -> list[list[frozenset[int] | None]]:
         return [[frozenset((schedule.block_of(i),)) for i in range(c)] for _ in range(p)]
     if schedule.op == "broadcast":
         return [[frozenset((schedule.root,))] * c for _ in range(p)]
+    if schedule.op == "alltoall":  # rank r ends with its column: block (s, r) holds rank s's data
+        return [
+            [frozenset((schedule.block_of(i) // p,)) if schedule.block_of(i) % p == r else None for i in range(c)]
+            for r in range(p)
+        ]
     return [[everyone] * c if r == schedule.root else [None] * c for r in range(p)]
 
 

@@ -2,8 +2,8 @@
 
 Like nccl-tests' per-collective struct: whether the op has a root, whether its buffer is `world_size`
 blocks (reduce-scatter's input, allgather's output: the bytes count the whole buffer), whether it reduces,
-and its busbw factor (busbw = algbw x factor; nccl-tests' definition: allreduce 2(p-1)/p, reduce-scatter
-and allgather (p-1)/p, broadcast and reduce 1). The schedule IR, `commlab bench`, calibration and the
+and its busbw factor (busbw = algbw x factor; nccl-tests' definition: allreduce 2(p-1)/p, reduce-scatter,
+allgather and all-to-all (p-1)/p, broadcast and reduce 1). The schedule IR, `commlab bench`, calibration and the
 simulator all read this table.
 """
 
@@ -46,6 +46,8 @@ OP_TABLE: dict[str, OpInfo] = {
     "allgather": OpInfo("allgather", rooted=False, blocked=True, reduces=False, ring_transfers=1),
     "broadcast": OpInfo("broadcast", rooted=True, blocked=False, reduces=False, ring_transfers=0),
     "reduce": OpInfo("reduce", rooted=True, blocked=False, reduces=True, ring_transfers=0),
+    # a rank's input is world_size blocks, one per peer (the IR's buffer is p x p of them: schedule.py)
+    "alltoall": OpInfo("alltoall", rooted=False, blocked=True, reduces=False, ring_transfers=1),
 }
 OPS = tuple(OP_TABLE)
 ROOTED_OPS = tuple(name for name, info in OP_TABLE.items() if info.rooted)

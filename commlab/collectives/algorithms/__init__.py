@@ -17,7 +17,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from commlab.collectives.algorithms import direct, halving_doubling, hierarchical, ring, tree
+from commlab.collectives.algorithms import direct, halving_doubling, hierarchical, pairwise, ring, tree
 from commlab.collectives.cost import MAX_SEGMENTS, CostModel, best_segment_count
 from commlab.collectives.hosts import HostMap
 from commlab.collectives.schedule import OPS, ROOTED_OPS, Schedule
@@ -170,7 +170,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "ring",
             "neighbour-only ring (reduce-scatter + allgather); pipelined chain for broadcast/reduce",
-            OPS,
+            ring.OPS,
             ring.PIPELINED_OPS,
             ring.build,
             ring.cost,
@@ -186,14 +186,14 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "halving_doubling",
             "Rabenseifner recursive halving/doubling (MPICH fold for any p); binomial broadcast/reduce",
-            OPS,
+            halving_doubling.OPS,
             (),
             halving_doubling.build,
             halving_doubling.cost,
         ),
         Algorithm(
             "bruck",
-            "Bruck allgather: ceil(lg p) rounds for any p",
+            "Bruck allgather and all-to-all: ceil(lg p) rounds for any p",
             halving_doubling.BRUCK_OPS,
             (),
             halving_doubling.build_bruck,
@@ -206,6 +206,14 @@ ALGORITHMS: dict[str, Algorithm] = {
             (),
             halving_doubling.build_recursive_doubling,
             halving_doubling.recursive_doubling_cost,
+        ),
+        Algorithm(
+            "pairwise",
+            "pairwise exchange all-to-all: p-1 steps of one message in and one out",
+            pairwise.OPS,
+            (),
+            pairwise.build,
+            pairwise.cost,
         ),
         Algorithm(
             "direct",

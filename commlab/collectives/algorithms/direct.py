@@ -9,6 +9,7 @@ Cost (p ranks, n bytes; each step is p-1 messages per rank; `step` is the model'
     allgather       step + (p-1) alpha + n(p-1)/p beta
     broadcast       step + (p-1) alpha + (p-1) n beta              (the root sends p-1 copies)
     reduce          step + (p-1) alpha + (p-1) n (beta + gamma)    (the root receives and adds p-1 buffers)
+    alltoall        step + (p-1) alpha + n(p-1)/p beta             (n: a rank's input, p blocks of n/p)
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def direct_reduce(world_size: int, root: int) -> Schedule:
     return builder.build()
 
 
+def direct_alltoall(world_size: int) -> Schedule:
+    """One step: rank r sends block (r, d) to every rank d (the IR's p x p block layout)."""
+    p = world_size
+    builder = ScheduleBuilder("alltoall", NAME, p, p * p)
+    for r in range(p):
+        for d in range(p):
+            if d != r:
+                builder.transfer(0, r, d, [r * p + d], reduce=False)
+    return builder.build()
+
+
 def build(op: str, world_size: int, root: int | None = None, segments: int = 1) -> Schedule:
     """The direct schedule for `op` (arguments already validated by the registry)."""
     if op == "allreduce":
@@ -88,6 +100,8 @@ def build(op: str, world_size: int, root: int | None = None, segments: int = 1) 
         return direct_broadcast(world_size, root)
     if op == "reduce":
         return direct_reduce(world_size, root)
+    if op == "alltoall":
+        return direct_alltoall(world_size)
     raise invalid("op", op, OPS)
 
 
@@ -105,4 +119,6 @@ def cost(op: str, world_size: int, nbytes: float, model: CostModel, segments: in
         return model.time(p - 1, (p - 1) * n, steps=1)
     if op == "reduce":
         return model.time(p - 1, (p - 1) * n, (p - 1) * n, steps=1)
+    if op == "alltoall":
+        return model.time(p - 1, share, steps=1)
     raise invalid("op", op, OPS)

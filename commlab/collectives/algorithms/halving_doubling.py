@@ -14,6 +14,8 @@ Cost (p ranks, n bytes, p' = 2^floor(lg p), rem = p - p', L = lg p', f = [rem > 
     broadcast       ceil(lg p) (alpha + n beta)                       (binomial tree)
     reduce          ceil(lg p) (alpha + n (beta + gamma))
     bruck allgather ceil(lg p) alpha + n(p-1)/p beta                  (any p, no fold)
+    bruck alltoall  ceil(lg p) alpha + sum_k |{o in 1..p-1: bit k of o}| n/p beta
+                    (about lg p / 2 times the bytes of a direct exchange, in lg p rounds: small messages)
     recursive doubling allreduce (the whole buffer every step: fewest steps, for small messages)
                     (L + 2f) alpha + (L + 2f) n beta + (L + f) n gamma
 """
@@ -23,12 +25,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from commlab.collectives.cost import CostModel, ceil_log2, floor_pow2
-from commlab.collectives.schedule import OPS, Schedule, ScheduleBuilder
+from commlab.collectives.schedule import Schedule, ScheduleBuilder
 from commlab.errors import invalid
 
 NAME = "halving_doubling"
+OPS = ("allreduce", "reduce_scatter", "allgather", "broadcast", "reduce")  # no all-to-all
 BRUCK = "bruck"
-BRUCK_OPS = ("allgather",)
+BRUCK_OPS = ("allgather", "alltoall")
 RECURSIVE_DOUBLING = "recursive_doubling"
 RECURSIVE_DOUBLING_OPS = ("allreduce",)
 
@@ -192,11 +195,41 @@ def build(op: str, world_size: int, root: int | None = None, segments: int = 1) 
     raise invalid("op", op, OPS)
 
 
+def bruck_alltoall(world_size: int) -> Schedule:
+    """Bruck's all-to-all: block (s, d) travels offset o = (d - s) mod p in hops of the bits of o.
+
+    At round k a block whose offset has bit k set moves 2^k ranks on; its holder then is s + (o mod 2^k).
+    Each rank sends one message per round (every block it holds with bit k set), ceil(lg p) rounds. The
+    p x p layout keeps each block at its own index on every rank it passes, so no local rotation is needed.
+    """
+    p = world_size
+    builder = ScheduleBuilder("alltoall", BRUCK, p, p * p)
+    for k in range(ceil_log2(p)):
+        hop = 1 << k
+        outgoing: dict[int, list[int]] = {}
+        for s in range(p):
+            for d in range(p):
+                offset = (d - s) % p
+                if offset & hop:
+                    holder = (s + (offset & (hop - 1))) % p
+                    outgoing.setdefault(holder, []).append(s * p + d)
+        for holder, chunks in sorted(outgoing.items()):
+            builder.transfer(k, holder, (holder + hop) % p, sorted(chunks), reduce=False)
+    return builder.build()
+
+
+def bruck_alltoall_blocks(world_size: int) -> int:
+    """Blocks a rank sends over Bruck's all-to-all: offsets 1..p-1 counted once per set bit."""
+    return sum(bin(offset).count("1") for offset in range(1, world_size))
+
+
 def build_bruck(op: str, world_size: int, root: int | None = None, segments: int = 1) -> Schedule:
-    """Bruck's allgather (the only op it builds)."""
-    if op != "allgather":
-        raise invalid("op", op, BRUCK_OPS)
-    return bruck_allgather(world_size)
+    """Bruck's allgather or all-to-all."""
+    if op == "allgather":
+        return bruck_allgather(world_size)
+    if op == "alltoall":
+        return bruck_alltoall(world_size)
+    raise invalid("op", op, BRUCK_OPS)
 
 
 def build_recursive_doubling(
@@ -242,10 +275,13 @@ def cost(op: str, world_size: int, nbytes: float, model: CostModel, segments: in
 
 
 def bruck_cost(op: str, world_size: int, nbytes: float, model: CostModel, segments: int = 1) -> float:
-    """Seconds for Bruck's allgather: ceil(lg p) alpha + n(p-1)/p beta."""
-    if op != "allgather":
-        raise invalid("op", op, BRUCK_OPS)
-    return model.time(ceil_log2(world_size), nbytes * (world_size - 1) / world_size)
+    """Seconds for Bruck's allgather (ceil(lg p) alpha + n(p-1)/p beta) or all-to-all (module docstring)."""
+    if op == "allgather":
+        return model.time(ceil_log2(world_size), nbytes * (world_size - 1) / world_size)
+    if op == "alltoall":
+        blocks = bruck_alltoall_blocks(world_size)
+        return model.time(ceil_log2(world_size), blocks * nbytes / world_size)
+    raise invalid("op", op, BRUCK_OPS)
 
 
 def recursive_doubling_cost(

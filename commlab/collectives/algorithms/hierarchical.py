@@ -40,7 +40,7 @@ from commlab.errors import invalid
 
 HIERARCHICAL = "hierarchical"
 MULTIRING = "multiring"
-HIERARCHICAL_OPS = OPS
+HIERARCHICAL_OPS = ("allreduce", "reduce_scatter", "allgather", "broadcast", "reduce")  # no all-to-all
 MULTIRING_OPS = ("allreduce", "reduce_scatter", "allgather")
 
 Blocks = list[tuple[int, ...]]

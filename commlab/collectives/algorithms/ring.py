@@ -16,10 +16,11 @@ Cost (p ranks, n bytes as in `commlab.collectives.cost`, k segments):
 from __future__ import annotations
 
 from commlab.collectives.cost import CostModel
-from commlab.collectives.schedule import OPS, Schedule, ScheduleBuilder
+from commlab.collectives.schedule import Schedule, ScheduleBuilder
 from commlab.errors import invalid
 
 NAME = "ring"
+OPS = ("allreduce", "reduce_scatter", "allgather", "broadcast", "reduce")  # no all-to-all
 PIPELINED_OPS = ("broadcast", "reduce")
 
 

@@ -66,6 +66,8 @@ class CompiledSchedule:
         """Bytes of every chunk when the buffer (per rank, or total for blocked ops) is `nbytes`."""
         s = self.schedule
         numel = nbytes // itemsize
+        if s.op == "alltoall":  # nbytes is a rank's input; the IR's buffer is p x p blocks of n/p
+            numel *= s.world_size
         bounds = np.asarray(chunk_bounds(numel, s.num_chunks, s.num_blocks), np.int64)
         return (bounds[:, 1] - bounds[:, 0]) * itemsize
 

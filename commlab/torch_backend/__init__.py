@@ -1,0 +1,33 @@
+"""commlab as a torch.distributed backend: `dist.init_process_group("commlab")` and unmodified programs
+(DDP, FSDP2, DeviceMesh, DTensor, torch.distributed.checkpoint) run their collectives on commlab's schedules.
+
+`import commlab` registers the backend (`register_backend()`, idempotent): registration only adds a name to
+torch's table of backends, and the point of the backend is a one-line switch in programs we did not
+write, so it must not need a second call (docs/design.md). `configure(...)` or $COMMLAB_ALGORITHM fix the
+algorithm per op; the rest is `auto`.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from commlab.torch_backend.config import configure
+from commlab.torch_backend.process_group import BACKEND_NAME, CommlabProcessGroup
+
+__all__ = ["BACKEND_NAME", "CommlabProcessGroup", "configure", "register_backend"]
+
+
+def _create(options: object, backend_options: object = None) -> CommlabProcessGroup:
+    """torch's creator hook (extended API): one CommlabProcessGroup per group torch makes."""
+    return CommlabProcessGroup(options.store, options.group_rank, options.group_size, options.timeout)
+
+
+def register_backend() -> bool:
+    """Register backend "commlab" with torch.distributed (CPU tensors); False if it already was."""
+    if not dist.is_available():
+        return False
+    if BACKEND_NAME.upper() in dist.Backend._plugins:
+        return False
+    # devices must be a list: torch iterates a string letter by letter
+    dist.Backend.register_backend(BACKEND_NAME, _create, extended_api=True, devices=["cpu"])
+    return True

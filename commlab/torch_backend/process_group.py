@@ -1,0 +1,380 @@
+"""`CommlabProcessGroup`: the ProcessGroup torch gets for backend "commlab", each op run by commlab.
+
+torch.distributed's Python functions call the group's methods by name (`group.allreduce(...)`), and C++
+clients (DDP's reducer) reach them through the ProcessGroup trampoline; every collective below runs
+commlab's schedule for its op on the group's Communicator, over a private gloo Backend (`_data`) that
+carries only commlab's traffic. Ops the group does not define (gather, scatter, send, recv,
+recv_anysource, monitored_barrier) and ops torch's C++ dispatcher issues itself (functional collectives,
+used by DTensor) are served by a second gloo Backend registered for the CPU device (`_native`): gloo's
+own algorithms, on connections apart from commlab's, so the two never mix messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import commlab.collectives.api as api
+from commlab.collectives.communicator import DTYPES, Communicator, Work
+from commlab.errors import InvalidArgumentError, UnsupportedOperationError
+from commlab.torch_backend import config
+from commlab.torch_backend.transport import BackendTransport
+from commlab.torch_backend.work import CommlabWork
+
+BACKEND_NAME = "commlab"
+_RED = dist.ReduceOp.RedOpType
+_REDUCTIONS = {_RED.SUM: "sum", _RED.AVG: "avg", _RED.MAX: "max", _RED.MIN: "min", _RED.PRODUCT: "prod"}
+Launch = Callable[[bool], Work | None]  # starts commlab's call (async or not); its Work when async
+
+
+class CommlabProcessGroup(dist.ProcessGroup):
+    """A torch.distributed ProcessGroup whose collectives run commlab's schedules (see the module doc)."""
+
+    def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta) -> None:
+        super().__init__(rank, size)
+        self._group_name = ""
+        self._group_desc = ""
+        self.timeout_s = timeout.total_seconds()
+        self._native = dist.ProcessGroupGloo(dist.PrefixStore("commlab/native", store), rank, size, timeout)
+        self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._native)
+        self._data = dist.ProcessGroupGloo(dist.PrefixStore("commlab/data", store), rank, size, timeout)
+        transport = BackendTransport(self._data, rank, size, self.timeout_s)
+        self.communicator = Communicator(transport, timeout=self.timeout_s)
+        self.calls: dict[str, int] = {}  # ops run through commlab's schedules, by name (for tests)
+
+    # --- identity -------------------------------------------------------------------------------------
+    def getBackendName(self) -> str:  # noqa: N802 (the C++ name the trampoline forwards)
+        return BACKEND_NAME
+
+    def getGroupName(self) -> str:  # noqa: N802
+        return self._group_name
+
+    def setGroupName(self, name: str) -> None:  # noqa: N802
+        self._group_name = name
+
+    def getGroupDesc(self) -> str:  # noqa: N802
+        return self._group_desc
+
+    def setGroupDesc(self, desc: str) -> None:  # noqa: N802
+        self._group_desc = desc
+
+    def shutdown(self) -> None:
+        """Stop commlab's worker and both gloo backends (destroy_process_group calls this)."""
+        self.communicator.close()
+        for backend in (self._data, self._native):
+            try:
+                backend.shutdown()
+            except RuntimeError:
+                pass
+
+    # --- reductions -----------------------------------------------------------------------------------
+    def allreduce(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
+        tensor = _one("allreduce", tensors)
+        op, factor = _reduction("allreduce", _option(opts, "reduceOp", dist.ReduceOp.SUM), tensor.dtype)
+
+        def launch(async_op: bool) -> Work | None:
+            if factor is not None:
+                tensor.mul_(factor)
+            return api.all_reduce(tensor, op, self.communicator, self._algorithm("allreduce"), async_op)
+
+        return self._start("allreduce", [tensor], launch, opts)
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
+        dtype = _same_dtype("allreduce_coalesced", tensors)
+        op, factor = _reduction("allreduce_coalesced", _option(opts, "reduceOp", dist.ReduceOp.SUM), dtype)
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        if factor is not None:
+            flat.mul_(factor)
+
+        def launch(async_op: bool) -> Work | None:
+            return api.all_reduce(flat, op, self.communicator, self._algorithm("allreduce"), async_op)
+
+        return self._start("allreduce_coalesced", tensors, launch, opts, lambda: _unflatten(flat, tensors))
+
+    def reduce(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
+        tensor = _one("reduce", tensors)
+        op, factor = _reduction("reduce", _option(opts, "reduceOp", dist.ReduceOp.SUM), tensor.dtype)
+        root = _option(opts, "rootRank", 0)
+
+        def launch(async_op: bool) -> Work | None:
+            if factor is not None:
+                tensor.mul_(factor)
+            return api.reduce(tensor, root, op, self.communicator, self._algorithm("reduce"), async_op)
+
+        return self._start("reduce", [tensor], launch, opts)
+
+    def reduce_scatter(
+        self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: object = None
+    ) -> CommlabWork:
+        output = _one("reduce_scatter", outputs)
+        pieces = _one("reduce_scatter", inputs)
+        _uniform("reduce_scatter", pieces, output)
+        flat = torch.cat([t.reshape(-1) for t in pieces])
+        return self._reduce_scatter_flat("reduce_scatter", output, flat, opts, owned=True)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: object = None) -> CommlabWork:
+        return self._reduce_scatter_flat("reduce_scatter_tensor", output, input, opts, owned=False)
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: object = None
+    ) -> CommlabWork:
+        label = "reduce_scatter_tensor_coalesced"
+        _same_dtype(label, [*outputs, *inputs])
+        p = self.size()
+        sizes = [o.numel() for o in outputs]
+        for o, i in zip(outputs, inputs, strict=True):
+            if i.numel() != p * o.numel():
+                raise InvalidArgumentError(f"{label}: an input has {i.numel()} elements, not {p} x {o.numel()}")
+        flat = torch.cat([i.reshape(p, -1) for i in inputs], dim=1).reshape(-1)  # block r: every input's r
+        out = flat.new_empty(sum(sizes))
+        work = self._reduce_scatter_flat(label, out, flat, opts, owned=True, outputs=outputs)
+        return work
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+
+    def _reduce_scatter_flat(
+        self,
+        label: str,
+        output: torch.Tensor,
+        flat: torch.Tensor,
+        opts: object,
+        owned: bool,
+        outputs: list[torch.Tensor] | None = None,
+    ) -> CommlabWork:
+        op, factor = _reduction(label, _option(opts, "reduceOp", dist.ReduceOp.SUM), flat.dtype)
+        if factor is not None:  # PREMUL_SUM: scale each rank's input, then sum
+            flat = flat.mul_(factor) if owned else flat * factor
+
+        def launch(async_op: bool) -> Work | None:
+            return api.reduce_scatter(
+                output, flat, op, self.communicator, self._algorithm("reduce_scatter"), async_op
+            )
+
+        after = None if outputs is None else (lambda: _unflatten(output, outputs))
+        return self._start(label, outputs or [output], launch, opts, after)
+
+    # --- data movement --------------------------------------------------------------------------------
+    def broadcast(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
+        tensor = _one("broadcast", tensors)
+        root = _option(opts, "rootRank", 0)
+        buffer = _movable(tensor)
+
+        def launch(async_op: bool) -> Work | None:
+            return api.broadcast(buffer, root, self.communicator, self._algorithm("broadcast"), async_op)
+
+        return self._start("broadcast", [tensor], launch, opts)
+
+    def allgather(
+        self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: object = None
+    ) -> CommlabWork:
+        out_list = _one("allgather", outputs)
+        tensor = _one("allgather", inputs)
+        _uniform("allgather", out_list, tensor)
+        flat = _movable(tensor).new_empty(self.size() * tensor.numel())
+
+        def launch(async_op: bool) -> Work | None:
+            return api.all_gather(flat, _movable(tensor), self.communicator, self._algorithm("allgather"), async_op)
+
+        return self._start("allgather", out_list, launch, opts, lambda: _unflatten(flat, out_list))
+
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: object = None) -> CommlabWork:
+        if output.dtype != input.dtype:
+            raise InvalidArgumentError(f"all_gather_into_tensor: output {output.dtype} != input {input.dtype}")
+        out, inp = _movable(output), _movable(input)
+
+        def launch(async_op: bool) -> Work | None:
+            return api.all_gather(out, inp, self.communicator, self._algorithm("allgather"), async_op)
+
+        return self._start("all_gather_into_tensor", [output], launch, opts)
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: object = None
+    ) -> CommlabWork:
+        label = "all_gather_into_tensor_coalesced"
+        _same_dtype(label, [*outputs, *inputs])
+        p = self.size()
+        flat_in = torch.cat([_movable(t).reshape(-1) for t in inputs])
+        flat_out = flat_in.new_empty(p * flat_in.numel())
+
+        def launch(async_op: bool) -> Work | None:
+            return api.all_gather(flat_out, flat_in, self.communicator, self._algorithm("allgather"), async_op)
+
+        def after() -> None:  # block r of flat_out is every input of rank r, in order
+            blocks = flat_out.view(p, -1)
+            start = 0
+            for o, i in zip(outputs, inputs, strict=True):
+                n = _movable(i).numel()
+                _movable(o).view(p, n).copy_(blocks[:, start : start + n])
+                start += n
+
+        return self._start(label, outputs, launch, opts, after)
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced
+
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        opts: object = None,
+    ) -> CommlabWork:
+        out, inp = _movable(output), _movable(input)
+        rows_out = _row_elements(output)
+        rows_in = _row_elements(input)
+        out_splits = [s * rows_out for s in output_split_sizes] or None
+        in_splits = [s * rows_in for s in input_split_sizes] or None
+
+        def launch(async_op: bool) -> Work | None:
+            return api.all_to_all(
+                out, inp, out_splits, in_splits, self.communicator, self._algorithm("alltoall"), async_op
+            )
+
+        return self._start("all_to_all_single", [output], launch, opts)
+
+    alltoall_base = all_to_all_single
+
+    def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: object = None) -> CommlabWork:
+        _same_dtype("all_to_all", [*outputs, *inputs])
+        flat_in = torch.cat([_movable(t).reshape(-1) for t in inputs])
+        flat_out = flat_in.new_empty(sum(_movable(t).numel() for t in outputs))
+        in_splits = [_movable(t).numel() for t in inputs]
+        out_splits = [_movable(t).numel() for t in outputs]
+
+        def launch(async_op: bool) -> Work | None:
+            return api.all_to_all(
+                flat_out, flat_in, out_splits, in_splits, self.communicator, self._algorithm("alltoall"), async_op
+            )
+
+        return self._start("all_to_all", outputs, launch, opts, lambda: _unflatten(flat_out, outputs))
+
+    def barrier(self, opts: object = None) -> CommlabWork:
+        token = torch.zeros(1, dtype=torch.int32)
+
+        def launch(async_op: bool) -> Work | None:
+            return api.all_reduce(token, "sum", self.communicator, "auto", async_op)
+
+        return self._start("barrier", [token], launch, opts)
+
+    # --- ops the backend refuses rather than serve wrongly -------------------------------------------
+    def allgather_coalesced(self, *args: object, **kwargs: object) -> CommlabWork:
+        raise UnsupportedOperationError(
+            "commlab backend: allgather_coalesced (a list of tensor lists) is not supported; use "
+            "all_gather_into_tensor_coalesced (dist.all_gather_into_tensor under dist._coalescing_manager)"
+        )
+
+    # --- plumbing -------------------------------------------------------------------------------------
+    def _algorithm(self, op: str) -> str:
+        return config.settings().algorithm(op)
+
+    def _start(
+        self,
+        label: str,
+        outputs: list[torch.Tensor],
+        launch: Launch,
+        opts: object,
+        after: Callable[[], None] | None = None,
+    ) -> CommlabWork:
+        """Start commlab's call and return its torch Work; blocking calls (asyncOp=False) run inline."""
+        self.calls[label] = self.calls.get(label, 0) + 1
+        self.communicator.check = config.settings().check
+        work = CommlabWork(label, outputs, self.timeout_s)
+        async_op = bool(_option(opts, "asyncOp", True))
+        try:
+            pending = launch(async_op)
+        except InvalidArgumentError as error:
+            raise type(error)(f"commlab backend, {label}: {error}") from error
+        if pending is None:
+            work.finish(None, after)
+        else:
+            pending.add_done_callback(lambda error: work.finish(error, after))
+        return work
+
+
+def _option(opts: object, name: str, default: object) -> object:
+    """`opts.name` of a torch *Options object (None or an attribute it lacks: `default`)."""
+    if opts is None:
+        return default
+    if isinstance(opts, dist.ReduceOp | _RED) and name == "reduceOp":  # pg.allreduce(tensors, op)
+        return opts
+    return getattr(opts, name, default)
+
+
+def _reduction(label: str, op: object, dtype: torch.dtype) -> tuple[str, float | None]:
+    """commlab's reduction name and the PREMUL_SUM factor (None for the others)."""
+    kind = op.op if isinstance(op, dist.ReduceOp) else op
+    if dtype not in DTYPES:
+        accepted = ", ".join(str(d).replace("torch.", "") for d in DTYPES)
+        raise UnsupportedOperationError(f"commlab backend: {label} on {dtype} is not supported; dtypes: {accepted}")
+    if kind == _RED.PREMUL_SUM:
+        factor = op.factor
+        if isinstance(factor, torch.Tensor):
+            factor = factor.item()
+        return "sum", float(factor)
+    if kind in _REDUCTIONS:
+        return _REDUCTIONS[kind], None
+    raise UnsupportedOperationError(
+        f"commlab backend: {label} with ReduceOp {kind} is not supported; accepted: SUM, AVG, MAX, MIN, "
+        "PRODUCT, PREMUL_SUM"
+    )
+
+
+def _one(label: str, items: list) -> object:
+    if len(items) != 1:
+        raise UnsupportedOperationError(
+            f"commlab backend: {label} takes one tensor (list) per call, got {len(items)} (multi-device lists)"
+        )
+    return items[0]
+
+
+def _same_dtype(label: str, tensors: list[torch.Tensor]) -> torch.dtype:
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise InvalidArgumentError(f"commlab backend, {label}: tensors of several dtypes {sorted(map(str, dtypes))}")
+    if not tensors:
+        raise InvalidArgumentError(f"commlab backend, {label}: no tensors")
+    return tensors[0].dtype
+
+
+def _uniform(label: str, tensors: list[torch.Tensor], like: torch.Tensor) -> None:
+    for t in tensors:
+        if t.numel() != like.numel() or t.dtype != like.dtype:
+            raise UnsupportedOperationError(
+                f"commlab backend: {label} with tensors of unequal size or dtype ({t.numel()} x {t.dtype} "
+                f"against {like.numel()} x {like.dtype}) is not supported"
+            )
+
+
+def _movable(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as commlab moves it: itself for a dtype commlab knows, else its bytes (uint8), for ops
+    that only move data (broadcast, gathers, all-to-all): bool, int16, complex travel as raw bytes."""
+    if tensor.dtype in DTYPES:
+        return tensor
+    if not tensor.is_contiguous():
+        raise UnsupportedOperationError(
+            f"commlab backend: a non-contiguous {tensor.dtype} tensor cannot be moved as bytes"
+        )
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _row_elements(tensor: torch.Tensor) -> int:
+    """Elements per row along dim 0 (all_to_all_single's splits count rows), in _movable's units."""
+    rows = tensor.shape[0] if tensor.dim() else 1
+    return _movable(tensor).numel() // rows if rows else 0
+
+
+def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive pieces of `flat` into `tensors` (in _movable's units)."""
+    start = 0
+    for t in tensors:
+        target = _movable(t)
+        n = target.numel()
+        target.copy_(flat[start : start + n].view(target.shape))
+        start += n
