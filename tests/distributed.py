@@ -25,19 +25,24 @@ class RankError(AssertionError):
     """A task failed on one or more ranks; the message holds each rank's traceback."""
 
 
-def _serve(rank: int, world_size: int, store_path: str, tasks: mp.Queue, results: mp.Queue) -> None:
+def _serve(
+    rank: int, world_size: int, store_path: str, tasks: mp.Queue, results: mp.Queue, backend: str | None
+) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["COMMLAB_TEST_RANK"] = str(rank)  # for tasks that make their own groups (backend=None)
+    os.environ["COMMLAB_TEST_WORLD"] = str(world_size)
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=GROUP_TIMEOUT_S),
-    )
+    if backend is not None:
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=GROUP_TIMEOUT_S),
+        )
     results.put((rank, "ready", None))
     while True:
         task = tasks.get()
@@ -51,14 +56,20 @@ def _serve(rank: int, world_size: int, store_path: str, tasks: mp.Queue, results
     import commlab
 
     commlab.release()  # close commlab's communicators before their group goes
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class RankPool:
-    """`world_size` spawned processes in one gloo group, running test functions on request."""
+    """`world_size` spawned processes in one gloo group, running test functions on request.
 
-    def __init__(self, world_size: int, start_timeout: float = 120.0) -> None:
+    `backend=None` starts the ranks without a group (tasks create their own, e.g. to run a program on
+    two backends in turn); the ranks find their rank and world size in $COMMLAB_TEST_RANK/_WORLD.
+    """
+
+    def __init__(self, world_size: int, start_timeout: float = 120.0, backend: str | None = "gloo") -> None:
         self.world_size = world_size
+        self.backend = backend
         self.start_timeout = start_timeout
         self._procs: list = []
 
@@ -70,7 +81,9 @@ class RankPool:
         self._tasks = [context.Queue() for _ in range(self.world_size)]
         self._procs = [
             context.Process(
-                target=_serve, args=(r, self.world_size, store, self._tasks[r], self._results), daemon=True
+                target=_serve,
+                args=(r, self.world_size, store, self._tasks[r], self._results, self.backend),
+                daemon=True,
             )
             for r in range(self.world_size)
         ]

@@ -186,7 +186,7 @@ def test_a_leaf_of_one_tree_is_inner_in_the_other(world_size: int) -> None:
 
 
 def test_registry_names_and_ops() -> None:
-    flat = {"ring", "tree", "halving_doubling", "bruck", "recursive_doubling", "direct"}
+    flat = {"ring", "tree", "halving_doubling", "bruck", "recursive_doubling", "pairwise", "direct"}
     assert set(ALGORITHMS) == flat | {"hierarchical", "multiring"}
     assert algorithms_for("allgather") == (
         "ring",
@@ -200,6 +200,7 @@ def test_registry_names_and_ops() -> None:
         "ring", "tree", "halving_doubling", "recursive_doubling", "direct",
     )  # fmt: skip
     assert algorithms_for("broadcast")[-1] == "hierarchical"
+    assert algorithms_for("alltoall") == ("bruck", "pairwise", "direct")  # no topology-aware one yet
     assert get_algorithm("tree").pipelined and get_algorithm("ring").pipelined
     assert not get_algorithm("halving_doubling").pipelined and not get_algorithm("bruck").pipelined
     for op in OPS:
@@ -217,8 +218,10 @@ def test_registry_errors_name_the_bad_value_and_what_is_accepted() -> None:
         get_algorithm("nope")
     with pytest.raises(InvalidArgumentError, match=r"'bruck' does not implement allreduce.*'ring'.*'tree'"):
         build_schedule("allreduce", "bruck", 4)
-    with pytest.raises(InvalidArgumentError, match=r"op='alltoall'"):
+    with pytest.raises(InvalidArgumentError, match=r"'ring' does not implement alltoall.*'bruck'.*'pairwise'"):
         build_schedule("alltoall", "ring", 4)
+    with pytest.raises(InvalidArgumentError, match=r"op='gather'"):
+        build_schedule("gather", "ring", 4)
     with pytest.raises(InvalidArgumentError, match=r"root=None.*0\.\.3"):
         build_schedule("broadcast", "ring", 4)
     with pytest.raises(InvalidArgumentError, match=r"root=4"):

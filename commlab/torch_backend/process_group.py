@@ -11,6 +11,7 @@ own algorithms, on connections apart from commlab's, so the two never mix messag
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -28,6 +29,7 @@ BACKEND_NAME = "commlab"
 _RED = dist.ReduceOp.RedOpType
 _REDUCTIONS = {_RED.SUM: "sum", _RED.AVG: "avg", _RED.MAX: "max", _RED.MIN: "min", _RED.PRODUCT: "prod"}
 Launch = Callable[[bool], Work | None]  # starts commlab's call (async or not); its Work when async
+CALLS: Counter[str] = Counter()  # ops this process ran through commlab's schedules, every group (tests read it)
 
 
 class CommlabProcessGroup(dist.ProcessGroup):
@@ -43,7 +45,6 @@ class CommlabProcessGroup(dist.ProcessGroup):
         self._data = dist.ProcessGroupGloo(dist.PrefixStore("commlab/data", store), rank, size, timeout)
         transport = BackendTransport(self._data, rank, size, self.timeout_s)
         self.communicator = Communicator(transport, timeout=self.timeout_s)
-        self.calls: dict[str, int] = {}  # ops run through commlab's schedules, by name (for tests)
 
     # --- identity -------------------------------------------------------------------------------------
     def getBackendName(self) -> str:  # noqa: N802 (the C++ name the trampoline forwards)
@@ -227,10 +228,8 @@ class CommlabProcessGroup(dist.ProcessGroup):
         opts: object = None,
     ) -> CommlabWork:
         out, inp = _movable(output), _movable(input)
-        rows_out = _row_elements(output)
-        rows_in = _row_elements(input)
-        out_splits = [s * rows_out for s in output_split_sizes] or None
-        in_splits = [s * rows_in for s in input_split_sizes] or None
+        out_splits = _row_splits(output, out, output_split_sizes)
+        in_splits = _row_splits(input, inp, input_split_sizes)
 
         def launch(async_op: bool) -> Work | None:
             return api.all_to_all(
@@ -283,7 +282,7 @@ class CommlabProcessGroup(dist.ProcessGroup):
         after: Callable[[], None] | None = None,
     ) -> CommlabWork:
         """Start commlab's call and return its torch Work; blocking calls (asyncOp=False) run inline."""
-        self.calls[label] = self.calls.get(label, 0) + 1
+        CALLS[label] += 1
         self.communicator.check = config.settings().check
         work = CommlabWork(label, outputs, self.timeout_s)
         async_op = bool(_option(opts, "asyncOp", True))
@@ -314,6 +313,8 @@ def _reduction(label: str, op: object, dtype: torch.dtype) -> tuple[str, float |
         accepted = ", ".join(str(d).replace("torch.", "") for d in DTYPES)
         raise UnsupportedOperationError(f"commlab backend: {label} on {dtype} is not supported; dtypes: {accepted}")
     if kind == _RED.PREMUL_SUM:
+        if not dtype.is_floating_point:
+            raise UnsupportedOperationError(f"commlab backend: {label} with PREMUL_SUM on {dtype} (floats only)")
         factor = op.factor
         if isinstance(factor, torch.Tensor):
             factor = factor.item()
@@ -364,10 +365,16 @@ def _movable(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
-def _row_elements(tensor: torch.Tensor) -> int:
-    """Elements per row along dim 0 (all_to_all_single's splits count rows), in _movable's units."""
+def _row_splits(tensor: torch.Tensor, moved: torch.Tensor, splits: list[int]) -> list[int] | None:
+    """all_to_all_single's split sizes (rows of dim 0; empty: equal) in units of `moved` (_movable's
+    view: the tensor itself, or its bytes as one flat row each)."""
+    if not splits:
+        return None
+    if moved is tensor:
+        return list(splits)
     rows = tensor.shape[0] if tensor.dim() else 1
-    return _movable(tensor).numel() // rows if rows else 0
+    per_row = moved.numel() // rows if rows else 0
+    return [s * per_row for s in splits]
 
 
 def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

@@ -1,0 +1,222 @@
+"""Backend "commlab" under unmodified torch clients, each compared with the same program on gloo.
+
+Every program in tests/torch_clients.py runs twice on the same ranks: once with
+`init_process_group("gloo")`, once with `init_process_group("commlab")`. Where every reduction is over
+two ranks (2-rank groups, the dp=2 x tp=2 mesh) commlab and gloo add the same two numbers, so results
+must be bitwise equal. On four ranks the summation order differs (commlab's schedule vs gloo's ring),
+so float32 results may differ by rounding: each gradient element is a sum of 4 terms of magnitude < 1
+(seeded inputs, a small network), off by at most 3 ulp of 1 (3 x 1.2e-7) between two orders; SGD with lr
+0.1 over 3 steps moves a parameter by 0.1 x that per step, and the loss surface feeds it back mildly, so
+1e-6 bounds the difference with a wide margin while still failing any real error (a wrong sum is off
+by > 1e-2 in these programs). The `calls` each program returns show that the ops ran on commlab's
+schedules (not on the inner gloo).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import commlab
+from commlab.torch_backend import config
+from tests import torch_clients as clients
+from tests.distributed import RankPool
+
+
+@pytest.fixture(scope="module")
+def pools():
+    """Ranks without a group (2 and 4 of them), reused by every test here; each task makes its own."""
+    made: dict[int, RankPool] = {}
+
+    def get(world_size: int) -> RankPool:
+        if world_size not in made:
+            made[world_size] = RankPool(world_size, backend=None)
+        return made[world_size]
+
+    yield get
+    for pool in made.values():
+        pool.close()
+
+
+def both(pool: RankPool, tmp_path, program, *args, backends=("gloo", "commlab")) -> dict[str, list]:
+    """Run `program` on every rank of `pool` on each backend in turn; results by backend, in rank order."""
+    results = {}
+    for backend in backends:
+        store = os.path.join(tmp_path, f"store-{backend}-{program.__name__}")
+        results[backend] = pool.run(clients.on_backend, backend, store, program, *args)
+    return results
+
+
+def assert_same(gloo: list[torch.Tensor], mine: list[torch.Tensor], atol: float = 0.0) -> None:
+    assert len(gloo) == len(mine)
+    for want, got in zip(gloo, mine, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if atol == 0.0:
+            assert torch.equal(got, want), (got - want).abs().max()
+        else:
+            torch.testing.assert_close(got, want, rtol=0.0, atol=atol)
+
+
+@pytest.mark.parametrize(("hook", "no_sync"), [(False, False), (True, True)])
+def test_ddp_matches_gloo_bitwise_on_two_ranks(pools, tmp_path, hook, no_sync):
+    results = both(pools(2), tmp_path, clients.ddp, hook, no_sync)
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        assert_same(gloo["params"], mine["params"])
+        assert mine["calls"]["allreduce"] >= clients.STEPS and mine["calls"]["broadcast"] >= 1
+        assert gloo["calls"] == {}
+
+
+def test_ddp_on_four_ranks_within_rounding(pools, tmp_path):
+    results = both(pools(4), tmp_path, clients.ddp, False, False)
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        assert_same(gloo["params"], mine["params"], atol=1e-6)
+    first = results["commlab"][0]["params"]
+    for other in results["commlab"][1:]:  # DDP keeps replicas identical: every rank got the same sums
+        assert_same(first, other["params"])
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_fsdp2_matches_gloo_bitwise(pools, tmp_path, reshard_after_forward):
+    results = both(pools(2), tmp_path, clients.fsdp2, reshard_after_forward)
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        assert_same(gloo["params"], mine["params"])
+        assert mine["calls"]["all_gather_into_tensor"] >= 1 and mine["calls"]["reduce_scatter_tensor"] >= 1
+
+
+def test_fsdp2_with_tensor_parallel_on_a_2d_mesh(pools, tmp_path):
+    results = both(pools(4), tmp_path, clients.fsdp_tp, 2, 2)
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        assert_same(gloo["params"], mine["params"])  # every reduction is over 2 ranks
+        assert mine["calls"]["reduce_scatter_tensor"] >= 1 and mine["calls"]["allreduce"] >= 1
+
+
+def test_dtensor_redistribute(pools, tmp_path):
+    results = both(pools(2), tmp_path, clients.redistribute)
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        assert_same(gloo["tensors"], mine["tensors"])
+        assert sum(mine["calls"].values()) >= 3  # gather, all-reduce and reduce-scatter ran on commlab
+
+
+def test_distributed_checkpoint_save_and_load(pools, tmp_path):
+    results = {}
+    for backend in ("gloo", "commlab"):
+        directory = os.path.join(tmp_path, f"checkpoint-{backend}")
+        store = os.path.join(tmp_path, f"store-checkpoint-{backend}")
+        results[backend] = pools(2).run(clients.on_backend, backend, store, clients.checkpoint, directory)
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        assert_same(mine["saved"], mine["loaded"])
+        assert_same(gloo["saved"], mine["saved"])
+
+
+def test_subgroup_of_two_on_four_ranks(pools, tmp_path):
+    pool = pools(4)
+    gloo = pool.run(clients.on_backend, "gloo", os.path.join(tmp_path, "sub-gloo"), clients.subgroup, "gloo")
+    mine = pool.run(
+        clients.on_backend, "commlab", os.path.join(tmp_path, "sub-commlab"), clients.subgroup, "commlab"
+    )
+    for rank in range(4):
+        assert_same(gloo[rank]["tensors"], mine[rank]["tensors"])
+        assert mine[rank]["name"] == ("commlab" if rank < 2 else None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int32", "bfloat16"])
+def test_every_reduce_op(pools, tmp_path, dtype):
+    results = both(pools(2), tmp_path, clients.reduce_ops, dtype)
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        for name in clients.REDUCE_OPS:
+            if name == "AVG" and dtype == "int32":
+                continue
+            if name == "PREMUL_SUM" and dtype == "int32":  # a float factor on integers: refused
+                assert mine[name] == "UnsupportedOperationError"
+            elif name == "PREMUL_SUM":  # gloo refuses it: commlab's must be 0.5 x gloo's SUM (exact: halves)
+                assert isinstance(gloo[name], str)
+                assert_same([t * 0.5 for t in gloo["SUM"]], mine[name])
+            else:
+                assert_same(gloo[name], mine[name])
+
+
+def test_uneven_all_to_all_single(pools, tmp_path):
+    results = both(pools(4), tmp_path, clients.uneven_all_to_all)
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        assert_same(gloo["tensors"], mine["tensors"])
+        assert mine["calls"] == {"all_to_all_single": 2, "all_to_all": 1}
+
+
+def test_unsupported_ops_raise_naming_the_op(pools, tmp_path):
+    store = os.path.join(tmp_path, "store-unsupported")
+    for messages in pools(2).run(clients.on_backend, "commlab", store, clients.unsupported):
+        band, boolean, coalesced, after = messages
+        assert band.startswith("UnsupportedOperationError") and "allreduce with ReduceOp" in band
+        assert boolean.startswith("UnsupportedOperationError") and "allreduce on torch.bool" in boolean
+        assert coalesced.startswith("UnsupportedOperationError") and "allgather_coalesced" in coalesced
+        assert after == "[2.0, 2.0]"
+
+
+def algorithm_and_timeout(algorithms: str) -> dict:
+    """The algorithm each op ran with under configure(...), and the group's timeout."""
+    import torch.distributed as dist
+
+    commlab.configure(algorithm=algorithms)
+    try:
+        dist.all_reduce(torch.ones(1000))
+        dist.all_gather_into_tensor(torch.empty(2000), torch.ones(1000))
+        group = dist.group.WORLD
+        ran = sorted({(key[0], key[1]) for key in group.communicator._plans if key[0] != "check"})
+        return {"ran": ran, "timeout": group.communicator.timeout}
+    finally:
+        config.reset()
+
+
+def test_algorithm_per_op_and_timeout(pools, tmp_path):
+    store = os.path.join(tmp_path, "store-configure")
+    runs = pools(2).run(
+        clients.on_backend, "commlab", store, algorithm_and_timeout, "allreduce=recursive_doubling,allgather=bruck",
+        timeout_s=17.0,
+    )
+    for result in runs:
+        assert result["ran"] == [("allgather", "bruck"), ("allreduce", "recursive_doubling")]
+        assert result["timeout"] == 17.0
+
+
+def silent_peer() -> str:
+    """Rank 1 skips an all_reduce: rank 0's call must end in CollectiveTimeoutError (group timeout 2 s).
+
+    Rank 1 stays alive well past the timeout (closing its group would end rank 0's wait with a
+    TransportError instead)."""
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        time.sleep(12.0)
+        return "skipped"
+    try:
+        dist.all_reduce(torch.ones(4))
+    except commlab.CollectiveTimeoutError as error:
+        return f"timeout: {error}"
+    return "completed"
+
+
+def test_init_process_group_timeout_is_honoured(pools, tmp_path):
+    store = os.path.join(tmp_path, "store-timeout")
+    try:
+        results = pools(2).run(clients.on_backend, "commlab", store, silent_peer, timeout_s=2.0, timeout=60)
+    finally:
+        pools(2).close()  # a timed-out gloo pair is unusable: fresh ranks for later tests
+    assert results[1] == "skipped"
+    assert results[0].startswith("timeout:") and "timeout 2 s" in results[0]
+
+
+def test_configure_validates_names():
+    with pytest.raises(commlab.InvalidArgumentError, match=r"allreduce='bruck'.*accepted.*'ring'"):
+        config.parse_algorithms("allreduce=bruck", "COMMLAB_ALGORITHM")
+    with pytest.raises(commlab.InvalidArgumentError, match=r"op='gather'"):
+        config.parse_algorithms("gather=ring", "COMMLAB_ALGORITHM")
+    with pytest.raises(commlab.InvalidArgumentError, match=r"op=algorithm pairs"):
+        config.parse_algorithms("ring", "COMMLAB_ALGORITHM")
+    assert config.parse_algorithms(" alltoall=pairwise , allreduce=ring", "x") == {
+        "alltoall": "pairwise",
+        "allreduce": "ring",
+    }
