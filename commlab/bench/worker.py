@@ -118,6 +118,8 @@ def _gloo_native(op: str, redop: str, root: int) -> Callable[[dict], Callable[[]
             return lambda: (_REDUCE_SCATTER(b["out"], b["input"], op=reduce_op), scale(b["out"]))
         if op == "allgather":
             return lambda: _ALL_GATHER(b["out"], b["input"])
+        if op == "alltoall":
+            return lambda: dist.all_to_all_single(b["out"], b["input"])
         if op == "broadcast":
             return lambda: dist.broadcast(b["work"], src=root)
         return lambda: (dist.reduce(b["work"], dst=root, op=reduce_op), scale(b["work"]))
@@ -143,6 +145,9 @@ def _mpi_native(comm: Any, op: str, redop: str, root: int) -> Callable[[dict], C
         if op == "allgather":
             src, out = arrays["input"], arrays["out"]
             return lambda: comm.Allgather(src, out)
+        if op == "alltoall":
+            src, out = arrays["input"], arrays["out"]
+            return lambda: comm.Alltoall(src, out)
         work = arrays["work"]
         if op == "broadcast":
             return lambda: comm.Bcast(work, root=root)
@@ -201,6 +206,13 @@ def buffers(op: str, count: int, ranks: Ranks, config: BenchConfig, dtype: torch
             want = torch.cat([pattern(r, r * count, count, redop, dtype) for r in range(world)])
         out = torch.empty(count * world, dtype=dtype)
         return {"pristine": pristine, "input": pristine.clone(), "out": out, "want": want, "result": "out"}
+    if op == "alltoall":  # block d of rank r's input goes to rank d; rank r's output block s is from s
+        pristine = torch.cat([pattern(rank, d * count, count, redop, dtype) for d in range(world)])
+        want = None
+        if config.check:
+            want = torch.cat([pattern(s, rank * count, count, redop, dtype) for s in range(world)])
+        out = torch.empty(count * world, dtype=dtype)
+        return {"pristine": pristine, "input": pristine.clone(), "out": out, "want": want, "result": "out"}
     if op == "broadcast" and rank != config.root:
         pristine = torch.full((count,), 77, dtype=dtype)  # never a pattern value: an unwritten one shows
     else:
@@ -221,6 +233,8 @@ def commlab_call(op: str, algorithm: str, b: dict, ranks: Ranks, config: BenchCo
         return lambda: commlab.reduce_scatter(b["out"], b["input"], op=config.redop, **kwargs)
     if op == "allgather":
         return lambda: commlab.all_gather(b["out"], b["input"], **kwargs)
+    if op == "alltoall":
+        return lambda: commlab.all_to_all(b["out"], b["input"], **kwargs)
     if op == "broadcast":
         return lambda: commlab.broadcast(b["work"], config.root, **kwargs)
     return lambda: commlab.reduce(b["work"], config.root, op=config.redop, **kwargs)
