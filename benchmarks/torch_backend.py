@@ -1,6 +1,6 @@
 """Backend "commlab" against "gloo" under torch's own training loops, side by side (measured, not asserted).
 
-    python benchmarks/torch_backend.py                 # DDP and FSDP2 tokens/s and per-op busbw, 2 and 4 ranks
+    python benchmarks/torch_backend.py             # DDP, FSDP2 tokens/s and per-op busbw, 2 and 4 ranks
     python benchmarks/torch_backend.py --quick         # a smoke run: 2 trials, fewer steps
     python benchmarks/torch_backend.py --world 2 --trials 7
 
@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from commlab.bench import parse_size
 from commlab.models import GPT, GPTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import machine  # noqa: E402 (the sibling benchmark's machine description)
+from training import machine
 
 BACKENDS = ("gloo", "commlab")
 OPS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
@@ -106,6 +107,7 @@ def _op_busbw(op: str, nbytes: int, world: int, iters: int) -> float:
 
 
 def _rank(rank: int, world: int, directory: str, args: argparse.Namespace) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renamed *_tensor collectives
     torch.set_num_threads(1)
     rows = []
     for trial in range(args.trials):
@@ -113,7 +115,10 @@ def _rank(rank: int, world: int, directory: str, args: argparse.Namespace) -> No
         for backend in order:
             store = os.path.join(directory, f"store-{trial}-{backend}")
             dist.init_process_group(
-                backend, init_method=f"file://{store}", rank=rank, world_size=world,
+                backend,
+                init_method=f"file://{store}",
+                rank=rank,
+                world_size=world,
                 timeout=timedelta(seconds=RANK_TIMEOUT_S),
             )
             try:
@@ -122,8 +127,15 @@ def _rank(rank: int, world: int, directory: str, args: argparse.Namespace) -> No
                         for op in OPS:
                             for nbytes in args.op_bytes:
                                 value = _op_busbw(op, nbytes, world, args.op_iters)
-                                rows.append({"trial": trial, "backend": backend, "part": op, "bytes": nbytes,
-                                             "busbw_GBps": value})
+                                rows.append(
+                                    {
+                                        "trial": trial,
+                                        "backend": backend,
+                                        "part": op,
+                                        "bytes": nbytes,
+                                        "busbw_GBps": value,
+                                    }
+                                )
                     else:
                         value = _train(part, rank, world, args)
                         rows.append({"trial": trial, "backend": backend, "part": part, "tokens_per_s": value})
@@ -148,19 +160,35 @@ def summarize(world: int, rows: list[dict]) -> list[dict]:
         metric = "busbw_GBps" if part in OPS else "tokens_per_s"
         medians = {}
         for backend in BACKENDS:
-            values = [r[metric] for r in rows if r["part"] == part and r.get("bytes", 0) == nbytes
-                      and r["backend"] == backend]
+            values = [
+                r[metric]
+                for r in rows
+                if r["part"] == part and r.get("bytes", 0) == nbytes and r["backend"] == backend
+            ]
             medians[backend] = statistics.median(values)
-        table.append({"world": world, "part": part, "bytes": nbytes or None, "metric": metric,
-                      "gloo": medians["gloo"], "commlab": medians["commlab"],
-                      "ratio": medians["commlab"] / medians["gloo"], "trials": len(values)})
+        table.append(
+            {
+                "world": world,
+                "part": part,
+                "bytes": nbytes or None,
+                "metric": metric,
+                "gloo": medians["gloo"],
+                "commlab": medians["commlab"],
+                "ratio": medians["commlab"] / medians["gloo"],
+                "trials": len(values),
+            }
+        )
     return table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--parts", nargs="+", default=["ddp", "fsdp2", "ops"], choices=["ddp", "fsdp2", "ops"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["ddp", "fsdp2", "ops"], choices=["ddp", "fsdp2", "ops"]
+    )
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per trial")
     parser.add_argument("--batch", type=int, default=16, help="global batch (windows of seq_len)")
@@ -175,16 +203,29 @@ def main() -> None:
     tables = []
     for world in args.world:
         tables += summarize(world, run(world, args))
-    print(f"# backend commlab vs gloo, median of {args.trials} interleaved trials; load average at start "
-          f"{description['load_average_start']}")
+    print(
+        f"# backend commlab vs gloo, median of {args.trials} interleaved trials; load average at start "
+        f"{description['load_average_start']}"
+    )
     print(f"# {'ranks':>5}  {'part':<24}{'size':>10}  {'metric':<12}{'gloo':>10}{'commlab':>10}{'ratio':>8}")
     for row in tables:
         size = "" if row["bytes"] is None else str(row["bytes"])
-        print(f"  {row['world']:>5}  {row['part']:<24}{size:>10}  {row['metric']:<12}{row['gloo']:>10.3f}"
-              f"{row['commlab']:>10.3f}{row['ratio']:>8.2f}")
+        print(
+            f"  {row['world']:>5}  {row['part']:<24}{size:>10}  {row['metric']:<12}{row['gloo']:>10.3f}"
+            f"{row['commlab']:>10.3f}{row['ratio']:>8.2f}"
+        )
     description["load_average_end"] = os.getloadavg()
-    args.json.write_text(json.dumps({"machine": description, "args": {k: v for k, v in vars(args).items()
-                                     if k != "json"}, "rows": tables}, indent=2, default=str))
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": description,
+                "args": {k: v for k, v in vars(args).items() if k != "json"},
+                "rows": tables,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"# wrote {args.json}")
 
 

@@ -46,4 +46,4 @@ def invalid(name: str, value: object, accepted: Iterable[object] | str) -> Inval
 
 
 class UnsupportedOperationError(CommlabError, NotImplementedError):
-    """An operation commlab does not implement (e.g. a torch.distributed op or reduction the backend lacks)."""
+    """An operation commlab does not implement (a torch.distributed op or reduction the backend lacks)."""

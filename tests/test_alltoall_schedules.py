@@ -58,12 +58,18 @@ def test_cost_formulas() -> None:
     model = CostModel(alpha=1e-5, beta=1e-9)
     p, n = 8, 8e6  # n: a rank's input; p blocks of n/p
     block = n / p
-    assert ALGORITHMS["pairwise"].cost("alltoall", p, n, model) == pytest.approx((p - 1) * (1e-5 + block * 1e-9))
-    assert ALGORITHMS["direct"].cost("alltoall", p, n, model) == pytest.approx((p - 1) * 1e-5 + (p - 1) * block * 1e-9)
+    assert ALGORITHMS["pairwise"].cost("alltoall", p, n, model) == pytest.approx(
+        (p - 1) * (1e-5 + block * 1e-9)
+    )
+    assert ALGORITHMS["direct"].cost("alltoall", p, n, model) == pytest.approx(
+        (p - 1) * 1e-5 + (p - 1) * block * 1e-9
+    )
     bruck = ALGORITHMS["bruck"].cost("alltoall", p, n, model)
     assert bruck == pytest.approx(3 * 1e-5 + 12 * block * 1e-9)  # offsets 1..7 have 12 set bits
     tiny = 64.0  # Bruck's fewer rounds win for small messages, its extra bytes lose for large ones
-    assert ALGORITHMS["bruck"].cost("alltoall", p, tiny, model) < ALGORITHMS["pairwise"].cost("alltoall", p, tiny, model)
+    assert ALGORITHMS["bruck"].cost("alltoall", p, tiny, model) < ALGORITHMS["pairwise"].cost(
+        "alltoall", p, tiny, model
+    )
     assert bruck > ALGORITHMS["pairwise"].cost("alltoall", p, n, model)
 
 

@@ -110,7 +110,8 @@ def test_rabenseifner_matches_the_textbook_form_for_powers_of_two(lg: int) -> No
 
 def _per_rank(schedule: Schedule, nbytes: float) -> tuple[int, float, float]:
     """(most messages, most bytes sent or received, most bytes reduced) over ranks, whole schedule."""
-    chunk = nbytes / schedule.num_chunks
+    buffer = nbytes * schedule.world_size if schedule.op == "alltoall" else nbytes  # n: a rank's input
+    chunk = buffer / schedule.num_chunks
     messages, moved, reduced = 0, 0.0, 0.0
     for steps in schedule.steps:
         sent = sum(len(s.chunks) for step in steps for s in step.sends) * chunk
@@ -131,7 +132,9 @@ def _schedule(name: str, op: str, p: int, segments: int = 1) -> Schedule:
 
 LATENCY_BOUND = [("ring", op) for op in ALGORITHMS["ring"].ops]
 LATENCY_BOUND += [("halving_doubling", op) for op in ALGORITHMS["halving_doubling"].ops] + [
-    ("bruck", "allgather")
+    ("bruck", "allgather"),
+    ("bruck", "alltoall"),
+    ("pairwise", "alltoall"),
 ]
 
 
@@ -148,7 +151,7 @@ def test_alpha_coefficient_is_the_critical_path_in_steps(name: str, op: str, p: 
 
 BANDWIDTH = [
     (name, op)
-    for name in ("ring", "halving_doubling", "bruck", "direct")
+    for name in ("ring", "halving_doubling", "bruck", "pairwise", "direct")
     for op in ALGORITHMS[name].ops
     if op not in ALGORITHMS[name].pipelined_ops
 ]

@@ -43,7 +43,8 @@ def _max_steps(schedule: Schedule) -> int:
 @FAST
 @given(data=st.data())
 def test_verifies_for_random_sizes(name: str, op: str, data: st.DataObject) -> None:
-    world_size = data.draw(st.integers(1, 64), label="world_size")
+    largest = 24 if op == "alltoall" else 64  # p x p chunks: the checker's time grows as p^3
+    world_size = data.draw(st.integers(1, largest), label="world_size")
     root = data.draw(st.integers(0, world_size - 1), label="root") if op in ROOTED_OPS else None
     segments = data.draw(st.integers(1, 8), label="segments") if _is_pipelined(name, op) else 1
     schedule = build_schedule(op, name, world_size, root, segments)
@@ -218,7 +219,9 @@ def test_registry_errors_name_the_bad_value_and_what_is_accepted() -> None:
         get_algorithm("nope")
     with pytest.raises(InvalidArgumentError, match=r"'bruck' does not implement allreduce.*'ring'.*'tree'"):
         build_schedule("allreduce", "bruck", 4)
-    with pytest.raises(InvalidArgumentError, match=r"'ring' does not implement alltoall.*'bruck'.*'pairwise'"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"'ring' does not implement alltoall.*'bruck'.*'pairwise'"
+    ):
         build_schedule("alltoall", "ring", 4)
     with pytest.raises(InvalidArgumentError, match=r"op='gather'"):
         build_schedule("gather", "ring", 4)

@@ -172,7 +172,11 @@ def algorithm_and_timeout(algorithms: str) -> dict:
 def test_algorithm_per_op_and_timeout(pools, tmp_path):
     store = os.path.join(tmp_path, "store-configure")
     runs = pools(2).run(
-        clients.on_backend, "commlab", store, algorithm_and_timeout, "allreduce=recursive_doubling,allgather=bruck",
+        clients.on_backend,
+        "commlab",
+        store,
+        algorithm_and_timeout,
+        "allreduce=recursive_doubling,allgather=bruck",
         timeout_s=17.0,
     )
     for result in runs:
@@ -220,3 +224,13 @@ def test_configure_validates_names():
         "alltoall": "pairwise",
         "allreduce": "ring",
     }
+
+
+def test_object_collectives(pools, tmp_path):
+    results = both(pools(2), tmp_path, clients.objects)
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        calls = mine.pop("calls")
+        gloo.pop("calls")
+        assert mine == gloo
+        assert calls["allgather"] >= 2 and calls["broadcast"] >= 2
+    assert results["commlab"][0]["gathered"][1] == {"rank": 1, "items": [0, 1, 2], "name": "xxxx"}

@@ -89,7 +89,10 @@ def fsdp2(reshard_after_forward: bool) -> dict:
         model(_batch(step)).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    return {"params": [p.full_tensor().detach().clone() for p in model.parameters()], "calls": _commlab_calls()}
+    return {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+        "calls": _commlab_calls(),
+    }
 
 
 def fsdp_tp(dp: int, tp: int) -> dict:
@@ -108,7 +111,10 @@ def fsdp_tp(dp: int, tp: int) -> dict:
         model(torch.randn(4, 8, generator=generator)).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    return {"params": [p.full_tensor().detach().clone() for p in model.parameters()], "calls": _commlab_calls()}
+    return {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+        "calls": _commlab_calls(),
+    }
 
 
 def redistribute() -> dict:
@@ -198,7 +204,7 @@ def uneven_all_to_all() -> dict:
     rank, p = dist.get_rank(), dist.get_world_size()
     send = [rank + d + 1 for d in range(p)]
     receive = [s + rank + 1 for s in range(p)]
-    x = (torch.arange(sum(send) * 3, dtype=torch.float64).reshape(-1, 3) + 1000 * rank)
+    x = torch.arange(sum(send) * 3, dtype=torch.float64).reshape(-1, 3) + 1000 * rank
     y = torch.empty(sum(receive), 3, dtype=torch.float64)
     dist.all_to_all_single(y, x, receive, send)
     even_in = torch.arange(4 * p, dtype=torch.int32) + 100 * rank
@@ -215,11 +221,13 @@ def unsupported() -> list[str]:
     for call in (
         lambda: dist.all_reduce(torch.ones(2, dtype=torch.int32), op=dist.ReduceOp.BAND),
         lambda: dist.all_reduce(torch.ones(2, dtype=torch.bool)),
-        lambda: dist.all_gather_coalesced([[torch.empty(1) for _ in range(dist.get_world_size())]], [torch.ones(1)]),
+        lambda: dist.all_gather_coalesced(
+            [[torch.empty(1) for _ in range(dist.get_world_size())]], [torch.ones(1)]
+        ),
     ):
         try:
             call()
-        except Exception as error:  # noqa: BLE001 (the type is checked by the test)
+        except Exception as error:
             messages.append(f"{type(error).__name__}: {error}")
         else:
             messages.append("no error")
@@ -227,3 +235,25 @@ def unsupported() -> list[str]:
     dist.all_reduce(t)  # the group still works afterwards
     messages.append(str(t.tolist()))
     return messages
+
+
+def objects() -> dict:
+    """Object collectives: all_gather_object and broadcast_object_list (commlab's allgather and broadcast,
+    of uint8 byte tensors and int64 sizes), gather_object and scatter_object_list (the inner gloo)."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    mine = {"rank": rank, "items": list(range(rank + 2)), "name": "x" * (3 * rank + 1)}
+    gathered = [None] * p
+    dist.all_gather_object(gathered, mine)
+    broadcast = [mine, rank] if rank == 1 else [None, None]
+    dist.broadcast_object_list(broadcast, src=1)
+    at_root = [None] * p if rank == 0 else None
+    dist.gather_object(mine, at_root, dst=0)
+    received = [None]
+    dist.scatter_object_list(received, [f"to {r}" for r in range(p)] if rank == 0 else None, src=0)
+    return {
+        "gathered": gathered,
+        "broadcast": broadcast,
+        "at_root": at_root,
+        "received": received,
+        "calls": _commlab_calls(),
+    }

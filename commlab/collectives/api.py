@@ -12,8 +12,8 @@ one Communicator, created on first use and kept in `_COMMUNICATORS`. Tensors may
 from __future__ import annotations
 
 import atexit
-import time
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -435,7 +435,18 @@ def all_to_all(
 
     nbytes = p * block * buffer.element_size()
     return _submit(
-        comm, "all_to_all", "alltoall", None, buffer, algorithm, None, finish, async_op, timeout, check, nbytes
+        comm,
+        "all_to_all",
+        "alltoall",
+        None,
+        buffer,
+        algorithm,
+        None,
+        finish,
+        async_op,
+        timeout,
+        check,
+        nbytes,
     )
 
 

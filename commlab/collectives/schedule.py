@@ -240,7 +240,9 @@ def initial_holdings(schedule: Schedule) -> Holdings:
     if schedule.op == "allgather":
         return [[frozenset((r,)) if schedule.block_of(i) == r else None for i in range(c)] for r in range(p)]
     if schedule.op == "alltoall":  # rank r holds its row: blocks (r, d)
-        return [[frozenset((r,)) if schedule.block_of(i) // p == r else None for i in range(c)] for r in range(p)]
+        return [
+            [frozenset((r,)) if schedule.block_of(i) // p == r else None for i in range(c)] for r in range(p)
+        ]
     root_data = frozenset((schedule.root,))
     return [[root_data if r == schedule.root else None] * c for r in range(p)]
 
@@ -381,7 +383,10 @@ def expected_holdings(schedule: Schedule) -> list[list[frozenset[int] | None]]:
         return [[frozenset((schedule.root,))] * c for _ in range(p)]
     if schedule.op == "alltoall":  # rank r ends with its column: block (s, r) holds rank s's data
         return [
-            [frozenset((schedule.block_of(i) // p,)) if schedule.block_of(i) % p == r else None for i in range(c)]
+            [
+                frozenset((schedule.block_of(i) // p,)) if schedule.block_of(i) % p == r else None
+                for i in range(c)
+            ]
             for r in range(p)
         ]
     return [[everyone] * c if r == schedule.root else [None] * c for r in range(p)]

@@ -75,7 +75,9 @@ def parse_algorithms(text: str, name: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         op, sep, algorithm = item.partition("=")
         if not sep:
-            raise invalid(name, text, "comma-separated op=algorithm pairs, e.g. 'allreduce=ring,allgather=bruck'")
+            raise invalid(
+                name, text, "comma-separated op=algorithm pairs, e.g. 'allreduce=ring,allgather=bruck'"
+            )
         chosen[op.strip()] = _check_pair(op.strip(), algorithm.strip(), name)
     return chosen
 
@@ -85,7 +87,9 @@ def _check_pair(op: str, algorithm: str, name: str) -> str:
         raise invalid(f"{name} op", op, OPS)
     accepted = ("auto", *algorithms_for(op))
     if algorithm not in accepted:
-        raise InvalidArgumentError(f"{name}: {op}={algorithm!r} is not an algorithm of {op}; accepted: {accepted}")
+        raise InvalidArgumentError(
+            f"{name}: {op}={algorithm!r} is not an algorithm of {op}; accepted: {accepted}"
+        )
     return algorithm
 
 

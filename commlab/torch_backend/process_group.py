@@ -11,6 +11,7 @@ own algorithms, on connections apart from commlab's, so the two never mix messag
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
@@ -29,7 +30,9 @@ BACKEND_NAME = "commlab"
 _RED = dist.ReduceOp.RedOpType
 _REDUCTIONS = {_RED.SUM: "sum", _RED.AVG: "avg", _RED.MAX: "max", _RED.MIN: "min", _RED.PRODUCT: "prod"}
 Launch = Callable[[bool], Work | None]  # starts commlab's call (async or not); its Work when async
-CALLS: Counter[str] = Counter()  # ops this process ran through commlab's schedules, every group (tests read it)
+CALLS: Counter[str] = (
+    Counter()
+)  # ops this process ran through commlab's schedules, every group (tests read it)
 
 
 class CommlabProcessGroup(dist.ProcessGroup):
@@ -47,29 +50,27 @@ class CommlabProcessGroup(dist.ProcessGroup):
         self.communicator = Communicator(transport, timeout=self.timeout_s)
 
     # --- identity -------------------------------------------------------------------------------------
-    def getBackendName(self) -> str:  # noqa: N802 (the C++ name the trampoline forwards)
+    def getBackendName(self) -> str:
         return BACKEND_NAME
 
-    def getGroupName(self) -> str:  # noqa: N802
+    def getGroupName(self) -> str:
         return self._group_name
 
-    def setGroupName(self, name: str) -> None:  # noqa: N802
+    def setGroupName(self, name: str) -> None:
         self._group_name = name
 
-    def getGroupDesc(self) -> str:  # noqa: N802
+    def getGroupDesc(self) -> str:
         return self._group_desc
 
-    def setGroupDesc(self, desc: str) -> None:  # noqa: N802
+    def setGroupDesc(self, desc: str) -> None:
         self._group_desc = desc
 
     def shutdown(self) -> None:
         """Stop commlab's worker and both gloo backends (destroy_process_group calls this)."""
         self.communicator.close()
         for backend in (self._data, self._native):
-            try:
+            with contextlib.suppress(RuntimeError):  # already shut down
                 backend.shutdown()
-            except RuntimeError:
-                pass
 
     # --- reductions -----------------------------------------------------------------------------------
     def allreduce(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
@@ -116,7 +117,9 @@ class CommlabProcessGroup(dist.ProcessGroup):
         flat = torch.cat([t.reshape(-1) for t in pieces])
         return self._reduce_scatter_flat("reduce_scatter", output, flat, opts, owned=True)
 
-    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: object = None) -> CommlabWork:
+    def reduce_scatter_single(
+        self, output: torch.Tensor, input: torch.Tensor, opts: object = None
+    ) -> CommlabWork:
         return self._reduce_scatter_flat("reduce_scatter_tensor", output, input, opts, owned=False)
 
     _reduce_scatter_base = reduce_scatter_single
@@ -130,7 +133,9 @@ class CommlabProcessGroup(dist.ProcessGroup):
         sizes = [o.numel() for o in outputs]
         for o, i in zip(outputs, inputs, strict=True):
             if i.numel() != p * o.numel():
-                raise InvalidArgumentError(f"{label}: an input has {i.numel()} elements, not {p} x {o.numel()}")
+                raise InvalidArgumentError(
+                    f"{label}: an input has {i.numel()} elements, not {p} x {o.numel()}"
+                )
         flat = torch.cat([i.reshape(p, -1) for i in inputs], dim=1).reshape(-1)  # block r: every input's r
         out = flat.new_empty(sum(sizes))
         work = self._reduce_scatter_flat(label, out, flat, opts, owned=True, outputs=outputs)
@@ -179,13 +184,19 @@ class CommlabProcessGroup(dist.ProcessGroup):
         flat = _movable(tensor).new_empty(self.size() * tensor.numel())
 
         def launch(async_op: bool) -> Work | None:
-            return api.all_gather(flat, _movable(tensor), self.communicator, self._algorithm("allgather"), async_op)
+            return api.all_gather(
+                flat, _movable(tensor), self.communicator, self._algorithm("allgather"), async_op
+            )
 
         return self._start("allgather", out_list, launch, opts, lambda: _unflatten(flat, out_list))
 
-    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: object = None) -> CommlabWork:
+    def all_gather_single(
+        self, output: torch.Tensor, input: torch.Tensor, opts: object = None
+    ) -> CommlabWork:
         if output.dtype != input.dtype:
-            raise InvalidArgumentError(f"all_gather_into_tensor: output {output.dtype} != input {input.dtype}")
+            raise InvalidArgumentError(
+                f"all_gather_into_tensor: output {output.dtype} != input {input.dtype}"
+            )
         out, inp = _movable(output), _movable(input)
 
         def launch(async_op: bool) -> Work | None:
@@ -205,7 +216,9 @@ class CommlabProcessGroup(dist.ProcessGroup):
         flat_out = flat_in.new_empty(p * flat_in.numel())
 
         def launch(async_op: bool) -> Work | None:
-            return api.all_gather(flat_out, flat_in, self.communicator, self._algorithm("allgather"), async_op)
+            return api.all_gather(
+                flat_out, flat_in, self.communicator, self._algorithm("allgather"), async_op
+            )
 
         def after() -> None:  # block r of flat_out is every input of rank r, in order
             blocks = flat_out.view(p, -1)
@@ -240,7 +253,9 @@ class CommlabProcessGroup(dist.ProcessGroup):
 
     alltoall_base = all_to_all_single
 
-    def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: object = None) -> CommlabWork:
+    def alltoall(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: object = None
+    ) -> CommlabWork:
         _same_dtype("all_to_all", [*outputs, *inputs])
         flat_in = torch.cat([_movable(t).reshape(-1) for t in inputs])
         flat_out = flat_in.new_empty(sum(_movable(t).numel() for t in outputs))
@@ -249,7 +264,13 @@ class CommlabProcessGroup(dist.ProcessGroup):
 
         def launch(async_op: bool) -> Work | None:
             return api.all_to_all(
-                flat_out, flat_in, out_splits, in_splits, self.communicator, self._algorithm("alltoall"), async_op
+                flat_out,
+                flat_in,
+                out_splits,
+                in_splits,
+                self.communicator,
+                self._algorithm("alltoall"),
+                async_op,
             )
 
         return self._start("all_to_all", outputs, launch, opts, lambda: _unflatten(flat_out, outputs))
@@ -311,10 +332,14 @@ def _reduction(label: str, op: object, dtype: torch.dtype) -> tuple[str, float |
     kind = op.op if isinstance(op, dist.ReduceOp) else op
     if dtype not in DTYPES:
         accepted = ", ".join(str(d).replace("torch.", "") for d in DTYPES)
-        raise UnsupportedOperationError(f"commlab backend: {label} on {dtype} is not supported; dtypes: {accepted}")
+        raise UnsupportedOperationError(
+            f"commlab backend: {label} on {dtype} is not supported; dtypes: {accepted}"
+        )
     if kind == _RED.PREMUL_SUM:
         if not dtype.is_floating_point:
-            raise UnsupportedOperationError(f"commlab backend: {label} with PREMUL_SUM on {dtype} (floats only)")
+            raise UnsupportedOperationError(
+                f"commlab backend: {label} with PREMUL_SUM on {dtype} (floats only)"
+            )
         factor = op.factor
         if isinstance(factor, torch.Tensor):
             factor = factor.item()
@@ -330,7 +355,7 @@ def _reduction(label: str, op: object, dtype: torch.dtype) -> tuple[str, float |
 def _one(label: str, items: list) -> object:
     if len(items) != 1:
         raise UnsupportedOperationError(
-            f"commlab backend: {label} takes one tensor (list) per call, got {len(items)} (multi-device lists)"
+            f"commlab backend: {label} takes one tensor (list) per call, got {len(items)} (multi-device)"
         )
     return items[0]
 
@@ -338,7 +363,9 @@ def _one(label: str, items: list) -> object:
 def _same_dtype(label: str, tensors: list[torch.Tensor]) -> torch.dtype:
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) > 1:
-        raise InvalidArgumentError(f"commlab backend, {label}: tensors of several dtypes {sorted(map(str, dtypes))}")
+        raise InvalidArgumentError(
+            f"commlab backend, {label}: tensors of several dtypes {sorted(map(str, dtypes))}"
+        )
     if not tensors:
         raise InvalidArgumentError(f"commlab backend, {label}: no tensors")
     return tensors[0].dtype
