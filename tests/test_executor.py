@@ -131,8 +131,17 @@ def check(name: str, op: str, p: int, numel: int, pieces: int, window: int, segm
     schedule = subdivide(build_schedule(op, name, p, root, segments), pieces)
     if op in ("reduce_scatter", "allgather"):
         numel = numel * p
+    if op == "alltoall":  # p x p blocks: block (s, d) is what s sends to d
+        numel = numel * p * p
     inputs = [torch.randint(-50, 50, (numel,)).to(torch.float64) for _ in range(p)]
     got = run_everywhere(schedule, inputs, window)
+    if op == "alltoall":
+        b = numel // (p * p)
+        for rank in range(p):
+            for src in range(p):
+                at = slice((src * p + rank) * b, (src * p + rank + 1) * b)
+                assert torch.equal(got[rank][at], inputs[src][at]), f"{name} alltoall p={p} {rank}<-{src}"
+        return
     block = numel // p
     for rank, (have, want) in enumerate(zip(got, expected(op, inputs, root), strict=True)):
         if want is None:
@@ -178,7 +187,8 @@ def test_plans_post_after_their_dependencies_and_keep_scratch_disjoint() -> None
             root = 0 if op in ROOTED_OPS else None
             schedule = subdivide(build_schedule(op, name, p, root, 2), 3)
             for rank in range(p):
-                plan = compile_program(schedule, rank, 1000 * p, 3)
+                numel = 1000 * p * (p if op == "alltoall" else 1)  # whole blocks (p x p for all-to-all)
+                plan = compile_program(schedule, rank, numel, 3)
                 posted_at = posting_order(plan.steps, plan.window)
                 for index, step in enumerate(plan.steps):
                     assert step.after < index and posted_at[index] <= index

@@ -379,6 +379,9 @@ def api_call(op: str, algorithm: str, comm: Communicator, size: int) -> Callable
         return lambda: commlab.all_gather(full, block, algorithm=algorithm, group=comm)
     if op == "broadcast":
         return lambda: commlab.broadcast(full, 0, algorithm=algorithm, group=comm)
+    if op == "alltoall":
+        received = torch.zeros(count)
+        return lambda: commlab.all_to_all(received, full, algorithm=algorithm, group=comm)
     return lambda: commlab.reduce(full, 0, algorithm=algorithm, group=comm)
 
 

@@ -495,7 +495,8 @@ def api_copies(op: str, nbytes: float, world_size: int) -> tuple[float, float]:
     """(bytes cloned, bytes copied) by a blocking `commlab.collectives.api` call around an op's schedule on
     contiguous tensors: reduce_scatter copies its input into the communicator's staging buffer (n) and its
     block out (n/p); all_gather copies its block in (n/p); reduce copies its input on the ranks that are
-    not the root (the slowest); allreduce and broadcast run in place. (An async call clones instead of
+    not the root (the slowest); all_to_all copies its input in and its output out (2n); allreduce and
+    broadcast run in place. (An async call clones instead of
     copying: not priced.) `nbytes` counts as the simulator counts it (the total for blocked ops)."""
     if op == "reduce_scatter":
         return 0.0, nbytes + nbytes / world_size
@@ -503,6 +504,8 @@ def api_copies(op: str, nbytes: float, world_size: int) -> tuple[float, float]:
         return 0.0, nbytes / world_size
     if op == "reduce" and world_size > 1:
         return 0.0, float(nbytes)
+    if op == "alltoall":  # the input into the p x p staging buffer, the received blocks out
+        return 0.0, 2.0 * nbytes
     return 0.0, 0.0
 
 
