@@ -184,35 +184,6 @@ def test_algorithm_per_op_and_timeout(pools, tmp_path):
         assert result["timeout"] == 17.0
 
 
-def silent_peer() -> str:
-    """Rank 1 skips an all_reduce: rank 0's call must end in CollectiveTimeoutError (group timeout 2 s).
-
-    Rank 1 stays alive well past the timeout (closing its group would end rank 0's wait with a
-    TransportError instead)."""
-    import time
-
-    import torch.distributed as dist
-
-    if dist.get_rank() == 1:
-        time.sleep(12.0)
-        return "skipped"
-    try:
-        dist.all_reduce(torch.ones(4))
-    except commlab.CollectiveTimeoutError as error:
-        return f"timeout: {error}"
-    return "completed"
-
-
-def test_init_process_group_timeout_is_honoured(pools, tmp_path):
-    store = os.path.join(tmp_path, "store-timeout")
-    try:
-        results = pools(2).run(clients.on_backend, "commlab", store, silent_peer, timeout_s=2.0, timeout=60)
-    finally:
-        pools(2).close()  # a timed-out gloo pair is unusable: fresh ranks for later tests
-    assert results[1] == "skipped"
-    assert results[0].startswith("timeout:") and "timeout 2 s" in results[0]
-
-
 def test_configure_validates_names():
     with pytest.raises(commlab.InvalidArgumentError, match=r"allreduce='bruck'.*accepted.*'ring'"):
         config.parse_algorithms("allreduce=bruck", "COMMLAB_ALGORITHM")
@@ -234,3 +205,32 @@ def test_object_collectives(pools, tmp_path):
         assert mine == gloo
         assert calls["allgather"] >= 2 and calls["broadcast"] >= 2
     assert results["commlab"][0]["gathered"][1] == {"rank": 1, "items": [0, 1, 2], "name": "xxxx"}
+
+
+def silent_peer() -> str:
+    """Rank 1 skips an all_reduce: rank 0's call must end in CollectiveTimeoutError (group timeout 2 s).
+
+    Rank 1 stays alive well past the timeout (closing its group would end rank 0's wait with a
+    TransportError instead)."""
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        time.sleep(8.0)
+        return "skipped"
+    try:
+        dist.all_reduce(torch.ones(4))
+    except commlab.CollectiveTimeoutError as error:
+        return f"timeout: {error}"
+    return "completed"
+
+
+def test_init_process_group_timeout_is_honoured(pools, tmp_path):
+    store = os.path.join(tmp_path, "store-timeout")
+    try:
+        results = pools(2).run(clients.on_backend, "commlab", store, silent_peer, timeout_s=2.0, timeout=60)
+    finally:
+        pools(2).close()  # a timed-out gloo pair is unusable: fresh ranks for later tests
+    assert results[1] == "skipped"
+    assert results[0].startswith("timeout:") and "timeout 2 s" in results[0]

@@ -20,15 +20,23 @@ import torch
 import torch.distributed as dist
 
 import commlab.collectives.api as api
-from commlab.collectives.communicator import DTYPES, Communicator, Work
+from commlab.collectives.communicator import Communicator, Work
 from commlab.errors import InvalidArgumentError, UnsupportedOperationError
 from commlab.torch_backend import config
+from commlab.torch_backend.convert import (
+    movable,
+    one,
+    option,
+    reduction,
+    row_splits,
+    same_dtype,
+    unflatten,
+    uniform,
+)
 from commlab.torch_backend.transport import BackendTransport
 from commlab.torch_backend.work import CommlabWork
 
 BACKEND_NAME = "commlab"
-_RED = dist.ReduceOp.RedOpType
-_REDUCTIONS = {_RED.SUM: "sum", _RED.AVG: "avg", _RED.MAX: "max", _RED.MIN: "min", _RED.PRODUCT: "prod"}
 Launch = Callable[[bool], Work | None]  # starts commlab's call (async or not); its Work when async
 CALLS: Counter[str] = (
     Counter()
@@ -74,8 +82,8 @@ class CommlabProcessGroup(dist.ProcessGroup):
 
     # --- reductions -----------------------------------------------------------------------------------
     def allreduce(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
-        tensor = _one("allreduce", tensors)
-        op, factor = _reduction("allreduce", _option(opts, "reduceOp", dist.ReduceOp.SUM), tensor.dtype)
+        tensor = one("allreduce", tensors)
+        op, factor = reduction("allreduce", option(opts, "reduceOp", dist.ReduceOp.SUM), tensor.dtype)
 
         def launch(async_op: bool) -> Work | None:
             if factor is not None:
@@ -85,8 +93,8 @@ class CommlabProcessGroup(dist.ProcessGroup):
         return self._start("allreduce", [tensor], launch, opts)
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
-        dtype = _same_dtype("allreduce_coalesced", tensors)
-        op, factor = _reduction("allreduce_coalesced", _option(opts, "reduceOp", dist.ReduceOp.SUM), dtype)
+        dtype = same_dtype("allreduce_coalesced", tensors)
+        op, factor = reduction("allreduce_coalesced", option(opts, "reduceOp", dist.ReduceOp.SUM), dtype)
         flat = torch.cat([t.reshape(-1) for t in tensors])
         if factor is not None:
             flat.mul_(factor)
@@ -94,12 +102,12 @@ class CommlabProcessGroup(dist.ProcessGroup):
         def launch(async_op: bool) -> Work | None:
             return api.all_reduce(flat, op, self.communicator, self._algorithm("allreduce"), async_op)
 
-        return self._start("allreduce_coalesced", tensors, launch, opts, lambda: _unflatten(flat, tensors))
+        return self._start("allreduce_coalesced", tensors, launch, opts, lambda: unflatten(flat, tensors))
 
     def reduce(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
-        tensor = _one("reduce", tensors)
-        op, factor = _reduction("reduce", _option(opts, "reduceOp", dist.ReduceOp.SUM), tensor.dtype)
-        root = _option(opts, "rootRank", 0)
+        tensor = one("reduce", tensors)
+        op, factor = reduction("reduce", option(opts, "reduceOp", dist.ReduceOp.SUM), tensor.dtype)
+        root = option(opts, "rootRank", 0)
 
         def launch(async_op: bool) -> Work | None:
             if factor is not None:
@@ -111,9 +119,9 @@ class CommlabProcessGroup(dist.ProcessGroup):
     def reduce_scatter(
         self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: object = None
     ) -> CommlabWork:
-        output = _one("reduce_scatter", outputs)
-        pieces = _one("reduce_scatter", inputs)
-        _uniform("reduce_scatter", pieces, output)
+        output = one("reduce_scatter", outputs)
+        pieces = one("reduce_scatter", inputs)
+        uniform("reduce_scatter", pieces, output)
         flat = torch.cat([t.reshape(-1) for t in pieces])
         return self._reduce_scatter_flat("reduce_scatter", output, flat, opts, owned=True)
 
@@ -128,7 +136,7 @@ class CommlabProcessGroup(dist.ProcessGroup):
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: object = None
     ) -> CommlabWork:
         label = "reduce_scatter_tensor_coalesced"
-        _same_dtype(label, [*outputs, *inputs])
+        same_dtype(label, [*outputs, *inputs])
         p = self.size()
         sizes = [o.numel() for o in outputs]
         for o, i in zip(outputs, inputs, strict=True):
@@ -152,7 +160,7 @@ class CommlabProcessGroup(dist.ProcessGroup):
         owned: bool,
         outputs: list[torch.Tensor] | None = None,
     ) -> CommlabWork:
-        op, factor = _reduction(label, _option(opts, "reduceOp", dist.ReduceOp.SUM), flat.dtype)
+        op, factor = reduction(label, option(opts, "reduceOp", dist.ReduceOp.SUM), flat.dtype)
         if factor is not None:  # PREMUL_SUM: scale each rank's input, then sum
             flat = flat.mul_(factor) if owned else flat * factor
 
@@ -161,14 +169,14 @@ class CommlabProcessGroup(dist.ProcessGroup):
                 output, flat, op, self.communicator, self._algorithm("reduce_scatter"), async_op
             )
 
-        after = None if outputs is None else (lambda: _unflatten(output, outputs))
+        after = None if outputs is None else (lambda: unflatten(output, outputs))
         return self._start(label, outputs or [output], launch, opts, after)
 
     # --- data movement --------------------------------------------------------------------------------
     def broadcast(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
-        tensor = _one("broadcast", tensors)
-        root = _option(opts, "rootRank", 0)
-        buffer = _movable(tensor)
+        tensor = one("broadcast", tensors)
+        root = option(opts, "rootRank", 0)
+        buffer = movable(tensor)
 
         def launch(async_op: bool) -> Work | None:
             return api.broadcast(buffer, root, self.communicator, self._algorithm("broadcast"), async_op)
@@ -178,17 +186,17 @@ class CommlabProcessGroup(dist.ProcessGroup):
     def allgather(
         self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: object = None
     ) -> CommlabWork:
-        out_list = _one("allgather", outputs)
-        tensor = _one("allgather", inputs)
-        _uniform("allgather", out_list, tensor)
-        flat = _movable(tensor).new_empty(self.size() * tensor.numel())
+        out_list = one("allgather", outputs)
+        tensor = one("allgather", inputs)
+        uniform("allgather", out_list, tensor)
+        flat = movable(tensor).new_empty(self.size() * tensor.numel())
 
         def launch(async_op: bool) -> Work | None:
             return api.all_gather(
-                flat, _movable(tensor), self.communicator, self._algorithm("allgather"), async_op
+                flat, movable(tensor), self.communicator, self._algorithm("allgather"), async_op
             )
 
-        return self._start("allgather", out_list, launch, opts, lambda: _unflatten(flat, out_list))
+        return self._start("allgather", out_list, launch, opts, lambda: unflatten(flat, out_list))
 
     def all_gather_single(
         self, output: torch.Tensor, input: torch.Tensor, opts: object = None
@@ -197,7 +205,7 @@ class CommlabProcessGroup(dist.ProcessGroup):
             raise InvalidArgumentError(
                 f"all_gather_into_tensor: output {output.dtype} != input {input.dtype}"
             )
-        out, inp = _movable(output), _movable(input)
+        out, inp = movable(output), movable(input)
 
         def launch(async_op: bool) -> Work | None:
             return api.all_gather(out, inp, self.communicator, self._algorithm("allgather"), async_op)
@@ -210,9 +218,9 @@ class CommlabProcessGroup(dist.ProcessGroup):
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: object = None
     ) -> CommlabWork:
         label = "all_gather_into_tensor_coalesced"
-        _same_dtype(label, [*outputs, *inputs])
+        same_dtype(label, [*outputs, *inputs])
         p = self.size()
-        flat_in = torch.cat([_movable(t).reshape(-1) for t in inputs])
+        flat_in = torch.cat([movable(t).reshape(-1) for t in inputs])
         flat_out = flat_in.new_empty(p * flat_in.numel())
 
         def launch(async_op: bool) -> Work | None:
@@ -224,8 +232,8 @@ class CommlabProcessGroup(dist.ProcessGroup):
             blocks = flat_out.view(p, -1)
             start = 0
             for o, i in zip(outputs, inputs, strict=True):
-                n = _movable(i).numel()
-                _movable(o).view(p, n).copy_(blocks[:, start : start + n])
+                n = movable(i).numel()
+                movable(o).view(p, n).copy_(blocks[:, start : start + n])
                 start += n
 
         return self._start(label, outputs, launch, opts, after)
@@ -240,9 +248,9 @@ class CommlabProcessGroup(dist.ProcessGroup):
         input_split_sizes: list[int],
         opts: object = None,
     ) -> CommlabWork:
-        out, inp = _movable(output), _movable(input)
-        out_splits = _row_splits(output, out, output_split_sizes)
-        in_splits = _row_splits(input, inp, input_split_sizes)
+        out, inp = movable(output), movable(input)
+        out_splits = row_splits(output, out, output_split_sizes)
+        in_splits = row_splits(input, inp, input_split_sizes)
 
         def launch(async_op: bool) -> Work | None:
             return api.all_to_all(
@@ -256,11 +264,11 @@ class CommlabProcessGroup(dist.ProcessGroup):
     def alltoall(
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: object = None
     ) -> CommlabWork:
-        _same_dtype("all_to_all", [*outputs, *inputs])
-        flat_in = torch.cat([_movable(t).reshape(-1) for t in inputs])
-        flat_out = flat_in.new_empty(sum(_movable(t).numel() for t in outputs))
-        in_splits = [_movable(t).numel() for t in inputs]
-        out_splits = [_movable(t).numel() for t in outputs]
+        same_dtype("all_to_all", [*outputs, *inputs])
+        flat_in = torch.cat([movable(t).reshape(-1) for t in inputs])
+        flat_out = flat_in.new_empty(sum(movable(t).numel() for t in outputs))
+        in_splits = [movable(t).numel() for t in inputs]
+        out_splits = [movable(t).numel() for t in outputs]
 
         def launch(async_op: bool) -> Work | None:
             return api.all_to_all(
@@ -273,7 +281,7 @@ class CommlabProcessGroup(dist.ProcessGroup):
                 async_op,
             )
 
-        return self._start("all_to_all", outputs, launch, opts, lambda: _unflatten(flat_out, outputs))
+        return self._start("all_to_all", outputs, launch, opts, lambda: unflatten(flat_out, outputs))
 
     def barrier(self, opts: object = None) -> CommlabWork:
         token = torch.zeros(1, dtype=torch.int32)
@@ -306,7 +314,7 @@ class CommlabProcessGroup(dist.ProcessGroup):
         CALLS[label] += 1
         self.communicator.check = config.settings().check
         work = CommlabWork(label, outputs, self.timeout_s)
-        async_op = bool(_option(opts, "asyncOp", True))
+        async_op = bool(option(opts, "asyncOp", True))
         try:
             pending = launch(async_op)
         except InvalidArgumentError as error:
@@ -316,99 +324,3 @@ class CommlabProcessGroup(dist.ProcessGroup):
         else:
             pending.add_done_callback(lambda error: work.finish(error, after))
         return work
-
-
-def _option(opts: object, name: str, default: object) -> object:
-    """`opts.name` of a torch *Options object (None or an attribute it lacks: `default`)."""
-    if opts is None:
-        return default
-    if isinstance(opts, dist.ReduceOp | _RED) and name == "reduceOp":  # pg.allreduce(tensors, op)
-        return opts
-    return getattr(opts, name, default)
-
-
-def _reduction(label: str, op: object, dtype: torch.dtype) -> tuple[str, float | None]:
-    """commlab's reduction name and the PREMUL_SUM factor (None for the others)."""
-    kind = op.op if isinstance(op, dist.ReduceOp) else op
-    if dtype not in DTYPES:
-        accepted = ", ".join(str(d).replace("torch.", "") for d in DTYPES)
-        raise UnsupportedOperationError(
-            f"commlab backend: {label} on {dtype} is not supported; dtypes: {accepted}"
-        )
-    if kind == _RED.PREMUL_SUM:
-        if not dtype.is_floating_point:
-            raise UnsupportedOperationError(
-                f"commlab backend: {label} with PREMUL_SUM on {dtype} (floats only)"
-            )
-        factor = op.factor
-        if isinstance(factor, torch.Tensor):
-            factor = factor.item()
-        return "sum", float(factor)
-    if kind in _REDUCTIONS:
-        return _REDUCTIONS[kind], None
-    raise UnsupportedOperationError(
-        f"commlab backend: {label} with ReduceOp {kind} is not supported; accepted: SUM, AVG, MAX, MIN, "
-        "PRODUCT, PREMUL_SUM"
-    )
-
-
-def _one(label: str, items: list) -> object:
-    if len(items) != 1:
-        raise UnsupportedOperationError(
-            f"commlab backend: {label} takes one tensor (list) per call, got {len(items)} (multi-device)"
-        )
-    return items[0]
-
-
-def _same_dtype(label: str, tensors: list[torch.Tensor]) -> torch.dtype:
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        raise InvalidArgumentError(
-            f"commlab backend, {label}: tensors of several dtypes {sorted(map(str, dtypes))}"
-        )
-    if not tensors:
-        raise InvalidArgumentError(f"commlab backend, {label}: no tensors")
-    return tensors[0].dtype
-
-
-def _uniform(label: str, tensors: list[torch.Tensor], like: torch.Tensor) -> None:
-    for t in tensors:
-        if t.numel() != like.numel() or t.dtype != like.dtype:
-            raise UnsupportedOperationError(
-                f"commlab backend: {label} with tensors of unequal size or dtype ({t.numel()} x {t.dtype} "
-                f"against {like.numel()} x {like.dtype}) is not supported"
-            )
-
-
-def _movable(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor as commlab moves it: itself for a dtype commlab knows, else its bytes (uint8), for ops
-    that only move data (broadcast, gathers, all-to-all): bool, int16, complex travel as raw bytes."""
-    if tensor.dtype in DTYPES:
-        return tensor
-    if not tensor.is_contiguous():
-        raise UnsupportedOperationError(
-            f"commlab backend: a non-contiguous {tensor.dtype} tensor cannot be moved as bytes"
-        )
-    return tensor.reshape(-1).view(torch.uint8)
-
-
-def _row_splits(tensor: torch.Tensor, moved: torch.Tensor, splits: list[int]) -> list[int] | None:
-    """all_to_all_single's split sizes (rows of dim 0; empty: equal) in units of `moved` (_movable's
-    view: the tensor itself, or its bytes as one flat row each)."""
-    if not splits:
-        return None
-    if moved is tensor:
-        return list(splits)
-    rows = tensor.shape[0] if tensor.dim() else 1
-    per_row = moved.numel() // rows if rows else 0
-    return [s * per_row for s in splits]
-
-
-def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    """Copy consecutive pieces of `flat` into `tensors` (in _movable's units)."""
-    start = 0
-    for t in tensors:
-        target = _movable(t)
-        n = target.numel()
-        target.copy_(flat[start : start + n].view(target.shape))
-        start += n
