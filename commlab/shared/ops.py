@@ -2,9 +2,9 @@
 
 Like nccl-tests' per-collective struct: whether the op has a root, whether its buffer is `world_size`
 blocks (reduce-scatter's input, allgather's output: the bytes count the whole buffer), whether it reduces,
-and its busbw factor (busbw = algbw x factor; nccl-tests' definition: allreduce 2(p-1)/p, reduce-scatter,
-allgather and all-to-all (p-1)/p, broadcast and reduce 1). The schedule IR, `commlab bench`, calibration and the
-simulator all read this table.
+and its busbw factor (busbw = algbw x factor; nccl-tests' definition: allreduce 2(p-1)/p,
+reduce-scatter, allgather and all-to-all (p-1)/p, broadcast and reduce 1). The schedule IR, `commlab
+bench`, calibration and the simulator all read this table.
 """
 
 from __future__ import annotations

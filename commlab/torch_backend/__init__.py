@@ -19,7 +19,10 @@ __all__ = ["BACKEND_NAME", "CommlabProcessGroup", "configure", "register_backend
 
 def _create(options: object, backend_options: object = None) -> CommlabProcessGroup:
     """torch's creator hook (extended API): one CommlabProcessGroup per group torch makes."""
-    return CommlabProcessGroup(options.store, options.group_rank, options.group_size, options.timeout)
+    global_ranks = list(getattr(options, "global_ranks_in_group", []) or range(options.group_size))
+    return CommlabProcessGroup(
+        options.store, options.group_rank, options.group_size, options.timeout, global_ranks
+    )
 
 
 def register_backend() -> bool:

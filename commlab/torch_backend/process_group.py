@@ -46,7 +46,14 @@ CALLS: Counter[str] = (
 class CommlabProcessGroup(dist.ProcessGroup):
     """A torch.distributed ProcessGroup whose collectives run commlab's schedules (see the module doc)."""
 
-    def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta) -> None:
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        size: int,
+        timeout: timedelta,
+        global_ranks: list[int] | None = None,
+    ) -> None:
         super().__init__(rank, size)
         self._group_name = ""
         self._group_desc = ""
@@ -54,7 +61,7 @@ class CommlabProcessGroup(dist.ProcessGroup):
         self._native = dist.ProcessGroupGloo(dist.PrefixStore("commlab/native", store), rank, size, timeout)
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._native)
         self._data = dist.ProcessGroupGloo(dist.PrefixStore("commlab/data", store), rank, size, timeout)
-        transport = BackendTransport(self._data, rank, size, self.timeout_s)
+        transport = BackendTransport(self._data, rank, size, self.timeout_s, global_ranks)
         self.communicator = Communicator(transport, timeout=self.timeout_s)
 
     # --- identity -------------------------------------------------------------------------------------

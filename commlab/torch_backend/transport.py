@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from commlab.collectives.hosts import host_map_from_env
 from commlab.collectives.transport import Message, TorchRequest
 from commlab.collectives.tuning import piece_bytes_for_host
 
@@ -19,7 +20,14 @@ from commlab.collectives.tuning import piece_bytes_for_host
 class BackendTransport:
     """Point-to-point over one c10d Backend (`ProcessGroupGloo`): tagged sends and receives, group ranks."""
 
-    def __init__(self, backend: torch._C._distributed_c10d.Backend, rank: int, size: int, timeout_s: float):
+    def __init__(
+        self,
+        backend: torch._C._distributed_c10d.Backend,
+        rank: int,
+        size: int,
+        timeout_s: float,
+        global_ranks: list[int] | None = None,
+    ) -> None:
         self.inner = backend
         self.rank = rank
         self.size = size
@@ -28,6 +36,8 @@ class BackendTransport:
         self.device_type = "cpu"
         self.default_timeout = timeout_s
         self.piece_bytes = piece_bytes_for_host(size)
+        # which ranks share a host ($COMMLAB_HOSTS or torchrun's LOCAL_WORLD_SIZE), for auto across hosts
+        self.hosts = host_map_from_env(global_ranks if global_ranks is not None else range(size))
 
     def post(self, sends: list[Message], recvs: list[Message]) -> list[TorchRequest]:
         """Post a step's receives, then its sends; the requests come back in that order."""
