@@ -200,9 +200,11 @@ def main() -> None:
     if args.quick:
         args.trials, args.steps, args.op_iters = 2, 2, 3
     description = machine()
-    tables = []
+    tables, samples = [], []
     for world in args.world:
-        tables += summarize(world, run(world, args))
+        rows = run(world, args)
+        samples += [{"world": world, **row} for row in rows]
+        tables += summarize(world, rows)
     print(
         f"# backend commlab vs gloo, median of {args.trials} interleaved trials; load average at start "
         f"{description['load_average_start']}"
@@ -221,6 +223,7 @@ def main() -> None:
                 "machine": description,
                 "args": {k: v for k, v in vars(args).items() if k != "json"},
                 "rows": tables,
+                "samples": samples,  # every trial, for the spread behind each median
             },
             indent=2,
             default=str,

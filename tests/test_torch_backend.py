@@ -163,7 +163,7 @@ def algorithm_and_timeout(algorithms: str) -> dict:
         dist.all_reduce(torch.ones(1000))
         dist.all_gather_into_tensor(torch.empty(2000), torch.ones(1000))
         group = dist.group.WORLD
-        ran = sorted({(key[0], key[1]) for key in group.communicator._plans if key[0] != "check"})
+        ran = sorted({(key[0], key[1]) for key in group.communicator._programs if key[0] != "check"})
         return {"ran": ran, "timeout": group.communicator.timeout}
     finally:
         config.reset()
