@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 import commlab
-from commlab.bench import parse_size
+from commlab.bench.config import parse_size
 from commlab.models import GPT, GPTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
