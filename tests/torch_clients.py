@@ -179,7 +179,7 @@ REDUCE_OPS = ("SUM", "AVG", "MAX", "MIN", "PRODUCT", "PREMUL_SUM")
 
 
 def reduce_ops(dtype_name: str) -> dict:
-    """all_reduce and reduce_scatter_tensor with every ReduceOp (PREMUL_SUM: factor 0.5)."""
+    """all_reduce, reduce_scatter_tensor and reduce with every ReduceOp (PREMUL_SUM: factor 0.5)."""
     dtype = getattr(torch, dtype_name)
     rank = dist.get_rank()
     results = {}
@@ -193,7 +193,11 @@ def reduce_ops(dtype_name: str) -> dict:
             big = (torch.arange(6 * dist.get_world_size()) % 5 + rank).to(dtype)
             out = torch.empty(6, dtype=dtype)
             dist.reduce_scatter_tensor(out, big, op=op)
-            results[name] = [t, out]
+            mine = (torch.arange(5) + 2 * rank + 1).to(dtype)
+            reduced = mine.clone()
+            # only the root's tensor is defined afterwards (gloo uses the others' as scratch)
+            dist.reduce(reduced, dst=0, op=op)
+            results[name] = [t, out, reduced if rank == 0 else mine]
         except (RuntimeError, ValueError) as error:  # gloo refuses PREMUL_SUM: recorded, not compared
             results[name] = f"{type(error).__name__}"
     return results

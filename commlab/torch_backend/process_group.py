@@ -115,13 +115,17 @@ class CommlabProcessGroup(dist.ProcessGroup):
         tensor = one("reduce", tensors)
         op, factor = reduction("reduce", option(opts, "reduceOp", dist.ReduceOp.SUM), tensor.dtype)
         root = option(opts, "rootRank", 0)
+        # PREMUL_SUM reduces a scaled copy, so ranks other than the root keep their input (as without it)
+        source = tensor if factor is None else tensor * factor
 
         def launch(async_op: bool) -> Work | None:
-            if factor is not None:
-                tensor.mul_(factor)
-            return api.reduce(tensor, root, op, self.communicator, self._algorithm("reduce"), async_op)
+            return api.reduce(source, root, op, self.communicator, self._algorithm("reduce"), async_op)
 
-        return self._start("reduce", [tensor], launch, opts)
+        def after() -> None:
+            if source is not tensor and self.rank() == root:
+                tensor.copy_(source)
+
+        return self._start("reduce", [tensor], launch, opts, after)
 
     def reduce_scatter(
         self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: object = None
@@ -153,8 +157,7 @@ class CommlabProcessGroup(dist.ProcessGroup):
                 )
         flat = torch.cat([i.reshape(p, -1) for i in inputs], dim=1).reshape(-1)  # block r: every input's r
         out = flat.new_empty(sum(sizes))
-        work = self._reduce_scatter_flat(label, out, flat, opts, owned=True, outputs=outputs)
-        return work
+        return self._reduce_scatter_flat(label, out, flat, opts, owned=True, outputs=outputs)
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
