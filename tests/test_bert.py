@@ -26,8 +26,9 @@ from commlab.models.mlm import MASK_FRACTION, masked_count
 from commlab.parallel import Pipeline, tensor_parallel_layers
 from commlab.parallel.sequence import sequence_parallel_layers
 from tests.numerics import adam_tolerance
+from tests.test_3d import assert_matches
 from tests.test_data_parallel import shard
-from tests.test_tensor_parallel import mesh_of, my_slice
+from tests.test_tensor_parallel import mesh_of
 
 SEED, STEPS, GLOBAL_BATCH, SEQ = 100, 3, 8, 32
 LR, EPS = 1e-2, 1e-8  # AdamW
@@ -159,22 +160,6 @@ def train_layout(
     return losses, params
 
 
-def assert_matches(results: list, expected: tuple[list[float], dict[str, torch.Tensor]]) -> None:
-    want_losses, want_params = expected
-    seen = set()
-    for losses, params in results:
-        torch.testing.assert_close(
-            torch.tensor(losses), torch.tensor(want_losses), rtol=TOLERANCE, atol=TOLERANCE
-        )
-        for name, (param, shard_of) in params.items():
-            holder = type("P", (), {"shard_of": shard_of, "shape": param.shape})
-            want = my_slice(want_params[name], holder)
-            assert param.dtype == want.dtype == torch.float64, name
-            torch.testing.assert_close(param, want, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
-            seen.add(name)
-    assert seen == set(want_params), set(want_params) ^ seen
-
-
 LAYOUTS = {  # id: (dp, pp, tp, sequence parallel, model overrides)
     "dp2": (2, 1, 1, False, {}),
     "tp2": (1, 1, 2, False, {"checkpoint": "selective"}),
@@ -190,11 +175,13 @@ LAYOUTS = {  # id: (dp, pp, tp, sequence parallel, model overrides)
 def test_bert_layouts_match_one_process(rank_pools, layout):
     dp, pp, tp, sp, overrides = LAYOUTS[layout]
     expected = reference(**overrides)
-    assert_matches(rank_pools(dp * pp * tp).run(train_layout, dp, pp, tp, sp, **overrides), expected)
+    assert_matches(
+        rank_pools(dp * pp * tp).run(train_layout, dp, pp, tp, sp, **overrides), expected, TOLERANCE
+    )
 
 
 @pytest.mark.numerics
 def test_bert_3d_dp2_pp2_tp2_sequence_parallel_matches_one_process(rank_pools):
     expected = reference(checkpoint="selective")
     results = rank_pools(8).run(train_layout, 2, 2, 2, True, checkpoint="selective")
-    assert_matches(results, expected)
+    assert_matches(results, expected, TOLERANCE)
