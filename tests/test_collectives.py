@@ -7,6 +7,7 @@ order, and results must equal the reference bit for bit; one test on random norm
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 import commlab
 from commlab.collectives.algorithms import algorithms_for, get_algorithm
 from commlab.collectives.schedule import OPS
-from commlab.collectives.transport import TorchTransport
+from commlab.collectives.transport import TorchTransport, Transport
 from commlab.errors import CollectiveMismatchError, CollectiveTimeoutError, CommlabError, InvalidArgumentError
 from tests.distributed import RankError
 
@@ -104,12 +105,20 @@ def _run_commlab(
 
 
 def check_against_torch(
-    sizes: list[int], dtypes: list[torch.dtype], full_ops: bool, seed: int, hosts: str | None = None
+    sizes: list[int],
+    dtypes: list[torch.dtype],
+    full_ops: bool,
+    seed: int,
+    hosts: str | None = None,
+    transport: Callable[[], Transport] | None = None,
 ) -> list[str]:
     """On every rank: run every op x algorithm x dtype x size, compare with the native collective.
-    `hosts` (a host map spec such as '2x2') runs commlab on a communicator that sees those hosts."""
+    `hosts` (a host map spec such as '2x2') runs commlab on a communicator that sees those hosts;
+    `transport` (a module-level factory) runs it on that transport instead of the group's own."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    group = None if hosts is None else commlab.Communicator(TorchTransport(), hosts=hosts)
+    group = None
+    if hosts is not None or transport is not None:
+        group = commlab.Communicator(transport() if transport else TorchTransport(), hosts=hosts)
     names = {  # across hosts: the algorithms that read the host map (the others ignore it)
         kind: [a for a in algorithms_for(kind) if hosts is None or get_algorithm(a).topology_aware]
         for kind in OPS
@@ -140,6 +149,9 @@ def check_against_torch(
                             )
     if group is not None:
         group.close()
+        close = getattr(group.transport, "close", None)
+        if close is not None:
+            close()
     return failures
 
 

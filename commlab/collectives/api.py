@@ -24,6 +24,7 @@ from commlab.collectives.algorithms import ALGORITHMS
 from commlab.collectives.communicator import DTYPES, Call, Communicator, Work, encode_signature
 from commlab.collectives.executor import REDUCE_OPS
 from commlab.collectives.mpi import MPITransport, comm_key, is_mpi_comm
+from commlab.collectives.shm import SharedMemoryTransport, shared_memory_transport
 from commlab.collectives.transport import TorchTransport
 from commlab.collectives.tuning import Choice, resolve
 from commlab.errors import InvalidArgumentError, UnsupportedOperationError, invalid
@@ -62,7 +63,7 @@ def communicator(group: Group = None) -> Communicator:
     key = group if group is not None else "default"
     comm = _COMMUNICATORS.get(key)
     if comm is None or (group is None and comm.transport.group is not dist.group.WORLD):
-        comm = Communicator(TorchTransport(group))
+        comm = Communicator(shared_memory_transport(group) or TorchTransport(group))
         _COMMUNICATORS[key] = comm
     return comm
 
@@ -89,6 +90,8 @@ def release(group: Group = None) -> None:
         comms = [_COMMUNICATORS.pop(k) for k in owned]
     for comm in comms:
         comm.close()
+        if isinstance(comm.transport, SharedMemoryTransport):  # made here, so released here
+            comm.transport.close()
 
 
 atexit.register(release)

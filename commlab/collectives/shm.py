@@ -1,0 +1,596 @@
+"""The transport over shared memory, for the ranks of a torch.distributed group that share one host.
+
+One segment per transport (see `shm_segment`) holds a ring buffer for every ordered pair of ranks. A
+message is a 16-byte header (tag, byte count) and its payload, padded to 16 bytes, streamed through the
+ring: the sender copies as much as there is room for (in pieces of at most COPY_BYTES, publishing each) and
+the receiver copies out what has arrived, so a message of any length passes through a ring of any size.
+Each ring has two counters, each written by one side only: `head` (bytes written, by the sender) and
+`tail` (bytes consumed, by the receiver). A send is complete once its last byte is in the ring (eager), a
+receive once its last byte is in the receiving tensor. Messages between a pair are matched in order, and
+each header's tag and size are checked against the posted receive (a mismatch raises TransportError).
+
+Progress happens in the calling thread: posting and every wait move every posted transfer as far as the
+rings allow (as an MPI progress engine does), so a wait never blocks a transfer another step needs.
+Waiting polls the counters: on the main thread a short spin (none when the host runs more ranks than it has
+cores), then `sched_yield` between polls, then naps that double from NAP_MIN_S to NAP_MAX_S; a worker
+thread naps at once (spinning there would hold the GIL against the training loop). So a message that
+arrives quickly costs no system call, and a long wait costs little CPU. While waiting it checks, every
+CHECK_S, that the peers it waits for still run (their state word in the segment, and /proc) and raises
+TransportError naming a dead or failed peer; past the deadline it raises CollectiveTimeoutError naming
+the transfer. After a failure the transport is unusable (as a gloo group is after a timeout) and marks
+itself FAILED in the segment, so its peers stop waiting at once.
+
+Ordering: x86-64 keeps stores in order and loads in order, so payload bytes written before a counter are
+visible before it; a locked instruction (a lock acquire) after each copy also orders the non-temporal
+stores that large memcpys use.
+
+`SharedMemoryTransport(group)` is collective over the gloo `group` (every rank must make it): the group
+carries the setup (process ids, the host check, the segment's name). `communicator()` picks it for a gloo
+group on one host when $COMMLAB_SHM allows (see `shm_enabled`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import mmap
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from commlab.collectives import futex
+from commlab.collectives import shm_segment as seg
+from commlab.collectives.cost import CostModel
+from commlab.collectives.hosts import host_map_from_env
+from commlab.collectives.transport import _ALL_GATHER, Message, TorchRequest, _group_timeout
+from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError, invalid
+
+SHM_ENV = "COMMLAB_SHM"  # 1: use shared memory within a host for gloo groups, 0: never
+DEFAULT_ON = False  # what communicator() does when $COMMLAB_SHM is unset (see benchmarks/collectives.py)
+
+COPY_BYTES = 1 << 20  # a sender publishes its progress at least every this many bytes
+SPIN_S = 50e-6  # the main thread polls without pause this long, when cores are not oversubscribed
+YIELD_S = 50e-6  # then yields the processor between polls this long (when not oversubscribed)
+NAP_MIN_S = 20e-6  # without futexes: naps between polls, doubling from this...
+NAP_MAX_S = 1e-3  # ...to this
+CHECK_S = 0.05  # how often a waiting rank checks that its peers still run
+MAX_GATHER = seg.GATHER_WORDS - 1
+
+_memmove = ctypes.memmove  # a plain memcpy with the GIL released; torch's copy_ costs more per call
+
+SHM_COST_MODEL = CostModel(alpha=10e-6, beta=1 / 5e9, gamma=1 / 4e9)
+"""Python-driven shared memory: about 10 us per message, two 10 GB/s copies per byte, 4 GB/s reduction."""
+
+
+class NotOneHostError(CommlabError):
+    """The ranks of a group are not all on one host, so they cannot share memory."""
+
+
+def shm_enabled(environ: dict[str, str] | None = None) -> bool:
+    """Whether $COMMLAB_SHM allows the shared-memory transport ('1' on, '0' off, unset: DEFAULT_ON)."""
+    value = (environ if environ is not None else os.environ).get(SHM_ENV, "").strip()
+    if value == "":
+        return DEFAULT_ON
+    if value not in ("0", "1"):
+        raise invalid(SHM_ENV, value, "'1' (shared memory within a host) or '0' (never)")
+    return value == "1"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_ring_bytes(size: int) -> int:
+    """Ring bytes per ordered pair: 64 MiB in all, 64 KiB to 8 MiB each, a power of two."""
+    pairs = max(size * (size - 1), 1)
+    ring = 1 << 16
+    while ring * 2 <= min(8 << 20, (64 << 20) // pairs):
+        ring *= 2
+    return ring
+
+
+class _Transfer:
+    """One posted send or receive: the bytes, the peer, the tag, and how far it has got."""
+
+    __slots__ = ("address", "data", "done", "footprint", "header", "nbytes", "peer", "tag", "transport")
+
+    def __init__(self, transport: SharedMemoryTransport, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        self.transport = transport
+        self.data = tensor  # kept alive until the transfer completes
+        self.address = tensor.data_ptr()
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.footprint = -(-self.nbytes // 16) * 16  # payload bytes in the ring, padding included
+        self.peer = peer
+        self.tag = tag
+        self.header = False
+        self.done = 0  # footprint bytes moved
+
+    @property
+    def complete(self) -> bool:
+        return self.header and self.done == self.footprint
+
+    def wait(self, timeout: float) -> None:
+        self.transport.wait_all(
+            [self], time.monotonic() + timeout, lambda _: f"transfer with rank {self.peer}"
+        )
+
+
+class SharedMemoryTransport:
+    """Point-to-point through shared memory between the ranks of a gloo `group` on one host.
+
+    `group`: the torch.distributed group (default: the world), which must use gloo; `timeout`: default
+    seconds per collective (default: the group's); `ring_bytes`: ring size per ordered pair of ranks (a
+    multiple of 16, at least 4096; default `default_ring_bytes`). Raises NotOneHostError if the group's
+    ranks are on several hosts. `close()` releases the segment (also at garbage collection).
+    """
+
+    device_type = "cpu"
+    backend = "shm"  # no shipped calibration: `auto` prices algorithms with cost_model
+    cost_model = SHM_COST_MODEL
+    piece_bytes = 0  # copies run on the caller's thread: slices add messages, not overlap
+    max_tag = (1 << 62) - 1
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        timeout: float | None = None,
+        ring_bytes: int | None = None,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise CommlabError(
+                "the shared-memory transport sets up over torch.distributed: initialize it first"
+            )
+        self.group = group if group is not None else dist.group.WORLD
+        if str(dist.get_backend(self.group)).lower() != "gloo":
+            raise invalid("group", dist.get_backend(self.group), "a gloo process group")
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+        if self.rank < 0:
+            raise CommlabError("this process is not a member of the group it was asked to communicate in")
+        if timeout is not None and not timeout > 0:
+            raise invalid("timeout", timeout, "a positive number of seconds, or None for the group's own")
+        ring = default_ring_bytes(self.size) if ring_bytes is None else ring_bytes
+        if not isinstance(ring, int) or ring < 4096 or ring % 16:
+            raise invalid("ring_bytes", ring_bytes, "an integer >= 4096 and a multiple of 16, or None")
+        self.global_ranks = [dist.get_global_rank(self.group, r) for r in range(self.size)]
+        self.hosts = host_map_from_env(self.global_ranks)
+        self.default_timeout = float(timeout) if timeout is not None else _group_timeout(self.group, "cpu")
+        self.layout = seg.Layout(self.size, ring)
+        spare = self.size <= _cores()  # spinning or yielding only helps where every rank has a core
+        self.spin, self.yield_s = (SPIN_S, YIELD_S) if spare else (0.0, 0.0)
+        self._broken: str | None = None
+        self._gathers = 0
+        self._fence = threading.Lock()
+        self._sends: dict[int, deque[_Transfer]] = {}
+        self._recvs: dict[int, deque[_Transfer]] = {}
+        self._heads = [0] * self.size  # my sends' head counters (I am their only writer)
+        self._tails = [0] * self.size  # my receives' tail counters
+        self._mm: mmap.mmap | None = None
+        self.pids, self._started = self._setup()
+
+    # ----- setup and teardown -----
+
+    def _group_call(self, what: str, work: dist.Work) -> None:
+        try:
+            TorchRequest(work).wait(self.default_timeout)
+        except (CollectiveTimeoutError, TransportError) as error:
+            raise type(error)(f"setting up the shared-memory transport ({what}): {error}") from error
+
+    def _setup(self) -> tuple[list[int], list[int]]:
+        """Gather pids and host ids over the group, make or map the segment, then unlink it."""
+        me = os.getpid()
+        host = int.from_bytes(hashlib.blake2b(seg.host_identity(), digest_size=7).digest(), "little")
+        mine = torch.tensor([me, seg.start_time(me) or 0, host], dtype=torch.int64)
+        table = torch.zeros(3 * self.size, dtype=torch.int64)
+        self._group_call("gathering process ids", _ALL_GATHER(table, mine, group=self.group, async_op=True))
+        rows = table.view(self.size, 3).tolist()
+        if len({row[2] for row in rows}) > 1:
+            raise NotOneHostError(f"the ranks of {self.group} are on more than one host: no shared memory")
+        pids, started = [row[0] for row in rows], [row[1] for row in rows]
+
+        def path_of(token: int) -> str:
+            return seg.segment_path(pids[0], token)
+
+        nbytes = self.layout.total_bytes
+        token = torch.zeros(1, dtype=torch.int64)
+        failure = ""
+        if self.rank == 0:
+            seg.sweep_stale()
+            try:
+                token[0] = seg.new_token()
+                self._mm = seg.create(path_of(int(token[0])), nbytes)
+            except OSError as error:
+                token[0], failure = -1, f"rank 0 could not create a {nbytes}-byte segment: {error}"
+        root = self.global_ranks[0]
+        self._group_call(
+            "agreeing on the segment", dist.broadcast(token, root, group=self.group, async_op=True)
+        )
+        if self.rank != 0 and int(token[0]) > 0:
+            try:
+                self._mm = seg.attach(path_of(int(token[0])), nbytes)
+            except (OSError, TransportError) as error:
+                failure = f"rank {self.rank} could not map the segment: {error}"
+        ok = torch.tensor([0 if failure or int(token[0]) <= 0 else 1], dtype=torch.int64)
+        oks = torch.zeros(self.size, dtype=torch.int64)
+        try:
+            self._group_call("mapping the segment", _ALL_GATHER(oks, ok, group=self.group, async_op=True))
+        finally:
+            if self.rank == 0 and int(token[0]) > 0:
+                seg.unlink(path_of(int(token[0])))  # every rank has it mapped (or gave up): nothing to leak
+        if not bool(oks.all()):
+            bad = [r for r, v in enumerate(oks.tolist()) if not v]
+            raise TransportError(
+                f"shared-memory transport setup failed on ranks {bad}" + (f": {failure}" if failure else "")
+            )
+        assert self._mm is not None
+        self._words = np.frombuffer(self._mm, dtype=np.int64)
+        self._ints = np.frombuffer(self._mm, dtype=np.int32)
+        self._bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
+        self._base_address = self._bytes.data_ptr()
+        self._path = path_of(int(token[0]))
+        return pids, started
+
+    def close(self) -> None:
+        """Mark this rank CLOSED in the segment and unmap it; later posts raise TransportError."""
+        if self._mm is None:
+            return
+        self._words[self.layout.status_word(self.rank)] = seg.CLOSED if self._broken is None else seg.FAILED
+        if self._broken is None:
+            self._broken = "the transport was closed"
+        self._ring_all()
+        mm, self._mm = self._mm, None
+        del self._words, self._ints, self._bytes
+        self._sends.clear()
+        self._recvs.clear()
+        with contextlib.suppress(BufferError):  # a view still referenced: the mapping goes with it
+            mm.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _fail(self, reason: str) -> None:
+        """Make the transport unusable and tell the peers (so they stop waiting for this rank)."""
+        self._broken = reason
+        if self._mm is not None:
+            self._words[self.layout.status_word(self.rank)] = seg.FAILED
+            self._ring_all()
+
+    def _ring_all(self) -> None:
+        for peer in range(self.size):
+            if peer != self.rank:
+                self._ring(peer)
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise TransportError(
+                f"the shared-memory transport (rank {self.rank}) is unusable: {self._broken}"
+            )
+
+    # ----- posting and progress -----
+
+    def post(self, sends: list[Message], recvs: list[Message]) -> list[_Transfer]:
+        """Queue the receives and sends of one step and move what can move now (small sends complete)."""
+        self._check_usable()
+        out = []
+        for messages, queues in ((recvs, self._recvs), (sends, self._sends)):
+            for m in messages:
+                tensor = m.tensor
+                if tensor.device.type != "cpu" or not tensor.is_contiguous():
+                    raise invalid(
+                        "tensor",
+                        f"{tensor.device} contiguous={tensor.is_contiguous()}",
+                        "contiguous CPU tensors",
+                    )
+                if not 0 <= m.peer < self.size or m.peer == self.rank:
+                    raise invalid("peer", m.peer, f"another rank of 0..{self.size - 1}")
+                transfer = _Transfer(self, tensor, m.peer, m.tag)
+                queue = queues.get(m.peer)
+                if queue is None:
+                    queue = queues[m.peer] = deque()
+                queue.append(transfer)
+                out.append(transfer)
+        self._progress()
+        return out
+
+    def _progress(self) -> bool:
+        """Move every queued transfer as far as the rings allow; whether anything moved."""
+        moved = False
+        for queue in self._sends.values():
+            while queue:
+                moved |= self._push(queue[0])
+                if not queue[0].complete:
+                    break
+                queue.popleft()
+        for queue in self._recvs.values():
+            while queue:
+                moved |= self._pull(queue[0])
+                if not queue[0].complete:
+                    break
+                queue.popleft()
+        return moved
+
+    def _push(self, t: _Transfer) -> bool:
+        """Write what fits of a send into its ring; publish the head after each piece."""
+        layout, words = self.layout, self._words
+        ring = layout.ring_bytes
+        head = self._heads[t.peer]
+        tail_at = layout.tail_word(self.rank, t.peer)
+        base = layout.ring_offset(self.rank, t.peer)
+        free = ring - (head - int(words[tail_at]))
+        moved = False
+        if not t.header:
+            if free < 16:
+                return False
+            at = (base + head % ring) // 8
+            words[at] = t.tag
+            words[at + 1] = t.nbytes
+            head += 16
+            free -= 16
+            t.header = moved = True
+        while t.done < t.footprint:
+            if free <= 0:
+                free = ring - (head - int(words[tail_at]))
+                if free <= 0:
+                    break
+            n = min(free, t.footprint - t.done, COPY_BYTES)
+            data = min(n, t.nbytes - t.done)
+            if data > 0:
+                self._copy_in(base, head % ring, t.address + t.done, data)
+            t.done += n
+            head += n
+            free -= n
+            moved = True
+            self._publish(layout.head_word(self.rank, t.peer), head, t.peer)
+        if moved:
+            self._publish(layout.head_word(self.rank, t.peer), head, t.peer)
+            self._heads[t.peer] = head
+        return moved
+
+    def _pull(self, t: _Transfer) -> bool:
+        """Copy out what has arrived of a receive; publish the tail after each piece."""
+        layout, words = self.layout, self._words
+        ring = layout.ring_bytes
+        tail = self._tails[t.peer]
+        head_at = layout.head_word(t.peer, self.rank)
+        tail_at = layout.tail_word(t.peer, self.rank)
+        base = layout.ring_offset(t.peer, self.rank)
+        avail = int(words[head_at]) - tail
+        moved = False
+        if not t.header:
+            if avail < 16:
+                return False
+            at = (base + tail % ring) // 8
+            tag, nbytes = int(words[at]), int(words[at + 1])
+            if tag != t.tag or nbytes != t.nbytes:
+                self._fail("a message did not match its receive")
+                raise TransportError(
+                    f"rank {self.rank} received {nbytes} bytes with tag {tag} from rank {t.peer}, "
+                    f"expected {t.nbytes} bytes with tag {t.tag}: the ranks run different collectives"
+                )
+            tail += 16
+            avail -= 16
+            t.header = moved = True
+        while t.done < t.footprint:
+            if avail <= 0:
+                avail = int(words[head_at]) - tail
+                if avail <= 0:
+                    break
+            n = min(avail, t.footprint - t.done, COPY_BYTES)
+            data = min(n, t.nbytes - t.done)
+            if data > 0:
+                self._copy_out(base, tail % ring, t.address + t.done, data)
+            t.done += n
+            tail += n
+            avail -= n
+            moved = True
+            self._publish(tail_at, tail, t.peer)
+        if moved:
+            self._publish(tail_at, tail, t.peer)
+            self._tails[t.peer] = tail
+        return moved
+
+    def _copy_in(self, base: int, at: int, src: int, n: int) -> None:
+        """memcpy n bytes from address `src` into the ring at `base`, position `at` (wrapping)."""
+        ring = self.layout.ring_bytes
+        first = min(n, ring - at)
+        _memmove(self._base_address + base + at, src, first)
+        if first < n:
+            _memmove(self._base_address + base, src + first, n - first)
+
+    def _copy_out(self, base: int, at: int, dst: int, n: int) -> None:
+        """memcpy n bytes from the ring at `base`, position `at` (wrapping), to address `dst`."""
+        ring = self.layout.ring_bytes
+        first = min(n, ring - at)
+        _memmove(dst, self._base_address + base + at, first)
+        if first < n:
+            _memmove(dst + first, self._base_address + base, n - first)
+
+    def _publish(self, word: int, value: int, peer: int) -> None:
+        """Store a counter between two fences and ring `peer`'s doorbell if it sleeps.
+
+        The first fence makes the bytes the counter covers visible before it; the second orders the
+        store before the load of the peer's sleeping flag (the peer stores its flag, fences, then
+        re-reads the counters: one of the two sides sees the other's store, so no wake-up is lost).
+        """
+        with self._fence:
+            pass
+        self._words[word] = value
+        with self._fence:
+            pass
+        if self._words[self.layout.waiting_word(peer)]:
+            self._ring(peer)
+
+    def _ring(self, peer: int) -> None:
+        """Change `peer`'s doorbell and wake it (a system call, made only when the peer sleeps)."""
+        at = self.layout.doorbell_offset(peer) // 4
+        self._ints[at] = (int(self._ints[at]) + 1) & 0x7FFFFFFF
+        if futex.AVAILABLE:
+            futex.wake(self._base_address + self.layout.doorbell_offset(peer))
+
+    # ----- waiting -----
+
+    def wait_all(self, requests: list[_Transfer], deadline: float, describe: Callable[[int], str]) -> None:
+        """Progress until every request is complete; raise on a dead or failed peer or past `deadline`."""
+        self._check_usable()
+        self._poll(
+            lambda: self._progress() or True,
+            lambda: all(r.complete for r in requests),
+            deadline,
+            lambda: [(i, r.peer) for i, r in enumerate(requests) if not r.complete],
+            describe,
+        )
+
+    def _poll(
+        self,
+        step: Callable[[], bool],
+        done: Callable[[], bool],
+        deadline: float,
+        waiting_for: Callable[[], list[tuple[int, int]]],
+        describe: Callable[[int], str],
+    ) -> None:
+        """Call `step` until `done()`, backing off while nothing moves (see the module docstring)."""
+        step()
+        if done():
+            return
+        now = time.monotonic()
+        main = threading.current_thread() is threading.main_thread()
+        spin = self.spin if main else 0.0
+        yields = self.yield_s if main else 0.0
+        idle_since, next_check = now, now + CHECK_S
+        nap = NAP_MIN_S
+        while True:
+            if self._progress():
+                idle_since, nap = time.monotonic(), NAP_MIN_S
+            if done():
+                return
+            now = time.monotonic()
+            if now > next_check:
+                self._check_peers(waiting_for(), describe)
+                next_check = now + CHECK_S
+            if now > deadline:
+                index, peer = waiting_for()[0]
+                self._fail("a transfer timed out")
+                raise CollectiveTimeoutError(
+                    f"{describe(index)} timed out (rank {self.rank}, peer pid {self.pids[peer]})"
+                )
+            idle = now - idle_since
+            if idle < spin:
+                continue
+            if idle < spin + yields:
+                os.sched_yield()
+            elif futex.AVAILABLE:
+                self._sleep(min(CHECK_S, deadline - now) + 1e-4, done)
+            else:
+                time.sleep(nap)
+                nap = min(nap * 2, NAP_MAX_S)
+
+    def _sleep(self, timeout: float, done: Callable[[], bool]) -> None:
+        """Sleep on this rank's doorbell until a peer rings it (or `timeout`), unless work arrived.
+
+        The flag is raised before the last look at the rings, and a peer reads it after publishing
+        (see `_publish`), so a peer either sees the flag and rings, or this look sees its counter.
+        """
+        bell = self.layout.doorbell_offset(self.rank)
+        expected = int(self._ints[bell // 4])
+        flag = self.layout.waiting_word(self.rank)
+        self._words[flag] = 1
+        with self._fence:
+            pass
+        try:
+            if self._progress() or done():
+                return
+            futex.wait(self._base_address + bell, expected, timeout)
+        finally:
+            self._words[flag] = 0
+
+    def _check_peers(self, waiting: list[tuple[int, int]], describe: Callable[[int], str]) -> None:
+        """Raise TransportError if a peer waited for has failed, closed or exited."""
+        for index, peer in waiting:
+            state = int(self._words[self.layout.status_word(peer)])
+            reason = None
+            if state == seg.FAILED:
+                reason = "gave up (its own transfer failed or timed out)"
+            elif state == seg.CLOSED:
+                reason = "closed its transport"
+            elif not seg.is_alive(self.pids[peer], self._started[peer]):
+                reason = "exited"
+            if reason is not None:
+                self._fail(f"rank {peer} {reason}")
+                raise TransportError(
+                    f"{describe(index)} failed: rank {peer} (pid {self.pids[peer]}) {reason}"
+                )
+
+    # ----- control data -----
+
+    def allgather_int64(self, send: torch.Tensor, out: torch.Tensor, deadline: float) -> None:
+        """Every rank's `send` (int64, at most 31 values) into `out` through the segment's slots.
+
+        Each rank writes its values and then a sequence number into its slot of this call's parity and
+        waits for every peer's sequence number: one round, no messages. Slots alternate by parity, and a
+        rank can start call n + 2 only after every peer has finished call n + 1, so a slot is never
+        rewritten while a peer still reads it.
+        """
+        self._check_usable()
+        width = send.numel()
+        if width > MAX_GATHER or out.numel() != width * self.size:
+            raise invalid("send", width, f"at most {MAX_GATHER} values, and out of size x that")
+        sequence = self._gathers + 1
+        parity = sequence % 2
+        words, layout = self._words, self.layout
+        mine = layout.gather_word(self.rank, parity)
+        words[mine + 1 : mine + 1 + width] = send.numpy()
+        words[mine] = sequence
+        with self._fence:
+            pass
+        for peer in range(self.size):
+            if peer != self.rank and words[layout.waiting_word(peer)]:
+                self._ring(peer)
+        slots = [layout.gather_word(r, parity) for r in range(self.size)]
+
+        def arrived() -> bool:
+            return all(int(words[s]) >= sequence for s in slots)
+
+        def waiting() -> list[tuple[int, int]]:
+            return [(r, r) for r in range(self.size) if int(words[slots[r]]) < sequence]
+
+        self._poll(lambda: False, arrived, deadline, waiting, lambda r: f"argument check with rank {r}")
+        table = out.numpy().reshape(self.size, width)
+        for r, s in enumerate(slots):
+            table[r] = words[s + 1 : s + 1 + width]
+        self._gathers = sequence
+
+    def __repr__(self) -> str:
+        return f"SharedMemoryTransport(rank {self.rank} of {self.size}, ring {self.layout.ring_bytes} bytes)"
+
+
+def shared_memory_transport(group: dist.ProcessGroup | None) -> SharedMemoryTransport | None:
+    """The shared-memory transport of a gloo `group` if $COMMLAB_SHM allows and its ranks share a host.
+
+    Collective over the group; every rank reaches the same answer (the host check is gathered). None for
+    a group of one rank, a non-gloo group, or a host map ($COMMLAB_HOSTS, LOCAL_WORLD_SIZE) of several hosts.
+    """
+    if not shm_enabled():
+        return None
+    group = group if group is not None else dist.group.WORLD
+    if str(dist.get_backend(group)).lower() != "gloo" or dist.get_world_size(group) < 2:
+        return None
+    hosts = host_map_from_env([dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))])
+    if hosts is not None and hosts.num_hosts > 1:
+        return None
+    if not os.path.isdir(seg.SHM_DIR):
+        return None
+    try:
+        return SharedMemoryTransport(group)
+    except NotOneHostError:
+        return None
