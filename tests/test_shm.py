@@ -24,6 +24,7 @@ import torch.distributed as dist
 import commlab
 from commlab.collectives import shm_segment as seg
 from commlab.collectives.shm import SharedMemoryTransport, shm_enabled
+from commlab.collectives.transport import Message
 from commlab.errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
@@ -49,10 +50,13 @@ def test_every_collective_matches_torch_on_shared_memory(rank_pools, world_size)
     assert not failures, "\n".join(failures[:40])
 
 
-def large_messages(numel: int) -> list[str]:
-    """Allreduce, allgather and broadcast of ~4 MB per rank through 64 KiB rings, against gloo."""
+def large_messages(numel: int, cma: bool) -> list[str]:
+    """Allreduce, allgather and broadcast of ~1.2 MB per rank against gloo: read from the sender's memory
+    (cma), or streamed through 64 KiB rings (cma off)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = commlab.Communicator(SharedMemoryTransport(ring_bytes=1 << 16))
+    comm = commlab.Communicator(SharedMemoryTransport(ring_bytes=1 << 16, cma=cma))
+    if not cma and comm.transport.cma:
+        return ["cma=False was not honoured"]
     gen = torch.Generator().manual_seed(rank)
     x = torch.randint(-50, 50, (numel,), generator=gen).to(torch.float32)  # sums exact in float32
     failures = []
@@ -79,10 +83,36 @@ def large_messages(numel: int) -> list[str]:
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_messages_many_times_the_ring(rank_pools, world_size):
-    results = rank_pools(world_size).run(large_messages, 1_000_003)
+@pytest.mark.parametrize("cma", [True, False])
+def test_messages_many_times_the_ring(rank_pools, world_size, cma):
+    results = rank_pools(world_size).run(large_messages, 300_007, cma)
     failures = [f for per_rank in results for f in per_rank]
     assert not failures, "\n".join(failures)
+
+
+def point_to_point() -> list[str]:
+    """Empty, odd-sized and ring-wrapping messages straight through the transport, in both directions
+    at once, every dtype's bytes intact (bfloat16 included)."""
+    rank = dist.get_rank()
+    peer = 1 - rank
+    transport = SharedMemoryTransport(ring_bytes=4096)
+    failures = []
+    cases = [(0, torch.float32), (3, torch.bfloat16), (1001, torch.int8), (0, torch.int64)]
+    cases += [(2500, torch.float64), (1, torch.uint8)]
+    for tag, (numel, dtype) in enumerate(cases):
+        mine = (torch.arange(numel) * (rank + 2) % 100).to(dtype)
+        theirs = torch.full((numel,), 99).to(dtype)
+        requests = transport.post([Message(mine, peer, tag)], [Message(theirs, peer, tag)])
+        transport.wait_all(requests, time.monotonic() + 30, str)
+        if not torch.equal(theirs, (torch.arange(numel) * (peer + 2) % 100).to(dtype)):
+            failures.append(f"{numel} x {dtype}")
+    transport.close()
+    return failures
+
+
+def test_point_to_point(rank_pools):
+    failures = [f for per_rank in rank_pools(2).run(point_to_point) for f in per_rank]
+    assert not failures, failures
 
 
 def mismatch_and_timeout() -> tuple[str, str, str]:
@@ -240,6 +270,8 @@ def _dying_rank(rank: int, store: str, results: mp.Queue) -> None:
             results.put((f"{type(error).__name__}: {error}", time.monotonic() - start))
     except BaseException as error:
         results.put((f"setup failed: {error}\n{traceback.format_exc()}", 0.0))
+    results.close()
+    results.join_thread()  # the answer is written before the exit below
     os._exit(0)  # the group's other member is gone: skip gloo's teardown
 
 

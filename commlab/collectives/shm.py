@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import mmap
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from commlab.collectives import futex
+from commlab.collectives import cma, futex
 from commlab.collectives import shm_segment as seg
 from commlab.collectives.cost import CostModel
 from commlab.collectives.hosts import host_map_from_env
@@ -62,6 +64,8 @@ NAP_MIN_S = 20e-6  # without futexes: naps between polls, doubling from this...
 NAP_MAX_S = 1e-3  # ...to this
 CHECK_S = 0.05  # how often a waiting rank checks that its peers still run
 MAX_GATHER = seg.GATHER_WORDS - 1
+CMA_ENV = "COMMLAB_SHM_CMA"  # 0: every message through the rings, even where cma works
+CMA_MIN_BYTES = 64 << 10  # messages this long or longer are read from the sender's memory (see cma)
 
 _memmove = ctypes.memmove  # a plain memcpy with the GIL released; torch's copy_ costs more per call
 
@@ -91,10 +95,10 @@ def _cores() -> int:
 
 
 def default_ring_bytes(size: int) -> int:
-    """Ring bytes per ordered pair: 64 MiB in all, 64 KiB to 8 MiB each, a power of two."""
+    """Ring bytes per ordered pair: at most 32 MiB in all, 64 KiB to 8 MiB each, a power of two."""
     pairs = max(size * (size - 1), 1)
     ring = 1 << 16
-    while ring * 2 <= min(8 << 20, (64 << 20) // pairs):
+    while ring * 2 <= min(8 << 20, (32 << 20) // pairs):
         ring *= 2
     return ring
 
@@ -102,22 +106,29 @@ def default_ring_bytes(size: int) -> int:
 class _Transfer:
     """One posted send or receive: the bytes, the peer, the tag, and how far it has got."""
 
-    __slots__ = ("address", "data", "done", "footprint", "header", "nbytes", "peer", "tag", "transport")
+    __slots__ = (
+        "address", "cma", "data", "done", "footprint", "header", "nbytes", "peer", "release", "tag",
+        "transport",
+    )  # fmt: skip
 
-    def __init__(self, transport: SharedMemoryTransport, tensor: torch.Tensor, peer: int, tag: int) -> None:
+    def __init__(
+        self, transport: SharedMemoryTransport, tensor: torch.Tensor, peer: int, tag: int, cma: bool
+    ) -> None:
         self.transport = transport
         self.data = tensor  # kept alive until the transfer completes
         self.address = tensor.data_ptr()
         self.nbytes = tensor.numel() * tensor.element_size()
-        self.footprint = -(-self.nbytes // 16) * 16  # payload bytes in the ring, padding included
+        self.cma = cma  # the receiver reads the bytes from the sender's memory; only a descriptor travels
+        self.footprint = 0 if cma else -(-self.nbytes // 16) * 16  # payload bytes in the ring, padded
         self.peer = peer
         self.tag = tag
         self.header = False
         self.done = 0  # footprint bytes moved
+        self.release = 0  # a cma send: the tail the receiver must pass (it has read the bytes); then 0
 
     @property
     def complete(self) -> bool:
-        return self.header and self.done == self.footprint
+        return self.header and self.done == self.footprint and self.release == 0
 
     def wait(self, timeout: float) -> None:
         self.transport.wait_all(
@@ -145,6 +156,7 @@ class SharedMemoryTransport:
         group: dist.ProcessGroup | None = None,
         timeout: float | None = None,
         ring_bytes: int | None = None,
+        cma: bool | None = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise CommlabError(
@@ -176,7 +188,10 @@ class SharedMemoryTransport:
         self._heads = [0] * self.size  # my sends' head counters (I am their only writer)
         self._tails = [0] * self.size  # my receives' tail counters
         self._mm: mmap.mmap | None = None
+        self.cma = False
+        want_cma = (os.environ.get(CMA_ENV, "1") != "0") if cma is None else bool(cma)
         self.pids, self._started = self._setup()
+        self.cma = self._agree_on_cma(want_cma)
 
     # ----- setup and teardown -----
 
@@ -209,6 +224,7 @@ class SharedMemoryTransport:
             try:
                 token[0] = seg.new_token()
                 self._mm = seg.create(path_of(int(token[0])), nbytes)
+                self._map_views()
             except OSError as error:
                 token[0], failure = -1, f"rank 0 could not create a {nbytes}-byte segment: {error}"
         root = self.global_ranks[0]
@@ -218,6 +234,7 @@ class SharedMemoryTransport:
         if self.rank != 0 and int(token[0]) > 0:
             try:
                 self._mm = seg.attach(path_of(int(token[0])), nbytes)
+                self._map_views()
             except (OSError, TransportError) as error:
                 failure = f"rank {self.rank} could not map the segment: {error}"
         ok = torch.tensor([0 if failure or int(token[0]) <= 0 else 1], dtype=torch.int64)
@@ -232,13 +249,37 @@ class SharedMemoryTransport:
             raise TransportError(
                 f"shared-memory transport setup failed on ranks {bad}" + (f": {failure}" if failure else "")
             )
+        self._path = path_of(int(token[0]))
+        return pids, started
+
+    def _map_views(self) -> None:
+        """Views of the mapped segment; this rank's base address goes into its status line (for cma)."""
         assert self._mm is not None
         self._words = np.frombuffer(self._mm, dtype=np.int64)
         self._ints = np.frombuffer(self._mm, dtype=np.int32)
         self._bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
         self._base_address = self._bytes.data_ptr()
-        self._path = path_of(int(token[0]))
-        return pids, started
+        self._words[self.layout.base_word(self.rank)] = self._base_address
+
+    def _agree_on_cma(self, wanted: bool) -> bool:
+        """Whether every rank can read every peer's memory (process_vm_readv), agreed over the group.
+
+        Each rank reads each peer's base address from the peer's own mapping of the segment and compares
+        it with the copy in the segment: a real read through the same permission check (ptrace rules,
+        containers) a message would meet.
+        """
+        ok = wanted and cma.AVAILABLE
+        for peer in range(self.size):
+            if ok and peer != self.rank:
+                word = self.layout.base_word(peer)
+                remote_base = int(self._words[word])
+                probe = np.zeros(1, dtype=np.int64)
+                got = cma.read(self.pids[peer], remote_base + word * 8, probe.ctypes.data, 8)
+                ok = got == 8 and int(probe[0]) == remote_base
+        flags = torch.zeros(self.size, dtype=torch.int64)
+        mine = torch.tensor([int(ok)], dtype=torch.int64)
+        self._group_call("checking cma", _ALL_GATHER(flags, mine, group=self.group, async_op=True))
+        return bool(flags.all())
 
     def close(self) -> None:
         """Mark this rank CLOSED in the segment and unmap it; later posts raise TransportError."""
@@ -294,7 +335,8 @@ class SharedMemoryTransport:
                     )
                 if not 0 <= m.peer < self.size or m.peer == self.rank:
                     raise invalid("peer", m.peer, f"another rank of 0..{self.size - 1}")
-                transfer = _Transfer(self, tensor, m.peer, m.tag)
+                cma = self.cma and tensor.numel() * tensor.element_size() >= CMA_MIN_BYTES
+                transfer = _Transfer(self, tensor, m.peer, m.tag, cma)
                 queue = queues.get(m.peer)
                 if queue is None:
                     queue = queues[m.peer] = deque()
@@ -328,6 +370,8 @@ class SharedMemoryTransport:
         tail_at = layout.tail_word(self.rank, t.peer)
         base = layout.ring_offset(self.rank, t.peer)
         free = ring - (head - int(words[tail_at]))
+        if t.cma:
+            return self._push_descriptor(t, head, free, base)
         moved = False
         if not t.header:
             if free < 16:
@@ -338,6 +382,7 @@ class SharedMemoryTransport:
             head += 16
             free -= 16
             t.header = moved = True
+        pieces = 0
         while t.done < t.footprint:
             if free <= 0:
                 free = ring - (head - int(words[tail_at]))
@@ -350,12 +395,72 @@ class SharedMemoryTransport:
             t.done += n
             head += n
             free -= n
-            moved = True
+            moved, pieces = True, pieces + 1
             self._publish(layout.head_word(self.rank, t.peer), head, t.peer)
         if moved:
-            self._publish(layout.head_word(self.rank, t.peer), head, t.peer)
+            if not pieces:  # only the header went: publish it
+                self._publish(layout.head_word(self.rank, t.peer), head, t.peer)
             self._heads[t.peer] = head
         return moved
+
+    def _push_descriptor(self, t: _Transfer, head: int, free: int, base: int) -> bool:
+        """A cma send: post [tag, -1 - bytes][address, 0]; complete once the receiver's tail passes it."""
+        layout, words, ring = self.layout, self._words, self.layout.ring_bytes
+        if t.header:
+            if int(words[layout.tail_word(self.rank, t.peer)]) < t.release:
+                return False
+            t.release = 0
+            return True
+        if free < 32:
+            return False
+        at = (base + head % ring) // 8
+        words[at] = t.tag
+        words[at + 1] = -1 - t.nbytes
+        at = (base + (head + 16) % ring) // 8
+        words[at] = t.address
+        words[at + 1] = 0
+        head += 32
+        self._publish(layout.head_word(self.rank, t.peer), head, t.peer)
+        self._heads[t.peer] = head
+        t.header, t.release = True, head
+        return True
+
+    def _pull_descriptor(self, t: _Transfer, tail: int, avail: int, base: int) -> bool:
+        """A cma receive: read the bytes from the sender's memory, then pass the descriptor."""
+        layout, words, ring = self.layout, self._words, self.layout.ring_bytes
+        if avail < 32:
+            return False
+        at = (base + tail % ring) // 8
+        self._check_header(t, int(words[at]), int(words[at + 1]), -1 - t.nbytes)
+        address = int(words[(base + (tail + 16) % ring) // 8])
+        self._read_peer(t.peer, address, t.address, t.nbytes)
+        tail += 32
+        self._publish(layout.tail_word(t.peer, self.rank), tail, t.peer)
+        self._tails[t.peer] = tail
+        t.header = True
+        return True
+
+    def _check_header(self, t: _Transfer, tag: int, code: int, expected: int) -> None:
+        if tag == t.tag and code == expected:
+            return
+        self._fail("a message did not match its receive")
+        nbytes = -1 - code if code < 0 else code
+        raise TransportError(
+            f"rank {self.rank} received {nbytes} bytes with tag {tag} from rank {t.peer}, "
+            f"expected {t.nbytes} bytes with tag {t.tag}: the ranks run different collectives"
+        )
+
+    def _read_peer(self, peer: int, remote: int, local: int, nbytes: int) -> None:
+        """Copy `nbytes` at `remote` in rank `peer`'s memory to `local` (process_vm_readv: one copy)."""
+        pid = self.pids[peer]
+        while nbytes > 0:
+            got = cma.read(pid, remote, local, nbytes)
+            if got <= 0:
+                error = ctypes.get_errno()
+                self._fail(f"reading rank {peer}'s memory failed")
+                what = "exited" if error == errno.ESRCH else f"could not be read: {os.strerror(error)}"
+                raise TransportError(f"rank {peer} (pid {pid}) {what}")
+            remote, local, nbytes = remote + got, local + got, nbytes - got
 
     def _pull(self, t: _Transfer) -> bool:
         """Copy out what has arrived of a receive; publish the tail after each piece."""
@@ -366,21 +471,18 @@ class SharedMemoryTransport:
         tail_at = layout.tail_word(t.peer, self.rank)
         base = layout.ring_offset(t.peer, self.rank)
         avail = int(words[head_at]) - tail
+        if t.cma:
+            return self._pull_descriptor(t, tail, avail, base)
         moved = False
         if not t.header:
             if avail < 16:
                 return False
             at = (base + tail % ring) // 8
-            tag, nbytes = int(words[at]), int(words[at + 1])
-            if tag != t.tag or nbytes != t.nbytes:
-                self._fail("a message did not match its receive")
-                raise TransportError(
-                    f"rank {self.rank} received {nbytes} bytes with tag {tag} from rank {t.peer}, "
-                    f"expected {t.nbytes} bytes with tag {t.tag}: the ranks run different collectives"
-                )
+            self._check_header(t, int(words[at]), int(words[at + 1]), t.nbytes)
             tail += 16
             avail -= 16
             t.header = moved = True
+        pieces = 0
         while t.done < t.footprint:
             if avail <= 0:
                 avail = int(words[head_at]) - tail
@@ -393,10 +495,11 @@ class SharedMemoryTransport:
             t.done += n
             tail += n
             avail -= n
-            moved = True
+            moved, pieces = True, pieces + 1
             self._publish(tail_at, tail, t.peer)
         if moved:
-            self._publish(tail_at, tail, t.peer)
+            if not pieces:  # only the header was consumed: publish it
+                self._publish(tail_at, tail, t.peer)
             self._tails[t.peer] = tail
         return moved
 
@@ -578,7 +681,8 @@ def shared_memory_transport(group: dist.ProcessGroup | None) -> SharedMemoryTran
     """The shared-memory transport of a gloo `group` if $COMMLAB_SHM allows and its ranks share a host.
 
     Collective over the group; every rank reaches the same answer (the host check is gathered). None for
-    a group of one rank, a non-gloo group, or a host map ($COMMLAB_HOSTS, LOCAL_WORLD_SIZE) of several hosts.
+    a group of one rank, a non-gloo group, a host map ($COMMLAB_HOSTS, LOCAL_WORLD_SIZE) of several
+    hosts, or a segment that could not be made (a full /dev/shm: a warning says so).
     """
     if not shm_enabled():
         return None
@@ -593,4 +697,9 @@ def shared_memory_transport(group: dist.ProcessGroup | None) -> SharedMemoryTran
     try:
         return SharedMemoryTransport(group)
     except NotOneHostError:
+        return None
+    except TransportError as error:  # every rank learned it in setup: all fall back together
+        if "setup failed" not in str(error):
+            raise
+        warnings.warn(f"commlab: no shared memory ({error}); using gloo", RuntimeWarning, stacklevel=2)
         return None

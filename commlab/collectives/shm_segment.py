@@ -65,6 +65,10 @@ class Layout:
         """Index of a rank's flag: 1 while it sleeps (or is about to) on its doorbell."""
         return rank * STATUS_BYTES // 8 + 1
 
+    def base_word(self, rank: int) -> int:
+        """Index of the address at which a rank mapped the segment (for the cma probe)."""
+        return rank * STATUS_BYTES // 8 + 3
+
     def doorbell_offset(self, rank: int) -> int:
         """Byte offset of a rank's doorbell, the int32 its peers change (and futex-wake) to wake it."""
         return rank * STATUS_BYTES + 16
@@ -99,6 +103,8 @@ def create(path: str, nbytes: int) -> mmap.mmap:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, nbytes)
+        if hasattr(os, "posix_fallocate"):  # reserve the pages now: a full /dev/shm is an error here,
+            os.posix_fallocate(fd, 0, nbytes)  # not a SIGBUS at the first copy into a ring
         return mmap.mmap(fd, nbytes)
     except OSError:
         os.unlink(path)
