@@ -115,6 +115,29 @@ def test_point_to_point(rank_pools):
     assert not failures, failures
 
 
+def async_calls() -> list[float]:
+    """Asynchronous calls run on the communicator's worker thread (which sleeps at once instead of
+    spinning): several in flight, then a synchronous one queued behind them, all right."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = commlab.Communicator(SharedMemoryTransport())
+    tensors = [torch.full((70_000,), float(rank + i)) for i in range(3)]  # 280 KB: the cma path
+    works = [commlab.all_reduce(t, group=comm, async_op=True) for t in tensors]
+    last = torch.full((5,), float(rank))
+    commlab.all_reduce(last, group=comm)
+    for work in works:
+        work.wait(timeout=60)
+    comm.close()
+    comm.transport.close()
+    expected = [float(sum(r + i for r in range(world))) for i in range(3)]
+    assert [float(t[0]) for t in tensors] == expected and all(bool((t == t[0]).all()) for t in tensors)
+    return last.tolist()
+
+
+def test_async_calls(rank_pools):
+    for last in rank_pools(3).run(async_calls):
+        assert last == [3.0] * 5
+
+
 def mismatch_and_timeout() -> tuple[str, str, str]:
     """A size mismatch (argument check on), then rank 0 alone in a call (timeout), then rank 1 told."""
     rank = dist.get_rank()

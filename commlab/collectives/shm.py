@@ -9,6 +9,11 @@ Each ring has two counters, each written by one side only: `head` (bytes written
 receive once its last byte is in the receiving tensor. Messages between a pair are matched in order, and
 each header's tag and size are checked against the posted receive (a mismatch raises TransportError).
 
+Messages of CMA_MIN_BYTES or more travel as a descriptor (tag, size, the sender's address) instead, and
+the receiver copies the bytes straight out of the sender's memory (`cma`, process_vm_readv: one copy
+instead of two); the send completes when the receiver has passed the descriptor. Setup probes whether
+every rank may read every peer; where not, everything goes through the rings.
+
 Progress happens in the calling thread: posting and every wait move every posted transfer as far as the
 rings allow (as an MPI progress engine does), so a wait never blocks a transfer another step needs.
 Waiting polls the counters: on the main thread a short spin (none when the host runs more ranks than it has
@@ -141,8 +146,9 @@ class SharedMemoryTransport:
 
     `group`: the torch.distributed group (default: the world), which must use gloo; `timeout`: default
     seconds per collective (default: the group's); `ring_bytes`: ring size per ordered pair of ranks (a
-    multiple of 16, at least 4096; default `default_ring_bytes`). Raises NotOneHostError if the group's
-    ranks are on several hosts. `close()` releases the segment (also at garbage collection).
+    multiple of 16, at least 4096; default `default_ring_bytes`); `cma`: read long messages from the
+    sender's memory where the OS allows (default: yes unless $COMMLAB_SHM_CMA=0). Raises NotOneHostError
+    if the group's ranks are on several hosts. `close()` releases the segment (also at garbage collection).
     """
 
     device_type = "cpu"
