@@ -291,6 +291,9 @@ class SharedMemoryTransport:
         """Mark this rank CLOSED in the segment and unmap it; later posts raise TransportError."""
         if self._mm is None:
             return
+        if os.getpid() != self.pids[self.rank]:  # a forked child (a data loader worker): not this rank
+            self._mm = None
+            return
         self._words[self.layout.status_word(self.rank)] = seg.CLOSED if self._broken is None else seg.FAILED
         if self._broken is None:
             self._broken = "the transport was closed"
@@ -690,8 +693,8 @@ def shared_memory_transport(group: dist.ProcessGroup | None) -> SharedMemoryTran
     a group of one rank, a non-gloo group, a host map ($COMMLAB_HOSTS, LOCAL_WORLD_SIZE) of several
     hosts, or a segment that could not be made (a full /dev/shm: a warning says so).
     """
-    if not shm_enabled():
-        return None
+    if not shm_enabled() or not dist.is_available() or not dist.is_initialized():
+        return None  # the caller's TorchTransport says what is missing
     group = group if group is not None else dist.group.WORLD
     if str(dist.get_backend(group)).lower() != "gloo" or dist.get_world_size(group) < 2:
         return None
