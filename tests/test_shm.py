@@ -138,6 +138,35 @@ def test_async_calls(rank_pools):
         assert last == [3.0] * 5
 
 
+def wide_gather_and_all_to_all() -> list[str]:
+    """allgather_int64 wider than one slot (three rounds), and all_to_all with uneven split sizes (its
+    sizes travel by allgather_int64) against gloo's all_to_all_single."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = commlab.Communicator(SharedMemoryTransport())
+    failures = []
+    send = torch.arange(70, dtype=torch.int64) + 1000 * rank
+    out = torch.zeros(70 * world, dtype=torch.int64)
+    comm.transport.allgather_int64(send, out, time.monotonic() + 30)
+    if not torch.equal(out.view(world, 70), torch.stack([torch.arange(70) + 1000 * r for r in range(world)])):
+        failures.append("allgather_int64 of 70 values")
+    in_splits = [(rank + d) % 3 + 1 for d in range(world)]
+    out_splits = [(s + rank) % 3 + 1 for s in range(world)]
+    x = torch.arange(sum(in_splits), dtype=torch.float32) + 100 * rank
+    got = torch.zeros(sum(out_splits))
+    ref = torch.zeros(sum(out_splits))
+    commlab.all_to_all(got, x, out_splits, in_splits, group=comm)
+    dist.all_to_all_single(ref, x, out_splits, in_splits)
+    if not torch.equal(got, ref):
+        failures.append(f"all_to_all: {got.tolist()} != {ref.tolist()}")
+    comm.transport.close()
+    return failures
+
+
+def test_wide_gather_and_all_to_all(rank_pools):
+    failures = [f for per_rank in rank_pools(3).run(wide_gather_and_all_to_all) for f in per_rank]
+    assert not failures, failures
+
+
 def mismatch_and_timeout() -> tuple[str, str, str]:
     """A size mismatch (argument check on), then rank 0 alone in a call (timeout), then rank 1 told."""
     rank = dist.get_rank()

@@ -646,22 +646,31 @@ class SharedMemoryTransport:
     # ----- control data -----
 
     def allgather_int64(self, send: torch.Tensor, out: torch.Tensor, deadline: float) -> None:
-        """Every rank's `send` (int64, at most 31 values) into `out` through the segment's slots.
+        """Every rank's `send` (int64) into `out` (rank r's at block r) through the segment's slots.
 
-        Each rank writes its values and then a sequence number into its slot of this call's parity and
-        waits for every peer's sequence number: one round, no messages. Slots alternate by parity, and a
-        rank can start call n + 2 only after every peer has finished call n + 1, so a slot is never
-        rewritten while a peer still reads it.
+        Each rank writes up to 31 values and then a sequence number into its slot of this round's parity
+        and waits for every peer's sequence number: one round per 31 values, no messages. Slots alternate
+        by parity, and a rank can start round n + 2 only after every peer has finished round n + 1, so a
+        slot is never rewritten while a peer still reads it.
         """
         self._check_usable()
         width = send.numel()
-        if width > MAX_GATHER or out.numel() != width * self.size:
-            raise invalid("send", width, f"at most {MAX_GATHER} values, and out of size x that")
+        if out.numel() != width * self.size:
+            raise invalid("out", out.numel(), f"{width} x {self.size} elements (send's times the ranks)")
+        values = send.cpu().numpy().reshape(-1)
+        table = out.numpy().reshape(self.size, width)
+        for start in range(0, max(width, 1), MAX_GATHER):
+            end = min(start + MAX_GATHER, width)
+            table[:, start:end] = self._gather_round(values[start:end], deadline)
+
+    def _gather_round(self, values: np.ndarray, deadline: float) -> np.ndarray:
+        """One round of allgather_int64: every rank's (at most MAX_GATHER) values, rank by rank."""
+        width = values.size
         sequence = self._gathers + 1
         parity = sequence % 2
         words, layout = self._words, self.layout
         mine = layout.gather_word(self.rank, parity)
-        words[mine + 1 : mine + 1 + width] = send.numpy()
+        words[mine + 1 : mine + 1 + width] = values
         words[mine] = sequence
         with self._fence:
             pass
@@ -676,11 +685,10 @@ class SharedMemoryTransport:
         def waiting() -> list[tuple[int, int]]:
             return [(r, r) for r in range(self.size) if int(words[slots[r]]) < sequence]
 
-        self._poll(lambda: False, arrived, deadline, waiting, lambda r: f"argument check with rank {r}")
-        table = out.numpy().reshape(self.size, width)
-        for r, s in enumerate(slots):
-            table[r] = words[s + 1 : s + 1 + width]
+        self._poll(lambda: False, arrived, deadline, waiting, lambda r: f"allgather with rank {r}")
+        gathered = np.stack([words[s + 1 : s + 1 + width] for s in slots])
         self._gathers = sequence
+        return gathered
 
     def __repr__(self) -> str:
         return f"SharedMemoryTransport(rank {self.rank} of {self.size}, ring {self.layout.ring_bytes} bytes)"
