@@ -308,8 +308,10 @@ def _dying_rank(rank: int, store: str, results: mp.Queue) -> None:
         dist.init_process_group(
             "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
         )
-        comm = commlab.Communicator(SharedMemoryTransport(ring_bytes=1 << 16), timeout=60)
-        big = torch.ones(4_000_000)  # 16 MB through 64 KiB rings: many waits on the peer
+        # 16 MB through 4 KiB rings (no cma): thousands of hand-offs between the two ranks, so rank 1
+        # cannot finish its part in the 50 ms before it exits, whatever the load
+        comm = commlab.Communicator(SharedMemoryTransport(ring_bytes=4096, cma=False), timeout=60)
+        big = torch.ones(4_000_000)
         if rank == 1:
             commlab.all_reduce(big, group=comm, async_op=True)
             time.sleep(0.05)
