@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from commlab.errors import InvalidArgumentError, TestbedError, TopologyError
+from commlab import errors
+from commlab.errors import InvalidArgumentError, TopologyError
 from commlab.sim.network.topology_io import parse_topology
 from commlab.testbed import system
 from commlab.testbed.plan import plan_for, topology_toml, with_ranks_per_host
@@ -216,7 +217,8 @@ def test_a_failed_build_leaves_nothing(tmp_path) -> None:
         with Testbed.up("switch:n=2,latency=2ms", directory=tmp_path) as testbed:
             assert "delay 2ms" in system.run(["tc", "-n", testbed.fabric, "qdisc", "show"])
     else:
-        with pytest.raises(TestbedError, match="netem"):
+        # errors.TestbedError, not imported by name: pytest would try to collect a class named Test*
+        with pytest.raises(errors.TestbedError, match="netem"):
             Testbed.up("switch:n=2,latency=2ms", directory=tmp_path)
     assert set(system.namespaces()) == before and not list(tmp_path.glob("commlab-*"))
 
