@@ -73,7 +73,7 @@ class Wire:
 
 
 @dataclass(frozen=True)
-class Plan:
+class NetworkPlan:
     """Everything the testbed builds for one topology, in placement order."""
 
     name: str
@@ -115,7 +115,7 @@ class Plan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Plan:
+    def from_dict(cls, data: dict) -> NetworkPlan:
         return cls(
             data["name"],
             tuple(Host(**{**h, "ranks": tuple(h["ranks"])}) for h in data["hosts"]),
@@ -133,7 +133,7 @@ def _neighbours(graph: nx.DiGraph, node: object) -> set:
     return set(graph.successors(node)) | set(graph.predecessors(node))
 
 
-def plan_for(topology: Topology) -> Plan:
+def plan_for(topology: Topology) -> NetworkPlan:
     """The hosts, switches and wires that emulate `topology` (rules in the module docstring)."""
     graph = topology.graph
     rank_of = {node: rank for rank, node in enumerate(topology.placement)}
@@ -200,7 +200,7 @@ def plan_for(topology: Topology) -> Plan:
             f"{topology.name}: its switches form a cycle ({' - '.join(str(u) for u, _ in cycle)}); the "
             "testbed's bridges need a tree of switches (fat-tree:k=2, or one or two switches)"
         )
-    return Plan(topology.name, tuple(hosts), tuple(map(str, switches)), tuple(wires), per_host)
+    return NetworkPlan(topology.name, tuple(hosts), tuple(map(str, switches)), tuple(wires), per_host)
 
 
 def _wire(graph: nx.DiGraph, index: int, a: object, b: object, host: bool) -> Wire:

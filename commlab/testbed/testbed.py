@@ -25,7 +25,15 @@ from commlab.errors import TestbedError, invalid
 from commlab.sim.network.topology import Topology
 from commlab.sim.network.topology_io import parse_topology
 from commlab.testbed import system
-from commlab.testbed.plan import HOST_DEVICE, Host, Plan, Wire, plan_for, topology_toml, with_ranks_per_host
+from commlab.testbed.plan import (
+    HOST_DEVICE,
+    Host,
+    NetworkPlan,
+    Wire,
+    plan_for,
+    topology_toml,
+    with_ranks_per_host,
+)
 
 PREFIX = "commlab-"
 WIRE_STATES = ("up", "down", "drop")
@@ -42,7 +50,7 @@ class Testbed:
     """A built (or recorded) emulated cluster: its run id, plan and state directory."""
 
     run: str
-    plan: Plan
+    plan: NetworkPlan
     directory: Path
 
     # ------------------------------------------------------------------------------------------ names
@@ -236,7 +244,7 @@ def load(run: str | None = None, directory: Path | None = None) -> Testbed:
     if run not in known:
         raise invalid("run", run, known or f"a run recorded in {directory} (none is)")
     state = json.loads((directory / f"{run}.json").read_text())
-    return Testbed(run, Plan.from_dict(state["plan"]), directory)
+    return Testbed(run, NetworkPlan.from_dict(state["plan"]), directory)
 
 
 def remove_run(run: str, directory: Path | None = None) -> list[str]:
