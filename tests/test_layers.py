@@ -18,7 +18,7 @@ PACKAGE = "commlab"
 
 # Layer of a module: its longest matching prefix. `commlab` itself re-exports the collectives API.
 LAYER_OF_PREFIX = {
-    "commlab": "collectives",
+    "commlab": "package",  # the top-level facade: re-exports the API, registers the torch backend
     "commlab.errors": "base",
     "commlab.shared": "base",
     "commlab.profiles": "base",
@@ -41,6 +41,7 @@ MAY_IMPORT = {
     "base": set(),
     "collectives": {"base"},
     "torch_backend": {"base", "collectives"},
+    "package": {"base", "collectives", "torch_backend"},
     "sim.network": {"base", "collectives"},
     "sim": {"base", "collectives", "sim.network"},
     "sim.training": {"base", "collectives", "sim.network"},

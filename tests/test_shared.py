@@ -101,13 +101,14 @@ def test_checkpoint_modes_are_one_tuple():
 
 @pytest.mark.parametrize("p", [1, 2, 3, 8, 64])
 def test_bus_factors_are_nccl_tests(p):
-    """nccl-tests (doc/PERFORMANCE.md): allreduce 2(n-1)/n, reduce-scatter and allgather (n-1)/n,
-    broadcast and reduce 1."""
-    want = {"allreduce": 2 * (p - 1) / p, "reduce_scatter": (p - 1) / p, "allgather": (p - 1) / p}
+    """nccl-tests (doc/PERFORMANCE.md): allreduce 2(n-1)/n, reduce-scatter, allgather and alltoall
+    (n-1)/n, broadcast and reduce 1."""
+    share = (p - 1) / p
+    want = {"allreduce": 2 * share, "reduce_scatter": share, "allgather": share, "alltoall": share}
     for op in ops.OPS:
         assert ops.bus_factor(op, p) == want.get(op, 1.0)
     with pytest.raises(InvalidArgumentError, match="op"):
-        ops.bus_factor("alltoall", p)
+        ops.bus_factor("gather", p)
 
 
 def test_simulator_busbw_uses_the_op_table():
@@ -123,4 +124,5 @@ def test_op_table_counts_elements_as_bench_does():
     assert allgather.count(1000, 4, 4) == 62 and allgather.total_bytes(62, 4, 4) == 992
     assert allreduce.count(1000, 4, 4) == 250 and allreduce.total_bytes(250, 4, 4) == 1000
     assert allgather.count(8, 4, 4) == 1  # never an empty buffer
-    assert ops.ROOTED_OPS == ("broadcast", "reduce") and ops.BLOCKED_OPS == ("reduce_scatter", "allgather")
+    assert ops.ROOTED_OPS == ("broadcast", "reduce")
+    assert ops.BLOCKED_OPS == ("reduce_scatter", "allgather", "alltoall")

@@ -13,10 +13,10 @@ root's rail, then a binomial tree inside every host; reduce is the reverse. One 
 binomial tree); one rank per host: the ring across hosts. The 2D torus ring is this schedule with the
 torus rows as hosts (rings along each dimension).
 
-Multi-channel rings (`multiring`, NCCL's channels): k = L rings over p ranks, each carrying 1/k of the
-data. Channel c visits every host in host order and enters it at local rank c (mod the host's size),
-leaving from the local rank before it, so each channel crosses between hosts on its own pair of local
-ranks: with one NIC per local rank, every NIC carries one channel.
+Multi-channel rings (`multiring`, NCCL's channels): k = L rings over p ranks (one ring on a single
+host), each carrying 1/k of the data. Channel c visits every host in host order and enters it at local
+rank c (mod the host's size), leaving from the local rank before it, so each channel crosses between
+hosts on its own pair of local ranks: with one NIC per local rank, every NIC carries one channel.
 
 Cost (H hosts of l ranks, n bytes, intra-host model a, inter-host model e):
     hierarchical allreduce       a.time(l-1, n(l-1)/l, n(l-1)/l) + e.time(2(H-1), 2(n/l)(H-1)/H, (n/l)(H-1)/H)
@@ -174,14 +174,20 @@ def hierarchical_reduce(hosts: HostMap, root: int) -> Schedule:
     return builder.build()
 
 
+def default_channels(hosts: HostMap) -> int:
+    """One channel per local rank (each host's NICs) across hosts; on one host one ring (the flat ring:
+    p rings over shared memory would only multiply the messages)."""
+    return hosts.max_local if hosts.num_hosts > 1 else 1
+
+
 def channel_orders(hosts: HostMap, channels: int | None = None) -> list[list[int]]:
     """The rank order of each channel's ring: hosts in order, channel c entering each at local rank c."""
-    k = hosts.max_local if channels is None else channels
+    k = default_channels(hosts) if channels is None else channels
     return [[r for ranks in hosts.hosts for r in _rotated(ranks, c % len(ranks))] for c in range(k)]
 
 
 def multiring(op: str, hosts: HostMap, channels: int | None = None) -> Schedule:
-    """`op` as k concurrent rings (k = the most ranks per host by default), each on 1/k of every block."""
+    """`op` as k concurrent rings (`default_channels` unless given), each on 1/k of every block."""
     orders = channel_orders(hosts, channels)
     k, p = len(orders), hosts.world_size
     if op == "allreduce":  # channel c, ring position i: chunk c p + i
@@ -273,7 +279,7 @@ def multiring_cost(
 ) -> float:
     """Seconds for the multi-channel ring `op` by the formulas in this module's docstring."""
     inter = intra if inter is None else inter
-    p, k = hosts.world_size, hosts.max_local
+    p, k = hosts.world_size, default_channels(hosts)
     if p == 1:
         return 0.0
     chunk = nbytes / (k * p)
