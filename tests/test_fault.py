@@ -97,7 +97,11 @@ def test_mpi_job_with_a_killed_rank_ends_at_once_under_plain_mpiexec(tmp_path):
     """Plain `mpiexec` (hydra's auto clean-up) kills every rank as soon as one is SIGKILLed mid-collective:
     the job ends well within the 5 s collective timeout, with the failure in mpiexec's status and message."""
     code, out, err, seconds = mpi_fault_job("kill", tmp_path / "report")
-    assert code == 9, f"exit {code}:\n{out}\n{err[-2000:]}"
-    assert "Killed (signal 9)" in out + err
-    assert "MPI_FAULT" not in out  # the survivor was ended by mpiexec, not left waiting
+    if code == 3:  # a race both ways is fine: the survivor saw the death first and ended the job itself
+        # (MPICH's shared-memory copy from the dead peer fails at once: process_vm_readv errno 3)
+        assert "TransportError" in out and "all_reduce" in out and "rank 1" in out, f"{out}\n{err[-2000:]}"
+    else:
+        assert code == 9, f"exit {code}:\n{out}\n{err[-2000:]}"
+        assert "Killed (signal 9)" in out + err
+        assert "MPI_FAULT" not in out  # the survivor was ended by mpiexec, not left waiting
     assert seconds < 30, seconds  # start-up (two imports of torch) + 0.5 s of work + clean-up
