@@ -49,6 +49,8 @@ def state_dir() -> Path:
 class Testbed:
     """A built (or recorded) emulated cluster: its run id, plan and state directory."""
 
+    __test__ = False  # a name pytest would otherwise try to collect from the tests that import it
+
     run: str
     plan: NetworkPlan
     directory: Path
