@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from commlab.errors import invalid
 from commlab.models.gpt import (
     Block,
-    check_transformer_config,
+    check_token_model_config,
     config_from_preset,
     init_weights,
     make_norm,
@@ -61,13 +61,7 @@ class BERTConfig:
     attention: str = "softmax"  # or "linear" (attention.py), non-causal
 
     def __post_init__(self) -> None:
-        if self.d_ff is None:
-            object.__setattr__(self, "d_ff", 4 * self.d_model)
-        for name in ("vocab_size", "seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise invalid(name, value, "a positive int")
-        check_transformer_config(self)
+        check_token_model_config(self)
         if self.positions not in POSITIONS:
             raise invalid("positions", self.positions, POSITIONS)
         if self.positions == "rope" and self.head_dim % 2:

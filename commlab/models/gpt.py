@@ -44,6 +44,18 @@ def check_transformer_config(cfg: Any) -> None:
         raise invalid("attention", cfg.attention, ATTENTIONS)
 
 
+def check_token_model_config(cfg: Any) -> None:
+    """A token model's config (GPT, BERT): d_ff defaults to 4 d_model; vocab_size and seq_len are
+    positive ints; then the fields every transformer config shares."""
+    if cfg.d_ff is None:
+        object.__setattr__(cfg, "d_ff", 4 * cfg.d_model)
+    for name in ("vocab_size", "seq_len"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise invalid(name, value, "a positive int")
+    check_transformer_config(cfg)
+
+
 def config_from_preset(cls: type, presets: dict[str, dict[str, Any]], name: str, overrides: dict) -> Any:
     """Build config class `cls` from the named preset with some fields overridden."""
     if name not in presets:
@@ -73,13 +85,7 @@ class GPTConfig:
     attention: str = "softmax"  # or "linear": elu + 1 feature map, O(n) in the sequence (attention.py)
 
     def __post_init__(self) -> None:
-        if self.d_ff is None:
-            object.__setattr__(self, "d_ff", 4 * self.d_model)
-        for name in ("vocab_size", "seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise invalid(name, value, "a positive int")
-        check_transformer_config(self)
+        check_token_model_config(self)
         if self.head_dim % 2:
             raise invalid("d_model // n_head", self.head_dim, "an even head size (RoPE rotates pairs)")
         if not self.rope_base > 0:
