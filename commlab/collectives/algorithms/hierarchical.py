@@ -25,7 +25,8 @@ Cost (H hosts of l ranks, n bytes, intra-host model a, inter-host model e):
     hierarchical allgather       e.time(H-1, (n/l)(H-1)/H) + a.time(l-1, n(l-1)/l)
     hierarchical broadcast       ceil(lg H) e.time(1, n) + ceil(lg l) a.time(1, n)   (reduce: + gamma n)
     multiring allreduce          2(p-1) steps of chunks b = n/(kp): each max(e.time(1, b), a.time(k-1,
-                                 (k-1) b, steps=1)) + gamma b; reduce_scatter/allgather: (p-1) such steps
+                                 (k-1) b, steps=1)) + gamma b (one host: a.time(k, k b, steps=1));
+                                 reduce_scatter/allgather: (p-1) such steps
 Hosts of different sizes are priced by the smallest host, whose ranks carry the most rails.
 """
 
@@ -283,8 +284,10 @@ def multiring_cost(
     if p == 1:
         return 0.0
     chunk = nbytes / (k * p)
-    crossing = inter.time(1, chunk) if hosts.num_hosts > 1 else 0.0
-    step = max(crossing, intra.time(k - 1, (k - 1) * chunk, steps=1) if k > 1 else 0.0)
+    across = hosts.num_hosts > 1  # then one of a rank's k messages per step may leave the host
+    inside = k - 1 if across else k
+    crossing = inter.time(1, chunk) if across else 0.0
+    step = max(crossing, intra.time(inside, inside * chunk, steps=1) if inside else 0.0)
     if op == "allreduce":
         return 2 * (p - 1) * step + (p - 1) * k * chunk * intra.gamma
     if op == "reduce_scatter":
