@@ -289,11 +289,16 @@ def sample(trainer: Trainer, prompt: str, tokens: int, seed: int) -> str:
     return ByteCorpus.decode(idx[0])
 
 
-def run_gpt(args: argparse.Namespace, mesh: Mesh) -> dict:
-    if mesh.rank == 0:  # build the corpus cache once, before the other ranks read it
+def load_corpus(mesh: Mesh) -> ByteCorpus:
+    """The standard-library byte corpus, its cache built once by rank 0 before the other ranks read it."""
+    if mesh.rank == 0:
         ByteCorpus.from_stdlib()
     commlab.all_reduce(torch.zeros(1), group=mesh.world_group)  # a barrier on any transport
-    corpus = ByteCorpus.from_stdlib()
+    return ByteCorpus.from_stdlib()
+
+
+def run_gpt(args: argparse.Namespace, mesh: Mesh) -> dict:
+    corpus = load_corpus(mesh)
     unigram = corpus.unigram_loss()
     config, seq_len = args.config, args.config.seq_len
     torch.manual_seed(args.seed)  # the same full weights on every rank; each keeps its shard and stage
@@ -386,10 +391,7 @@ def run_vit(args: argparse.Namespace, mesh: Mesh) -> dict:
 
 
 def run_bert(args: argparse.Namespace, mesh: Mesh) -> dict:
-    if mesh.rank == 0:  # build the corpus cache once, before the other ranks read it
-        ByteCorpus.from_stdlib()
-    commlab.all_reduce(torch.zeros(1), group=mesh.world_group)  # a barrier on any transport
-    corpus = ByteCorpus.from_stdlib()
+    corpus = load_corpus(mesh)
     config, seq_len = args.config, args.config.seq_len
     torch.manual_seed(args.seed)  # the same full weights on every rank; each keeps its shard and stage
     layers = (sequence_parallel_layers if args.sequence_parallel else tensor_parallel_layers)(mesh.tp_group)
