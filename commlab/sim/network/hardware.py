@@ -86,6 +86,17 @@ PCIE_GEN5 = Link("pcie-gen5", 63.0 * GB, 1.0 * US)
 IB_HDR = Link("ib-hdr", 200e9 / 8, 0.5 * US)
 IB_NDR = Link("ib-ndr", 400e9 / 8, 0.5 * US)
 IB_XDR = Link("ib-xdr", 800e9 / 8, 0.5 * US)
+# RoCE v2 Ethernet NICs: ConnectX-6 Dx 200 GbE and ConnectX-7 400 GbE (NVIDIA Ethernet adapter product
+# briefs). Latency per hop: assumed 1 us (RoCE through an Ethernet switch; no per-hop figure is published).
+ROCE_200 = Link("roce-200", 200e9 / 8, 1.0 * US)
+ROCE_400 = Link("roce-400", 400e9 / 8, 1.0 * US)
+# AWS Elastic Fabric Adapter, per EFA device: 100 Gb/s (EFA v1/v2: p4d/p4de have 4 x 100 Gb/s = 400 Gbps
+# per node, p5 32 x 100 Gb/s = 3,200 Gbps; AWS EC2 P4 and P5 instance pages) and 200 Gb/s (EFAv3 on p5en:
+# 16 x 200 Gb/s = 3,200 Gbps, AWS EC2 P5 instance page). Latency: assumed 5 us per hop (SRD over AWS's
+# fabric; AWS publishes no per-hop figure, its EFA documentation calls it "lower and more consistent" than
+# TCP).
+EFA_100 = Link("efa-100", 100e9 / 8, 5.0 * US)
+EFA_200 = Link("efa-200", 200e9 / 8, 5.0 * US)
 
 # A100 SXM4: 312 TFLOP/s dense bf16; 40 GB HBM2 at 1,555 GB/s, 80 GB HBM2e at 2,039 GB/s; 12 NVLink3 links;
 # PCIe Gen4 (NVIDIA A100 Tensor Core GPU datasheet).
@@ -97,6 +108,15 @@ H100 = Accelerator("h100", 989e12, 3350 * GB, 80e9, NVLINK4, 18, PCIE_GEN5)
 # H200 SXM: 989 TFLOP/s dense bf16 (1,979 with sparsity), 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s (18
 # NVLink4 links), PCIe Gen5 (NVIDIA H200 Tensor Core GPU datasheet).
 H200 = Accelerator("h200", 989e12, 4800 * GB, 141e9, NVLINK4, 18, PCIE_GEN5)
+# B200 (HGX B200 / DGX B200): 2.25 PFLOP/s dense bf16 per GPU (HGX B200 datasheet: 36 PFLOPS FP16/BF16
+# for 8 GPUs with sparsity, i.e. 4.5 per GPU, half dense), 180 GB HBM3e at 8 TB/s (DGX B200 datasheet:
+# 1,440 GB for 8 GPUs, 64 TB/s), 18 NVLink5 links (1.8 TB/s bidirectional), PCIe Gen5 to the host.
+B200 = Accelerator("b200", 2.25e15, 8000 * GB, 180e9, NVLINK5, 18, PCIE_GEN5)
+# GB200 in an NVL72 rack: 2.5 PFLOP/s dense bf16 per GPU (GB200 NVL72 datasheet: 360 PFLOPS FP16/BF16 with
+# sparsity over 72 GPUs, i.e. 5 per GPU, half dense), 186 GB HBM3e at 8 TB/s (13.4 TB and 576 TB/s over 72),
+# 18 NVLink5 links into the rack's NVLink switch trays (130 TB/s over 72 GPUs), PCIe Gen5 (C2C to Grace
+# is not modelled).
+GB200 = Accelerator("gb200", 2.5e15, 8000 * GB, 186e9, NVLINK5, 18, PCIE_GEN5)
 
 ACCELERATORS: dict[str, Accelerator] = {
     "a100": A100_80GB,
@@ -104,9 +124,19 @@ ACCELERATORS: dict[str, Accelerator] = {
     "a100-80gb": A100_80GB,
     "h100": H100,
     "h200": H200,
+    "b200": B200,
+    "gb200": GB200,
 }
 NVLINKS: dict[str, NVLink] = {n.name: n for n in (NVLINK3, NVLINK4, NVLINK5)}
-NICS: dict[str, Link] = {"hdr": IB_HDR, "ndr": IB_NDR, "xdr": IB_XDR}
+NICS: dict[str, Link] = {
+    "hdr": IB_HDR,
+    "ndr": IB_NDR,
+    "xdr": IB_XDR,
+    "roce-200": ROCE_200,
+    "roce-400": ROCE_400,
+    "efa-100": EFA_100,
+    "efa-200": EFA_200,
+}
 PCIE: dict[str, Link] = {"gen4": PCIE_GEN4, "gen5": PCIE_GEN5}
 
 
@@ -121,7 +151,7 @@ def accelerator(name: str | Accelerator) -> Accelerator:
 
 
 def nic(name: str | Link) -> Link:
-    """The InfiniBand NIC preset called `name` (a Link passes through)."""
+    """The NIC preset (InfiniBand, RoCE, EFA) called `name` (a Link passes through)."""
     if isinstance(name, Link):
         return name
     key = str(name).lower()
