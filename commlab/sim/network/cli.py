@@ -3,6 +3,7 @@
 
     commlab sim collective --topology fat-tree:k=8 --op allreduce --algorithm ring,tree,halving_doubling \\
         --size 1K:1G --fidelity flow [--profile FILE] [--trace out.json] [--plot out.png] [--json]
+    commlab sim collective --nccl-version 2.27.7 --system dgx-h100 --nodes 4 --op allgather --size 1M:1G
     commlab sim topology --topology cluster:nodes=2 [--plot topo.png] [--json]
 """
 
@@ -14,9 +15,12 @@ import sys
 import time
 
 from commlab.collectives.algorithms import algorithms_for
+from commlab.errors import invalid
 from commlab.shared.ops import OPS
 from commlab.sim.network.collective import DTYPES, FIDELITIES, simulate_collective
 from commlab.sim.network.engine import SimResult
+from commlab.sim.network.nccl_cli import add_nccl_arguments
+from commlab.sim.network.nccl_cli import run as run_nccl
 from commlab.sim.network.plots import draw_topology, plot_busbw
 from commlab.sim.network.profile import IDEAL, Profile
 from commlab.sim.network.routing import ROUTINGS
@@ -59,6 +63,10 @@ def _fmt_link(result: SimResult) -> tuple[str, str]:
 
 
 def _collective(args: argparse.Namespace) -> int:
+    if args.nccl_version is not None:
+        return run_nccl(args)
+    if not args.topology:
+        raise invalid("topology", args.topology, TOPOLOGY_HELP + " (required without --nccl-version)")
     topology = parse_topology(args.topology, args.routing)
     profile = Profile.load(args.profile) if args.profile else IDEAL
     sizes = parse_sizes(args.size)
@@ -162,7 +170,7 @@ def _topology(args: argparse.Namespace) -> int:
 def add_network_commands(simsub: argparse._SubParsersAction) -> None:
     """Register `commlab sim collective` and `commlab sim topology` on the `commlab sim` subparsers."""
     coll = simsub.add_parser("collective", help="simulate a collective over message sizes and algorithms")
-    coll.add_argument("--topology", required=True, help=TOPOLOGY_HELP)
+    coll.add_argument("--topology", default=None, help=TOPOLOGY_HELP)
     coll.add_argument("--op", default="allreduce", choices=OPS, help="the collective (default allreduce)")
     coll.add_argument("--algorithm", default=None, help="comma-separated algorithms (default: all for --op)")
     coll.add_argument("--size", default="1K:1G", help="sizes: 1M, 1K,64K or MIN:MAX[:FACTOR] (default 1K:1G)")
@@ -180,6 +188,7 @@ def add_network_commands(simsub: argparse._SubParsersAction) -> None:
     coll.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace JSON here")
     coll.add_argument("--plot", default=None, help="write a busbw-vs-size PNG here")
     coll.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_nccl_arguments(coll)
     coll.set_defaults(run=_collective)
 
     topo = simsub.add_parser("topology", help="summarize (and draw) a topology")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from commlab.errors import invalid
 from commlab.shared.ops import op_info
 from commlab.sim.network import nccl_tuner as tuner
-from commlab.sim.network.nccl import NcclCluster, NcclSystem
+from commlab.sim.network.nccl import NcclCluster, NcclSystem, simulate_nccl_allreduce
 from commlab.sim.network.systems import NodePreset, system
 
 VERSIONS = ("2.27.7", "2.7.5")
@@ -63,6 +63,16 @@ class Calibration:
         return own.get(fam, self.efficiency.get(fam, 1.0))
 
 
+# The constants `python benchmarks/validation.py` fitted on its calibration cases (2026-12-07): what the
+# CLI uses. Refit there and copy here when cases or the model change.
+FITTED = Calibration(
+    efficiency={"nvlink": 0.885, "nvls": 0.773},
+    per_system={"azure-nd-a100-v4": {"net": 0.665}},
+    launch=19.30e-6,
+    latency_scale=1.109,
+)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One predicted collective: seconds, NCCL's (algorithm, protocol) and its own modelled seconds."""
@@ -87,12 +97,13 @@ class Prediction:
 @dataclass(frozen=True)
 class NcclModel:
     """`nodes` nodes of a preset `system` running NCCL `version`; `collnet` when a SHARP (CollNet) plugin
-    is enabled; `nvls` False to model NCCL_NVLS_ENABLE=0."""
+    is enabled; `nvls` False to model NCCL_NVLS_ENABLE=0. `calibration`: the fitted constants (`FITTED`;
+    `Calibration()` is NCCL's own model); the 2.7.5 model keeps its own constants."""
 
     system: NodePreset
     nodes: int
     version: str = DEFAULT_VERSION
-    calibration: Calibration = field(default_factory=Calibration)
+    calibration: Calibration = FITTED
     collnet: bool = False
     nvls: bool = True
 
@@ -149,7 +160,14 @@ class NcclModel:
         """Predicted seconds of `op` on a buffer of `nbytes` (nccl-tests' size), NCCL's choice, its time."""
         algorithm, protocol, nccl_time = self.choose(op, nbytes)
         cal = self.calibration
-        if self.version == "2.7.5" or self.nranks == 1:
+        if self.version == "2.7.5":
+            # The earlier model: NCCL 2.7.5's choice, its schedule run in the flow engine.
+            legacy = NcclCluster(
+                self.nodes, self.system.gpu, self.system.nic, self.system.gpus, launch=cal.launch
+            )
+            result, _, _ = simulate_nccl_allreduce(legacy, nbytes)
+            time = result.time
+        elif self.nranks == 1:
             time = nccl_time + cal.launch
         elif op == "alltoall":
             time = (
