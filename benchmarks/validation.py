@@ -444,6 +444,17 @@ def report(plot_path: Path) -> list[str]:
         "",
         figure,
         "",
+        "## Reading the results",
+        "",
+        "- One-node NVLS and ring cases on other systems than the calibration ones (H200, GB200 host) land",
+        "  within a few % at >= 64 MiB: NCCL's model with one efficiency per family transfers across",
+        "  Hopper and Blackwell. The largest misses are where the measured curve ramps more slowly than",
+        "  latency + bytes/bandwidth (GB200 NVL72 at 512 MiB, A100 rings at 16-32 MiB) and GCP's",
+        "  GPUDirect-TCPXO system at 16-64 MiB, where NCCL there runs something much slower than the NVLS",
+        "  tree the tuner model picks; none of these is fitted away. See docs/nccl_model.md (Known gaps).",
+        "- Multi-node families (`net`, `nvls_tree`) have no calibration case on a healthy fabric; they are",
+        "  NCCL's own model (efficiency 1.0), except the Echo Azure system, whose 4-node run fits its own.",
+        "",
     ]
     return lines
 
