@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from commlab.sim.network.nccl_model import DEFAULT_VERSION, Calibration, NcclModel, family
+from commlab.sim.network.nccl_model import DEFAULT_VERSION, FITTED, Calibration, NcclModel, family
 from commlab.sim.network.systems import NodePreset, system
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
@@ -374,8 +374,24 @@ def plot(table: list[dict], path: Path) -> str:
     return f"![predicted vs measured busbw]({path.name})"
 
 
+def stale_constants(cal: Calibration, tolerance: float = 0.005) -> list[str]:
+    """Where the CLI's FITTED (nccl_model.py) differs from this fit by more than `tolerance` (relative):
+    the constants live in one place the CLI reads, and this script says when that copy is out of date."""
+    mine = {"launch": cal.launch, "latency_scale": cal.latency_scale, **cal.efficiency}
+    mine |= {f"{s}/{f}": v for s, own in cal.per_system.items() for f, v in own.items()}
+    used = {"launch": FITTED.launch, "latency_scale": FITTED.latency_scale, **FITTED.efficiency}
+    used |= {f"{s}/{f}": v for s, own in FITTED.per_system.items() for f, v in own.items()}
+    return [
+        f"{name}: fitted {mine.get(name, float('nan')):.4g}, FITTED has {used.get(name, float('nan')):.4g}"
+        for name in sorted(set(mine) | set(used))
+        if not math.isclose(mine.get(name, math.nan), used.get(name, math.nan), rel_tol=tolerance)
+    ]
+
+
 def report(plot_path: Path) -> list[str]:
     cal, latency = fit()
+    for line in stale_constants(cal):
+        print(f"warning: nccl_model.FITTED is out of date ({line}): copy this fit there", file=sys.stderr)
     table = rows(cal, latency)
     stats = summary(table)
     figure = plot(table, plot_path)
