@@ -106,8 +106,13 @@ def bert_summary(result: dict) -> str:
     )
 
 
-def init_distributed(backend: str) -> torch.device:
-    """Join the torchrun group (or MPI's COMM_WORLD), or make a one-rank group as a plain script."""
+def init_distributed(backend: str, timeout: float | None = None) -> torch.device:
+    """Join the torchrun group (or MPI's COMM_WORLD), or make a one-rank group as a plain script.
+
+    `timeout`: seconds every collective and pipeline receive of the group may wait (None: commlab's
+    default, 60 s); a rank whose peer is gone raises after it, so torchrun can restart the group.
+    """
+    extra = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
     if backend == "mpi":
         # commlab's collectives with group=None run on MPI.COMM_WORLD once mpi4py.MPI is imported and
         # torch.distributed is not initialized: DataParallel, ZeroOptimizer and checkpoints follow.
@@ -129,9 +134,10 @@ def init_distributed(backend: str) -> torch.device:
             store=dist.PrefixStore(f"commlab-attempt-{restart}", store),
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
+            **extra,
         )
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **extra)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if backend == "nccl":

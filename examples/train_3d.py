@@ -70,6 +70,14 @@ from common import (
 )
 
 
+def positive_seconds(text: str) -> float:
+    """--timeout's type: a finite number of seconds above 0."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def build_parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -106,6 +114,11 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         help=f"commlab allreduce algorithm of DataParallel: auto, {', '.join(algorithms_for('allreduce'))}",
     )
     add("--backend", default="gloo", choices=["gloo", "mpi"], help="gloo (torchrun) or mpi (mpiexec)")
+    add(
+        "--timeout",
+        type=positive_seconds,
+        help="seconds a collective or pipeline receive waits for a peer before it raises (gloo; default 60)",
+    )
     add("--seed", type=int, default=0, help="seed of the weights and the data stream")
     add("--eval-every", type=int, help="evaluate every this many steps; 0: only at the end")
     add("--eval-batches", type=int, default=8, help="validation batches (of --batch-size) per evaluation")
@@ -462,8 +475,9 @@ def describe(args: argparse.Namespace, mesh: Mesh, n_params: int, config: str, t
 def main(argv: list[str] | None = None, doc: str = __doc__, default_axis: str | None = None) -> None:
     """Run training; default_axis ('tp' or 'pp') defaults that axis to the whole world."""
     start = time.perf_counter()
-    backend = build_parser(doc).parse_known_args(argv)[0].backend
-    init_distributed(backend)
+    early = build_parser(doc).parse_known_args(argv)[0]
+    backend = early.backend
+    init_distributed(backend, early.timeout)
     rank, world = rank_and_world()
     args = parse_args(argv, world, rank, doc, default_axis)
     try:

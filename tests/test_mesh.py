@@ -103,3 +103,22 @@ def test_mesh_groups_on_four_ranks(rank_pools):
     assert [f["stages"] for f in facts] == [(None, 1, True, False)] * 2 + [(0, None, False, True)] * 2
     assert [f["embedding"] for f in facts] == [2, 2, 2, 2]
     assert facts[3]["ranks"] == [1, 3]
+
+
+def test_mesh_groups_keep_the_timeout_of_the_default_group():
+    """init_process_group(timeout=7 s) reaches every mesh group (torch's new_group would give each the
+    gloo default of 30 minutes, which commlab reads as its own 60 s): a job's short timeout must bound
+    the pipeline's receives and DataParallel's allreduces too. In a fresh process: it owns the group."""
+    import subprocess
+    import sys
+
+    code = (
+        "from datetime import timedelta; import torch.distributed as dist; "
+        "from commlab.parallel.mesh import Mesh; "
+        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1, "
+        "timeout=timedelta(seconds=7)); "
+        "m = Mesh(); print(m.dp_group.timeout, m.pp_group.timeout, m.tp_group.timeout, m.world_group.timeout)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["7.0"] * 4

@@ -15,6 +15,7 @@ extra two-rank `embedding_group` joins the first and last stage, which both hold
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -78,6 +79,16 @@ def _mpi_world() -> Any:
     )
 
 
+def world_timeout() -> timedelta | None:
+    """The default group's timeout (init_process_group(timeout=...)), for the mesh's groups: torch gives a
+    new group its backend's default (30 minutes for gloo) instead, so a short timeout set for the job
+    would not reach the pipeline's receives or DataParallel's allreduces. None where it cannot be read."""
+    try:
+        return dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class Mesh:
     """This rank's place in the dp x pp x tp grid and a communicator per axis.
 
@@ -114,7 +125,8 @@ class Mesh:
         """Create every group in `lists` (all ranks, same order); return this rank's, or None."""
         mine = [i for i, ranks in enumerate(lists) if self.rank in ranks]
         if self.backend == "torch":
-            made = [dist.new_group(ranks) for ranks in lists]
+            timeout = world_timeout()
+            made = [dist.new_group(ranks, timeout=timeout) for ranks in lists]
             return communicator(made[mine[0]]) if mine else None
         from mpi4py import MPI
 
