@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -362,3 +364,112 @@ def test_a_fault_on_the_wire_fails_every_surviving_rank_fast_and_clearly(testbed
         # its own host has already given up (and closed their sockets) may then see a TransportError.
         assert any(r["error"] == "CollectiveTimeoutError" for r in reports), reports
     assert testbed.counters()  # the wire is mended and the testbed still answers
+
+
+STEPS_3D = 8
+TRAIN_3D = [str(ROOT / "examples" / "train_3d.py"), "--tp", "2", "--pp", "2", "--preset", "tiny",
+            "--batch-size", "8", "--eval-every", "0", "--sample-tokens", "0", "--log-every", "1",
+            "--eval-batches", "1", f"--steps={STEPS_3D}"]  # fmt: skip
+ACTIVATION_BYTES = 2 * 32 * 32 * 4  # a microbatch of 8 / 4 sequences x seq_len 32 x d_model 32, float32
+
+
+@pytest.fixture(scope="module")
+def train_3d_on_one_host(tmp_path_factory) -> tuple[list[str], Path]:
+    """train_3d.py as pp 2 x tp 2 on 4 ranks of one host (torchrun --standalone): its loss lines and
+    its checkpoint folder (every 2 steps), the reference of the runs across hosts."""
+    folder = tmp_path_factory.mktemp("train_3d_reference")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    local = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "4", *TRAIN_3D,
+         f"--checkpoint-dir={folder}", "--save-every=2"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert len(losses(local.stdout)) == STEPS_3D
+    return losses(local.stdout), folder
+
+
+@needs_root
+def test_train_3d_on_mpi_across_two_hosts_equals_one_host(testbeds, tmp_path, train_3d_on_one_host) -> None:
+    """examples/train_3d.py as pp 2 x tp 2 on 2 emulated hosts x 2 ranks under mpiexec (each host one
+    pipeline stage, so every activation and its gradient crosses the wire): the loss lines and the final
+    model and optimizer shards equal the single-host gloo run's bit for bit. (gloo across the hosts is
+    the resume test below: its final shards are compared with the same reference.)"""
+    from tests.test_resume import assert_bitwise_equal, final_shards
+
+    if not (BIN / "mpiexec").exists():
+        pytest.skip("the mpich wheel's mpiexec is not installed")
+    expected, reference = train_3d_on_one_host
+    testbed = testbeds("switch:n=2,bandwidth=1Gb/s", ranks_per_host=2)
+    before = testbed.counters()
+    folder = tmp_path / "mpi"
+    done = cli(
+        tmp_path, "run", "--launcher", "mpi", "--timeout", "200", "--", "python", *TRAIN_3D,
+        "--backend", "mpi", f"--checkpoint-dir={folder}", f"--save-every={STEPS_3D}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert losses(done.stdout) == expected, done.stdout
+    assert_bitwise_equal(final_shards(reference), final_shards(folder), "shards")
+    floor = STEPS_3D * 4 * ACTIVATION_BYTES  # 4 microbatches a step, forward one way, gradient back
+    for forward, backward in wire_bytes(testbed, before):
+        assert min(forward, backward) >= floor, (forward, backward, floor)
+
+
+@needs_root
+def test_train_3d_resumes_bitwise_after_a_link_outage(testbeds, tmp_path, train_3d_on_one_host) -> None:
+    """torchrun --max-restarts across 2 emulated hosts x 2 ranks, train_3d.py (pp 2 x tp 2, a checkpoint
+    every 2 steps, a 10 s timeout): host 1's wire goes down after step 3, every blocked pipeline receive
+    raises CollectiveTimeoutError, both torchrun agents see their workers fail; then the wire comes back,
+    the agents restart the group, it resumes from step 2's checkpoint, and the loss lines and the final
+    model and optimizer shards equal the uninterrupted single-host run's bit for bit."""
+    from tests.test_resume import assert_bitwise_equal, final_shards, lines_of
+
+    expected, reference = train_3d_on_one_host
+    testbed = testbeds("switch:n=2,bandwidth=1Gb/s", ranks_per_host=2)
+    wire = testbed.plan.wire_of(testbed.plan.hosts[1])
+    folder = tmp_path / "resumed"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "COMMLAB_TESTBED_DIR": str(tmp_path),
+    }
+    command = [sys.executable, "-m", "commlab.cli", "testbed", "run", "--max-restarts", "3",
+               "--timeout", "240", "--", "python", *TRAIN_3D, "--timeout", "10",
+               f"--checkpoint-dir={folder}", "--save-every=2"]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+    )
+    lines, out, failed_agents, state = lines_of(proc), [], set(), "running"
+    deadline = time.monotonic() + 300
+    try:
+        while (line := lines.get(timeout=max(0.1, deadline - time.monotonic()))) is not None:
+            out.append(line)
+            if state == "running" and line.startswith(f"step     3/{STEPS_3D}"):
+                testbed.set_wire(wire, "down")
+                state = "down"
+            elif state == "down" and "] failed (exitcode" in line:
+                failed_agents.add(line.split()[2])  # torchrun's log line: level+date, time, agent pid, ...
+                if len(failed_agents) == 2:  # both hosts' workers have ended: mend the wire
+                    testbed.set_wire(wire, "up")
+                    state = "up"
+    except queue.Empty:
+        raise AssertionError("training did not finish in time:\n" + "".join(out)[-5000:]) from None
+    finally:
+        if proc.poll() is None:
+            launch_stop(proc)
+        testbed.set_wire(wire, "up")
+    text = "".join(out)
+    assert proc.wait(timeout=30) == 0 and state == "up", text[-5000:]
+    assert "CollectiveTimeoutError: pipeline stage" in text, text[-5000:]
+    parts = re.split(r"^resumed from .*step-\d+ \(step (\d+)\)$", text, flags=re.MULTILINE)
+    assert len(parts) == 3, text[-5000:]  # resumed once, from the checkpoint before the outage
+    before, start, after = losses(parts[0]), int(parts[1]), losses(parts[2])
+    assert start >= 2 and before == expected[: len(before)] and after == expected[start:], (before, after)
+    assert_bitwise_equal(final_shards(reference), final_shards(folder), "shards")
+
+
+def launch_stop(proc: subprocess.Popen) -> None:
+    from commlab.testbed.launch import stop
+
+    stop([proc], grace=5.0)
