@@ -5,7 +5,8 @@ frame, or a host's processes killed, while the job's ranks are inside their coll
 every rank has written `folder/ready-<rank>`, injects the fault, writes its time to `folder/fault`, and
 collects each rank's report (`folder/report-<rank>.json`, see tests/testbed_fault_job.py: a file, because
 under mpiexec the output of a host cut off by the fault never reaches mpiexec). The wire
-is mended and every process stopped before it returns.
+is mended and every process stopped before it returns; `folder/launchers.json` records each launcher's
+exit status just before that (null where it was still running), `folder/host-<i>.log` its output.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def inject(
                 break
             time.sleep(0.1)
     finally:
+        # how each launcher had ended by then (null: still running, stopped here), for what mpiexec did
+        (folder / "launchers.json").write_text(json.dumps([p.poll() for p in procs]))
         launch.stop(procs, grace=5.0)
         testbed.set_wire(wire, "up")
     reports = [json.loads(path.read_text()) for path in folder.glob("report-*.json")]
