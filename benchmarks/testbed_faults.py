@@ -46,7 +46,10 @@ def main() -> int:
                 job = ["python", str(ROOT / "tests" / "testbed_fault_job.py"), str(folder), str(args.timeout)]
                 job += ["mpi"] if launcher == "mpi" else []
                 reports = inject(testbed, fault, job, folder, launcher=launcher, timeout=120)
-                rows.append({"launcher": launcher, "fault": fault, "reports": reports})
+                ended = json.loads((folder / "launchers.json").read_text())
+                hydra = [line for line in _log(folder).splitlines() if "assert" in line]
+                rows.append({"launcher": launcher, "fault": fault, "reports": reports, "launchers": ended,
+                             "launcher_error": hydra[0] if hydra else ""})  # fmt: skip
                 print(f"{launcher} {fault}: {len(reports)} reports", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -57,11 +60,13 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for row in rows:
         reports = row["reports"]
-        errors = sorted({r["error"] for r in reports}) or ["none reported"]
+        errors = sorted({r["error"] for r in reports}) or [
+            f"none: the launcher ended the job first (exit status {row['launchers']})"
+        ]
         after = [r["after_fault"] for r in reports if "after_fault" in r]
         timing = f"{min(after):.2f}-{max(after):.2f}" if after else "-"
         ranks = ", ".join(str(r["rank"]) for r in reports) or "-"
-        example = short(reports[0]["message"]) if reports else "-"
+        example = short(reports[0]["message"]) if reports else row["launcher_error"] or "-"
         print(f"| {backend[row['launcher']]} | {row['fault']} | {ranks} | {', '.join(errors)} | {timing} | "
               f"`{example}` |")  # fmt: skip
     spread = [r["after_fault"] for row in rows for r in row["reports"] if "after_fault" in r]
@@ -71,6 +76,10 @@ def main() -> int:
             f"(timeout {args.timeout:g} s)"
         )
     return 0
+
+
+def _log(folder: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(folder.glob("host-*.log")))
 
 
 if __name__ == "__main__":
