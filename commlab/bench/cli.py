@@ -15,7 +15,6 @@ from commlab.bench.config import (
     parse_size,
 )
 from commlab.bench.launch import backend_for, detect_launcher, launch
-from commlab.bench.worker import run_worker
 from commlab.collectives.algorithms import algorithms_for
 from commlab.errors import CommlabError, invalid
 from commlab.shared.ops import OPS
@@ -122,6 +121,8 @@ def main(args: argparse.Namespace) -> int:
     if config.json_path:
         config.json_path = os.path.abspath(config.json_path)
     if launched:
+        from commlab.bench.worker import run_worker  # imports torch: only where a rank runs
+
         run_worker(config)
         return 0
     return launch(config)

@@ -11,8 +11,6 @@ import sys
 from commlab.bench.config import count_at_least, parse_size
 from commlab.bench.launch import backend_for, detect_launcher
 from commlab.calibrate.config import BACKENDS, DTYPES, QUICK, CalibrateConfig
-from commlab.calibrate.profile import build_calibration, report
-from commlab.calibrate.worker import launch, run_worker
 from commlab.collectives.calibration import Calibration
 from commlab.errors import InvalidArgumentError, invalid
 
@@ -109,6 +107,8 @@ def main(args: argparse.Namespace) -> int:
     """`commlab calibrate`: run in the ranks of a launcher already running, or launch ranks and wait."""
     if args.refit is not None:
         return refit(args.refit, args.output or args.refit, args.json)
+    from commlab.calibrate.worker import launch, run_worker  # imports torch: not at `commlab` start-up
+
     launched = detect_launcher()
     config = config_from_args(args, launched)
     config_json = args.json
@@ -120,6 +120,8 @@ def main(args: argparse.Namespace) -> int:
 
 def refit(source: str, output: str, print_json: bool = False) -> int:
     """Fit the measurements stored in the profile `source` again and save the result to `output`."""
+    from commlab.calibrate.profile import build_calibration, report  # imports torch
+
     stored = Calibration.load(source)  # checks the file; its measurements are fitted again below
     if not stored.measurements.get("ring"):
         raise InvalidArgumentError(f"--refit {source}: the profile holds no measurements to fit")
