@@ -11,6 +11,7 @@ from __future__ import annotations
 from commlab.collectives.algorithms import get_algorithm
 from commlab.collectives.calibration import PiecewiseCostModel
 from commlab.collectives.cost import CostModel
+from commlab.collectives.array_schedule import ArraySchedule
 from commlab.collectives.schedule import Schedule
 from commlab.sim.network.engine import SimResult
 from commlab.sim.network.profile import IDEAL, Profile
@@ -65,7 +66,7 @@ def link_model(
     return _model(profile, bandwidth, latency, world_size, dtype)
 
 
-def segments_of(schedule: Schedule) -> int:
+def segments_of(schedule: Schedule | ArraySchedule) -> int:
     """The pipeline depth a registry schedule was built with (tree allreduce has two chunks per segment)."""
     entry = get_algorithm(schedule.algorithm)
     if schedule.op not in entry.pipelined_ops:

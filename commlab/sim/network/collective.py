@@ -22,7 +22,9 @@ from functools import partial
 
 import networkx as nx
 
-from commlab.collectives.algorithms import ALGORITHMS, build_schedule, get_algorithm
+from commlab.collectives.algorithms import ALGORITHMS, get_algorithm
+from commlab.collectives.algorithms.vectorized import build_array_schedule
+from commlab.collectives.array_schedule import ArraySchedule
 from commlab.collectives.hosts import HostMap
 from commlab.collectives.schedule import Schedule
 from commlab.errors import invalid
@@ -56,7 +58,7 @@ def itemsize_of(dtype: str) -> int:
 
 
 def _simulate_closed_form(
-    schedule: Schedule, topology: Topology, nbytes: int, dtype: str, profile: Profile
+    schedule: Schedule | ArraySchedule, topology: Topology, nbytes: int, dtype: str, profile: Profile
 ) -> SimResult:
     """The analytic fidelity for a schedule: its algorithm's formula at the depth it was built with."""
     segments = segments_of(schedule)
@@ -68,7 +70,7 @@ def _simulate_closed_form(
 def _simulate_routed(
     engine: Engine,
     fidelity: str,
-    schedule: Schedule,
+    schedule: Schedule | ArraySchedule,
     topology: Topology,
     nbytes: int,
     dtype: str,
@@ -108,7 +110,7 @@ def _simulate_routed(
 
 
 # fidelity -> how a schedule is simulated at it: (schedule, topology, nbytes, dtype, profile) -> SimResult
-FIDELITY_TABLE: dict[str, Callable[[Schedule, Topology, int, str, Profile], SimResult]] = {
+FIDELITY_TABLE: dict[str, Callable[[Schedule | ArraySchedule, Topology, int, str, Profile], SimResult]] = {
     "analytic": _simulate_closed_form,
     "congestion": partial(_simulate_routed, run_congestion, "congestion"),
     "flow": partial(_simulate_routed, run_flow, "flow"),
@@ -122,7 +124,7 @@ def _check_fidelity(fidelity: str) -> None:
 
 
 def simulate(
-    schedule: Schedule,
+    schedule: Schedule | ArraySchedule,
     topology: Topology | nx.DiGraph,
     nbytes: int,
     *,
@@ -134,8 +136,8 @@ def simulate(
     allgather) of `dtype`, at `fidelity`; ranks 0..p-1 sit on the topology's first p placed endpoints."""
     _check_fidelity(fidelity)
     topology = as_topology(topology)
-    if not isinstance(schedule, Schedule):
-        raise invalid("schedule", type(schedule).__name__, "a commlab.collectives.schedule.Schedule")
+    if not isinstance(schedule, Schedule | ArraySchedule):
+        raise invalid("schedule", type(schedule).__name__, "a commlab Schedule or ArraySchedule")
     if not isinstance(profile, Profile):
         raise invalid("profile", type(profile).__name__, "a commlab.sim.network.profile.Profile")
     nbytes = usable_bytes(schedule, int(nbytes), itemsize_of(dtype))
@@ -182,5 +184,5 @@ def simulate_collective(
         return simulate_analytic(op, entry.name, topology, p, numel * itemsize, segments, dtype, profile)
     if entry.topology_aware and hosts is None:
         hosts = topology.host_map(p)
-    schedule = build_schedule(op, entry.name, p, root, segments, hosts)
+    schedule = build_array_schedule(op, entry.name, p, root, segments, hosts)  # rows where regular
     return simulate(schedule, topology, nbytes, dtype=dtype, fidelity=fidelity, profile=profile)

@@ -5,6 +5,10 @@ here with one stable sort instead of a loop. Send and receive counts per pair ar
 name the same chunks is the checker's job (`commlab.collectives.schedule.verify`), and the plan takes the
 sender's chunk ids. A message's size in bytes depends on the buffer size, so the
 plan keeps each message's chunk ids and `message_bytes` turns them into bytes for a given size.
+
+An `ArraySchedule` (the IR as rows of transfers) compiles without building step objects: its steps are the
+distinct (rank, slot) pairs, and each row is its own message (`_compile_rows`), laid out in the very order
+the object path gives, so both paths give equal arrays.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from operator import attrgetter
 
 import numpy as np
 
+from commlab.collectives.array_schedule import ArraySchedule
 from commlab.collectives.schedule import Schedule, chunk_bounds
 from commlab.errors import ScheduleError, invalid
 from commlab.shared.ops import BLOCKED_OPS
@@ -24,7 +29,7 @@ from commlab.shared.ops import BLOCKED_OPS
 class CompiledSchedule:
     """Arrays of one schedule. Steps are numbered rank by rank; messages in (sender, receiver) order."""
 
-    schedule: Schedule
+    schedule: Schedule | ArraySchedule
     step_ptr: np.ndarray  # rank r's steps are step_ptr[r]:step_ptr[r+1]
     step_rank: np.ndarray
     msg_src: np.ndarray  # sending rank
@@ -80,7 +85,7 @@ class CompiledSchedule:
         return np.add.reduceat(chunk_bytes[self.chunk_ids], self.chunk_ptr[:-1])
 
 
-def usable_bytes(schedule: Schedule, nbytes: int, itemsize: int) -> int:
+def usable_bytes(schedule: Schedule | ArraySchedule, nbytes: int, itemsize: int) -> int:
     """`nbytes` rounded down to whole elements, and for blocked ops to a multiple of world_size elements
     (as nccl-tests rounds counts), so the buffer splits into the schedule's blocks."""
     if nbytes < 0:
@@ -91,8 +96,10 @@ def usable_bytes(schedule: Schedule, nbytes: int, itemsize: int) -> int:
     return numel * itemsize
 
 
-def compile_schedule(schedule: Schedule) -> CompiledSchedule:
+def compile_schedule(schedule: Schedule | ArraySchedule) -> CompiledSchedule:
     """Match every send with its receive and lay the schedule out as arrays (raises on a mismatch)."""
+    if isinstance(schedule, ArraySchedule):
+        return _compile_rows(schedule)
     p = schedule.world_size
     step_counts = np.fromiter((len(steps) for steps in schedule.steps), np.int64, p)
     step_ptr = np.zeros(p + 1, np.int64)
@@ -132,14 +139,39 @@ def compile_schedule(schedule: Schedule) -> CompiledSchedule:
     offsets = np.arange(int(chunk_ptr[-1])) - np.repeat(chunk_ptr[:-1], counts)
     chunk_ids = chunk_flat[np.repeat(starts, counts) + offsets] if len(offsets) else chunk_flat[:0]
 
-    msg_src_step = send_step[s_order]
-    msg_dst_step = recv_step[r_order]
-    m = len(sends)
+    return _assemble(
+        schedule,
+        step_ptr,
+        step_rank,
+        send_step[s_order],
+        recv_step[r_order],
+        send_pos[s_order],
+        recv_pos[r_order],
+        recv_reduce[r_order],
+        chunk_ptr,
+        chunk_ids,
+    )
+
+
+def _assemble(
+    schedule: Schedule | ArraySchedule,
+    step_ptr: np.ndarray,
+    step_rank: np.ndarray,
+    msg_src_step: np.ndarray,
+    msg_dst_step: np.ndarray,
+    msg_send_pos: np.ndarray,
+    msg_recv_pos: np.ndarray,
+    msg_reduce: np.ndarray,
+    chunk_ptr: np.ndarray,
+    chunk_ids: np.ndarray,
+) -> CompiledSchedule:
+    """The plan from its messages (in message order): each step's messages indexed both ways."""
+    m, num_steps = len(msg_src_step), len(step_rank)
     ends = np.concatenate([msg_src_step, msg_dst_step])
     owners = np.concatenate([np.arange(m), np.arange(m)])
-    order = np.argsort(ends, kind="stable")
-    step_msg_ptr = np.zeros(len(all_steps) + 1, np.int64)
-    np.cumsum(np.bincount(ends, minlength=len(all_steps)), out=step_msg_ptr[1:])
+    order = _stable_order(ends)
+    step_msg_ptr = np.zeros(num_steps + 1, np.int64)
+    np.cumsum(np.bincount(ends, minlength=num_steps), out=step_msg_ptr[1:])
     return CompiledSchedule(
         schedule=schedule,
         step_ptr=step_ptr,
@@ -148,14 +180,99 @@ def compile_schedule(schedule: Schedule) -> CompiledSchedule:
         msg_dst=step_rank[msg_dst_step],
         msg_src_step=msg_src_step,
         msg_dst_step=msg_dst_step,
-        msg_send_pos=send_pos[s_order],
-        msg_recv_pos=recv_pos[r_order],
-        msg_reduce=recv_reduce[r_order],
+        msg_send_pos=msg_send_pos,
+        msg_recv_pos=msg_recv_pos,
+        msg_reduce=msg_reduce,
         chunk_ptr=chunk_ptr,
         chunk_ids=chunk_ids,
         step_msg_ptr=step_msg_ptr,
-        step_msgs=owners[order],
+        step_msgs=owners if order is None else owners[order],
     )
+
+
+def _stable_order(keys: np.ndarray) -> np.ndarray | None:
+    """A stable sorting permutation of `keys`, or None when they are already sorted (no sort paid)."""
+    if len(keys) < 2 or bool(np.all(keys[1:] >= keys[:-1])):
+        return None
+    return np.argsort(keys, kind="stable")
+
+
+def _take(values: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    return values if order is None else values[order]
+
+
+def _group_positions(group: np.ndarray) -> np.ndarray:
+    """Each element's position among the elements of its group (equal values), in array order."""
+    order = _stable_order(group)
+    positions = _position_in_group(_take(group, order))
+    if order is None:
+        return positions
+    out = np.empty_like(positions)
+    out[order] = positions
+    return out
+
+
+def _compile_rows(schedule: ArraySchedule) -> CompiledSchedule:
+    """`compile_schedule` of the rows' Schedule, without building it (see the module docstring).
+
+    Steps are numbered rank by rank, slots ascending; a row's position in its sender's step counts the
+    rows before it with that sender and slot (likewise at the receiver); messages are ordered as the
+    object path orders them: by (sender, receiver), then the sender's step and position.
+    """
+    p, s = schedule.world_size, schedule
+    slots = int(s.slot.max()) + 1 if len(s.slot) else 1
+    send_key, recv_key = s.src * slots + s.slot, s.dst * slots + s.slot
+    distinct, index = _step_index(np.concatenate([send_key, recv_key]), p * slots)
+    m = len(s.src)
+    send_step, recv_step = index[:m], index[m:]
+    step_rank = distinct // slots
+    step_ptr = np.zeros(p + 1, np.int64)
+    np.cumsum(np.bincount(step_rank, minlength=p), out=step_ptr[1:])
+    send_pos, recv_pos = _group_positions(send_step), _group_positions(recv_step)
+    # Sends enumerated in (step, position) order, then stably by (sender, receiver): the object order.
+    enumeration = _stable_order(send_step)
+    pair = _take(s.src * p + s.dst, enumeration)
+    by_pair = _stable_order(pair)
+    if enumeration is None:
+        order = by_pair
+    else:
+        order = enumeration if by_pair is None else enumeration[by_pair]
+    counts = np.diff(s.chunk_ptr)
+    if order is None:
+        chunk_ptr, chunk_ids = s.chunk_ptr, s.chunk_ids
+    elif np.all(counts == 1):
+        chunk_ptr, chunk_ids = s.chunk_ptr, s.chunk_ids[order]
+    else:
+        counts = counts[order]
+        chunk_ptr = np.zeros(m + 1, np.int64)
+        np.cumsum(counts, out=chunk_ptr[1:])
+        offsets = np.arange(int(chunk_ptr[-1])) - np.repeat(chunk_ptr[:-1], counts)
+        chunk_ids = s.chunk_ids[np.repeat(s.chunk_ptr[:-1][order], counts) + offsets]
+    return _assemble(
+        schedule,
+        step_ptr,
+        step_rank,
+        _take(send_step, order),
+        _take(recv_step, order),
+        _take(send_pos, order),
+        _take(recv_pos, order),
+        _take(s.reduce, order),
+        chunk_ptr,
+        chunk_ids,
+    )
+
+
+def _step_index(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct keys in [0, bound) and each key's index among them (a marking pass when the bound
+    is small enough, a sort otherwise)."""
+    if bound > 1 << 28:
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        return distinct, inverse.astype(np.int64).ravel()
+    present = np.zeros(bound, bool)
+    present[keys] = True
+    distinct = np.flatnonzero(present)
+    rank = np.cumsum(present) - 1
+    return distinct, rank[keys]
 
 
 def _position_in_group(group: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from commlab.collectives.array_schedule import ArraySchedule
 from commlab.collectives.schedule import Schedule
 from commlab.errors import ScheduleError
 from commlab.shared.ops import bus_factor
@@ -66,7 +67,7 @@ class RoutedPlan:
     routes: Routes
 
 
-def routed_plan(schedule: Schedule, topology: Topology) -> RoutedPlan:
+def routed_plan(schedule: Schedule | ArraySchedule, topology: Topology) -> RoutedPlan:
     """Compile `schedule` and route its messages on `topology` (memoized on the topology)."""
     topology.check_world_size(schedule.world_size)
     cache: OrderedDict = topology.__dict__.setdefault("_plans", OrderedDict())
@@ -145,8 +146,61 @@ def reduce_time(
     return profile.gamma * reduced
 
 
+_FIXPOINT_SWEEPS = 16
+
+
 def rendezvous_rounds(plan: CompiledSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(round of each message, start round of each step, end round of each step)."""
+    """(round of each message, start round of each step, end round of each step).
+
+    A message moves in round max(start of its two steps); a step ends in the last round one of its
+    messages moves (its start round if it has none), and the rank's next step starts one round later.
+    These rounds are the least solution of those equations: `_rounds_by_sweeps` finds it in a few
+    whole-array sweeps when dependencies run mostly along ranks (a ring: one sweep), else the round by
+    round walk below computes it (and reports a deadlock).
+    """
+    swept = _rounds_by_sweeps(plan)
+    if swept is not None:
+        return swept
+    return _rounds_by_walk(plan)
+
+
+def _rounds_by_sweeps(plan: CompiledSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The rounds by monotone iteration from the lower bound start = index of the step in its rank: each
+    sweep takes every message's round from the current starts, then recomputes every rank's starts in
+    one segmented running maximum (start[i] = i + max(0, max over j < i of end[j] - j)); stops when
+    nothing changes, or gives up (None) after `_FIXPOINT_SWEEPS` sweeps."""
+    steps = plan.num_steps
+    if steps == 0:
+        return None
+    index = plan.step_index
+    rank = plan.step_rank
+    first = np.zeros(steps, bool)
+    first[plan.step_ptr[:-1][np.diff(plan.step_ptr) > 0]] = True
+    has = np.diff(plan.step_msg_ptr) > 0
+    busy = np.flatnonzero(has)
+    offset = rank * (2 * steps + 2)  # separates ranks in one running maximum (every value is < 2 steps)
+    start = index.copy()
+    for _ in range(_FIXPOINT_SWEEPS):
+        msg_round = np.maximum(start[plan.msg_src_step], start[plan.msg_dst_step])
+        end = start.copy()
+        if len(busy):
+            latest = np.maximum.reduceat(msg_round[plan.step_msgs], plan.step_msg_ptr[:-1][has])
+            end[busy] = np.maximum(latest, start[busy])
+        carried = np.empty(steps, np.int64)  # end[j] - j of the step before, 0 at a rank's first step
+        carried[1:] = end[:-1] - index[:-1]
+        carried[first] = 0
+        lifted = np.maximum.accumulate(np.maximum(carried, 0) + offset) - offset
+        new_start = index + lifted
+        if np.array_equal(new_start, start):
+            return msg_round, start, end
+        if new_start.max() > 2 * steps:  # no schedule needs more rounds than steps: a deadlock
+            return None
+        start = new_start
+    return None
+
+
+def _rounds_by_walk(plan: CompiledSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`rendezvous_rounds` round by round: the steps current in a round move their matched messages."""
     steps, messages = plan.num_steps, plan.num_messages
     total = np.diff(plan.step_msg_ptr)
     left = total.copy()

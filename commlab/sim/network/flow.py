@@ -299,46 +299,67 @@ def solo_timeline(
     duration = np.divide(work, solo, out=np.zeros(len(msg_bytes)), where=work > 0)
     latency = routes.latency[routed.msg_pair]
     reduce_s = reduce_time(plan, msg_bytes, profile, costs)
-    following = plan.step_next()
-    step_start = np.full(plan.num_steps, np.nan)
-    step_start[plan.step_ptr[:-1][np.diff(plan.step_ptr) > 0]] = 0.0
-    step_end = np.full(plan.num_steps, np.nan)
-    msg_start = np.zeros(len(msg_bytes))
-    arrival = np.zeros(len(msg_bytes))
+    alpha = profile.alpha if costs is None else costs.alpha
+    step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
+    send_posts, recv_posts = message_posts(plan, costs)
+    send_post = np.broadcast_to(step + alpha * send_posts, duration.shape)
+    recv_post = np.broadcast_to(step + alpha * recv_posts, duration.shape)
+    m, s = len(msg_bytes), plan.num_steps
+    # Work in round order, so that a round touches contiguous slices (this loop is memory-bound): messages
+    # by their round, steps by the round they end in (`place` maps a step to its position there).
     m_order = np.argsort(msg_round, kind="stable")
     m_bounds = np.searchsorted(msg_round[m_order], np.arange(rounds + 1))
     s_order = np.argsort(end_round, kind="stable")
     s_bounds = np.searchsorted(end_round[s_order], np.arange(rounds + 1))
-    alpha = profile.alpha if costs is None else costs.alpha
-    step = 0.0 if costs is None else costs.step  # paid once per step, before its first message
-    send_posts, recv_posts = message_posts(plan, costs)
-    send_post = step + alpha * send_posts
-    recv_post = step + alpha * recv_posts
-    ptr = plan.step_msg_ptr
+    place = np.empty(s, np.int64)
+    place[s_order] = np.arange(s)
+    src_step, dst_step = place[plan.msg_src_step[m_order]], place[plan.msg_dst_step[m_order]]
+    send_o, recv_o = send_post[m_order], recv_post[m_order]
+    duration_o, latency_o = duration[m_order], latency[m_order]
+    # One value array: the arrivals (in round order), every step's start (in end-round order), and one
+    # more slot that takes the writes for "the step after a rank's last step". A step ends at the latest
+    # of its start and its messages' arrivals (an arrival is never before its step's start, so the start
+    # changes nothing where there are messages): one entry per message end and one for the step itself.
+    value = np.full(m + s + 1, np.nan)
+    start = value[m : m + s]
+    start[place[plan.step_ptr[:-1][np.diff(plan.step_ptr) > 0]]] = 0.0
+    position = np.empty(m, np.int64)
+    position[m_order] = np.arange(m)
+    counts = np.diff(plan.step_msg_ptr)[s_order] + 1
+    entry_ptr = np.zeros(s + 1, np.int64)
+    np.cumsum(counts, out=entry_ptr[1:])
+    _, pos = _expand(plan.step_msg_ptr, s_order)
+    entries = np.empty(int(entry_ptr[-1]), np.int64)
+    own = entry_ptr[1:] - 1
+    entries[own] = m + np.arange(s)
+    mask = np.ones(len(entries), bool)
+    mask[own] = False
+    entries[mask] = position[plan.step_msgs[pos]]
+    reduce_o = reduce_s[s_order]
+    following = plan.step_next()[s_order]
+    following = m + np.where(following >= 0, place[np.maximum(following, 0)], s)
+    step_end_o = np.empty(s)
+    msg_start_o = np.zeros(m)
     for t in range(rounds):
-        ms = m_order[m_bounds[t] : m_bounds[t + 1]]
-        if len(ms):
-            act = np.maximum(
-                step_start[plan.msg_src_step[ms]] + send_post[ms],
-                step_start[plan.msg_dst_step[ms]] + recv_post[ms],
-            )
-            msg_start[ms] = act
-            arrival[ms] = act + duration[ms] + latency[ms]
-        ss = s_order[s_bounds[t] : s_bounds[t + 1]]
-        if len(ss):
-            counts = ptr[ss + 1] - ptr[ss]
-            ends = np.full(len(ss), np.nan)
-            busy = counts > 0
-            _, pos = _expand(ptr, ss[busy])
-            if len(pos):
-                offsets = np.concatenate([[0], np.cumsum(counts[busy])[:-1]])
-                ends[busy] = np.maximum.reduceat(arrival[plan.step_msgs[pos]], offsets)
-            ends[~busy] = step_start[ss[~busy]]
-            ends += reduce_s[ss]
-            step_end[ss] = ends
-            nxt = following[ss]
-            keep = nxt >= 0
-            step_start[nxt[keep]] = ends[keep]
+        a, b = m_bounds[t], m_bounds[t + 1]
+        if b > a:
+            act = np.maximum(start[src_step[a:b]] + send_o[a:b], start[dst_step[a:b]] + recv_o[a:b])
+            value[a:b] = act  # the message's bandwidth phase starts here (kept until arrival is known)
+            value[a:b] += duration_o[a:b]
+            value[a:b] += latency_o[a:b]
+            msg_start_o[a:b] = act
+        c, d = s_bounds[t], s_bounds[t + 1]
+        if d > c:
+            lo, hi = entry_ptr[c], entry_ptr[d]
+            ends = np.maximum.reduceat(value[entries[lo:hi]], entry_ptr[c:d] - lo) + reduce_o[c:d]
+            step_end_o[c:d] = ends
+            value[following[c:d]] = ends
+    step_end = np.empty(s)
+    step_end[s_order] = step_end_o
+    msg_start = np.empty(m)
+    msg_start[m_order] = msg_start_o
+    step_start = np.empty(s)
+    step_start[s_order] = start
     return step_start, step_end, msg_start, msg_start + duration, rounds
 
 
