@@ -3,8 +3,15 @@
     python benchmarks/sim_speed.py                   # all parts, several minutes on 2 busy cores
     python benchmarks/sim_speed.py --trials 5        # median of more runs
     python benchmarks/sim_speed.py --quick           # smaller sizes, a smoke run
+    python benchmarks/sim_speed.py --parts command   # whole `commlab sim collective` commands only
 
-Parts (targets from issue 5 in brackets):
+Parts (targets from issues 5 and 20 in brackets):
+  command     whole commands, start-up included, each a fresh `python -m commlab.cli sim collective ...`
+              process (wall and CPU seconds, median of --trials): ring allreduce 1 GiB on a k=16 fat-tree
+              (1024 ranks), flow [<= 5 s]; tree allreduce 1 GiB on a k=64 fat-tree (65,536 ranks),
+              congestion [<= 30 s] (with --big only: minutes and several GB today); the same commands
+              at growing rank counts; and next to them the engine alone in this process (the schedule
+              as rows and its simulation on a fresh Topology: no start-up, no topology parsing)
   flow        ring allreduce of 1 GiB on 1024 ranks of a k=16 fat-tree, flow fidelity [<= 10 s]; and the
               event-driven engine forced on (no contention-free fast path) at 128 ranks, with events/s
   congestion  double-binary-tree allreduce of 1 GiB on 16384 ranks of a k=32 fat-tree with 2:1 edge
@@ -28,12 +35,15 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
-from commlab.collectives.algorithms import ALGORITHMS
+from commlab.collectives.algorithms import ALGORITHMS, vectorized
 from commlab.sim.network import topology as topo
 from commlab.sim.network.collective import simulate, simulate_collective
 from commlab.sim.network.topology import Topology
@@ -207,7 +217,78 @@ def part_growth(trials: int, quick: bool) -> list[dict]:
     return rows
 
 
-PARTS = {"flow": part_flow, "congestion": part_congestion, "analytic": part_analytic, "growth": part_growth}
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND_TIMEOUT_S = 900
+
+
+def run_command(args: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one fresh `commlab` process (CPU: user + system of the child)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "commlab.cli", *args], check=True, env=env, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, timeout=COMMAND_TIMEOUT_S)  # fmt: skip
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def command_row(k: int, algorithm: str, fidelity: str, ranks: int | None, trials: int) -> dict:
+    """Median wall and CPU seconds of `commlab sim collective` on a k-ary fat-tree, and the engine alone."""
+    args = ["sim", "collective", "--topology", f"fat-tree:k={k}", "--algorithm", algorithm,
+            "--size", "1G", "--fidelity", fidelity]  # fmt: skip
+    if ranks is not None:
+        args += ["--ranks", str(ranks)]
+    runs = [run_command(args) for _ in range(trials)]
+    graph = topo.fat_tree(k)
+    world = ranks or Topology(graph).num_ranks
+
+    def engine() -> object:
+        """What the command does after start-up and parsing, from scratch: rows (rebuilt every trial, as
+        in a new process), a fresh Topology (no cached routes), the simulation."""
+        vectorized._cached_rows.cache_clear()
+        topology = Topology(graph)
+        return simulate_collective("allreduce", algorithm, topology, GIB, world_size=world, fidelity=fidelity)
+
+    engine_s, result = timed(engine, trials)
+    return {
+        "command": "commlab " + " ".join(args),
+        "ranks": world,
+        "wall_s": statistics.median(w for w, _ in runs),
+        "cpu_s": statistics.median(c for _, c in runs),
+        "engine_s": engine_s,
+        "messages": int(result.routed.plan.num_messages) if result.routed is not None else 0,
+        "busbw_GBps": result.busbw / 1e9,
+    }
+
+
+def part_command(trials: int, quick: bool, big: bool = False) -> dict:
+    rows = {"targets": [], "growth": []}
+    rows["targets"].append(command_row(8 if quick else 16, "ring", "flow", None, trials))
+    if big:
+        rows["targets"].append(command_row(64, "tree", "congestion", None, trials))
+    for ranks in (16, 64, 256) if quick else (64, 256, 1024):
+        rows["growth"].append(command_row(16, "ring", "flow", ranks, trials))
+    for k in (4, 8) if quick else (8, 16, 32) + ((64,) if big else ()):
+        rows["growth"].append(command_row(k, "tree", "congestion", None, trials))
+    return rows
+
+
+def print_commands(rows: dict) -> None:
+    print("\n# whole commands (fresh process, start-up included) and the engine alone; medians")
+    print(f"# {'ranks':>6} {'wall_s':>8} {'cpu_s':>8} {'engine_s':>9} {'messages':>10}  command")
+    for row in rows["targets"] + rows["growth"]:
+        print(f"  {row['ranks']:>6} {row['wall_s']:>8.2f} {row['cpu_s']:>8.2f} {row['engine_s']:>9.2f} "
+              f"{row['messages']:>10}  {row['command']}")  # fmt: skip
+
+
+PARTS = {
+    "command": part_command,
+    "flow": part_flow,
+    "congestion": part_congestion,
+    "analytic": part_analytic,
+    "growth": part_growth,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,12 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=3, help="runs per figure; the median is reported")
     parser.add_argument("--quick", action="store_true", help="smaller cases, a smoke run")
     parser.add_argument("--json", default="sim_speed.json", help="where to write the figures")
+    parser.add_argument("--big", action="store_true", help="also the 65,536-rank tree command (slow)")
     args = parser.parse_args(argv)
     report = {"machine": machine(), "trials": args.trials, "quick": args.quick}
     for name in args.parts.split(","):
         if name not in PARTS:
             parser.error(f"--parts: {name!r} is not accepted; accepted: {', '.join(PARTS)}")
         print(f"== {name}", flush=True)
+        if name == "command":
+            report[name] = part_command(args.trials, args.quick, args.big)
+            print_commands(report[name])
+            continue
         report[name] = PARTS[name](args.trials, args.quick)
         print(json.dumps(report[name], indent=2), flush=True)
     if "growth" in report:

@@ -25,12 +25,9 @@ from commlab.errors import (
 )
 
 # name -> module it lives in; loaded on first access (PEP 562), as each of them imports torch
+_API = ("all_gather", "all_reduce", "all_to_all", "broadcast", "communicator", "reduce", "reduce_scatter")
 _LAZY = {
-    **dict.fromkeys(
-        ("all_gather", "all_reduce", "all_to_all", "broadcast", "communicator", "reduce", "reduce_scatter",
-         "release"),
-        "commlab.collectives.api",
-    ),  # fmt: skip
+    **dict.fromkeys((*_API, "release"), "commlab.collectives.api"),
     "Communicator": "commlab.collectives.communicator",
     "Work": "commlab.collectives.communicator",
     "configure": "commlab.torch_backend",

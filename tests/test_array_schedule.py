@@ -3,9 +3,10 @@
 The object builders (`ring.py`, `tree.py`) are the definition. For every world size 1..64 the rows must
 make the very same `Schedule` (step for step, transfer for transfer), so the symbolic checker's verdict
 on both is one; the checker runs on the rows' schedules too (every size for the trees and chains, a
-spread of sizes for the ring's O(p^2)-message ops, whose check costs O(p^3)); the simulator must compile them to the same arrays and predict the same times, bit for bit,
-because it runs the same float operations in the same order. The sweeps that find rendezvous rounds must
-agree with the round-by-round walk. And `import commlab` must not import torch (the simulator's CLI
+spread of sizes for the ring's O(p^2)-message ops, whose check costs O(p^3)); the simulator must
+compile them to the same arrays and predict the same times, bit for bit, because it runs the same float
+operations in the same order. The sweeps that find rendezvous rounds must agree with the round-by-round
+walk. And `import commlab` must not import torch (the simulator's CLI
 starts in a fraction of the time) while still registering the torch backend once torch is imported.
 """
 
@@ -27,7 +28,7 @@ from commlab.sim.network import topology as topo
 from commlab.sim.network.collective import simulate, simulate_collective
 from commlab.sim.network.compiled import compile_schedule
 from commlab.sim.network.engine import _rounds_by_sweeps, _rounds_by_walk, rendezvous_rounds
-from commlab.sim.network.profile import IDEAL, Profile
+from commlab.sim.network.profile import Profile
 from commlab.sim.network.topology import Topology
 
 CASES = [

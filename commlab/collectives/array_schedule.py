@@ -61,9 +61,7 @@ class ArraySchedule:
         if not len(self.slot) == len(self.dst) == len(self.reduce) == m or len(self.chunk_ptr) != m + 1:
             raise ScheduleError("slot, src, dst, reduce and chunk_ptr must describe the same transfers")
         p = self.world_size
-        if m and (
-            self.src.min() < 0 or self.dst.min() < 0 or self.src.max() >= p or self.dst.max() >= p
-        ):
+        if m and (self.src.min() < 0 or self.dst.min() < 0 or self.src.max() >= p or self.dst.max() >= p):
             raise ScheduleError(f"a transfer names a rank outside 0..{p - 1}")
         if np.any(self.src == self.dst):
             t = int(np.flatnonzero(self.src == self.dst)[0])
@@ -100,8 +98,8 @@ class ArraySchedule:
         builder = ScheduleBuilder(self.op, self.algorithm, self.world_size, self.num_chunks, self.root)
         ptr = self.chunk_ptr.tolist()
         ids = self.chunk_ids.tolist()
-        rows = zip(self.slot.tolist(), self.src.tolist(), self.dst.tolist(), self.reduce.tolist(), strict=True)
-        for t, (slot, src, dst, reduce) in enumerate(rows):
+        columns = (self.slot, self.src, self.dst, self.reduce)
+        for t, (slot, src, dst, reduce) in enumerate(zip(*(c.tolist() for c in columns), strict=True)):
             builder.transfer(slot, src, dst, ids[ptr[t] : ptr[t + 1]], reduce)
         return builder.build()
 

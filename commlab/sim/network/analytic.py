@@ -9,9 +9,9 @@ picks pipelined algorithms' segment counts, and the one the training simulator's
 from __future__ import annotations
 
 from commlab.collectives.algorithms import get_algorithm
+from commlab.collectives.array_schedule import ArraySchedule
 from commlab.collectives.calibration import PiecewiseCostModel
 from commlab.collectives.cost import CostModel
-from commlab.collectives.array_schedule import ArraySchedule
 from commlab.collectives.schedule import Schedule
 from commlab.sim.network.engine import SimResult
 from commlab.sim.network.profile import IDEAL, Profile

@@ -233,10 +233,7 @@ def _compile_rows(schedule: ArraySchedule) -> CompiledSchedule:
     enumeration = _stable_order(send_step)
     pair = _take(s.src * p + s.dst, enumeration)
     by_pair = _stable_order(pair)
-    if enumeration is None:
-        order = by_pair
-    else:
-        order = enumeration if by_pair is None else enumeration[by_pair]
+    order = by_pair if enumeration is None else enumeration if by_pair is None else enumeration[by_pair]
     counts = np.diff(s.chunk_ptr)
     if order is None:
         chunk_ptr, chunk_ids = s.chunk_ptr, s.chunk_ids
@@ -264,8 +261,8 @@ def _compile_rows(schedule: ArraySchedule) -> CompiledSchedule:
 
 def _step_index(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct keys in [0, bound) and each key's index among them (a marking pass when the bound
-    is small enough, a sort otherwise)."""
-    if bound > 1 << 28:
+    is small next to the number of keys, a sort otherwise: the pass costs O(bound))."""
+    if bound > max(1 << 20, 4 * len(keys)):
         distinct, inverse = np.unique(keys, return_inverse=True)
         return distinct, inverse.astype(np.int64).ravel()
     present = np.zeros(bound, bool)

@@ -89,8 +89,8 @@ def routed_plan(schedule: Schedule | ArraySchedule, topology: Topology) -> Route
 
 def _distinct(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct keys in [0, bound) and each key's index among them (a marking pass when bound is
-    small enough, numpy's unique otherwise)."""
-    if bound > 1 << 26:
+    small next to the number of keys, numpy's unique otherwise: the pass costs O(bound))."""
+    if bound > max(1 << 20, 4 * len(keys)):
         distinct, inverse = np.unique(keys, return_inverse=True)
         return distinct, inverse.astype(np.int64)
     present = np.zeros(bound, bool)
