@@ -307,9 +307,9 @@ def solo_timeline(
     m, s = len(msg_bytes), plan.num_steps
     # Work in round order, so that a round touches contiguous slices (this loop is memory-bound): messages
     # by their round, steps by the round they end in (`place` maps a step to its position there).
-    m_order = np.argsort(msg_round, kind="stable")
+    m_order = _round_order(msg_round, rounds)
     m_bounds = np.searchsorted(msg_round[m_order], np.arange(rounds + 1))
-    s_order = np.argsort(end_round, kind="stable")
+    s_order = _round_order(end_round, rounds)
     s_bounds = np.searchsorted(end_round[s_order], np.arange(rounds + 1))
     place = np.empty(s, np.int64)
     place[s_order] = np.arange(s)
@@ -340,18 +340,21 @@ def solo_timeline(
     following = m + np.where(following >= 0, place[np.maximum(following, 0)], s)
     step_end_o = np.empty(s)
     msg_start_o = np.zeros(m)
-    for t in range(rounds):
-        a, b = m_bounds[t], m_bounds[t + 1]
+    # Per round: its message slice, its step slice, its entry slice and each step's offset in it.
+    round_of_step = np.repeat(np.arange(rounds), np.diff(s_bounds))
+    local = entry_ptr[:-1] - entry_ptr[s_bounds[:-1]][round_of_step]
+    bounds = zip(m_bounds[:-1].tolist(), m_bounds[1:].tolist(), s_bounds[:-1].tolist(),
+                 s_bounds[1:].tolist(), entry_ptr[s_bounds[:-1]].tolist(), entry_ptr[s_bounds[1:]].tolist(),
+                 strict=True)  # fmt: skip
+    for a, b, c, d, lo, hi in bounds:
         if b > a:
             act = np.maximum(start[src_step[a:b]] + send_o[a:b], start[dst_step[a:b]] + recv_o[a:b])
-            value[a:b] = act  # the message's bandwidth phase starts here (kept until arrival is known)
-            value[a:b] += duration_o[a:b]
+            msg_start_o[a:b] = act  # the bandwidth phase starts here; the value is its arrival
+            np.add(act, duration_o[a:b], out=value[a:b])
             value[a:b] += latency_o[a:b]
-            msg_start_o[a:b] = act
-        c, d = s_bounds[t], s_bounds[t + 1]
         if d > c:
-            lo, hi = entry_ptr[c], entry_ptr[d]
-            ends = np.maximum.reduceat(value[entries[lo:hi]], entry_ptr[c:d] - lo) + reduce_o[c:d]
+            ends = np.maximum.reduceat(value[entries[lo:hi]], local[c:d])
+            ends += reduce_o[c:d]
             step_end_o[c:d] = ends
             value[following[c:d]] = ends
     step_end = np.empty(s)
@@ -361,6 +364,13 @@ def solo_timeline(
     step_start = np.empty(s)
     step_start[s_order] = start
     return step_start, step_end, msg_start, msg_start + duration, rounds
+
+
+def _round_order(rounds_of: np.ndarray, rounds: int) -> np.ndarray:
+    """A stable order by round (numpy radix-sorts 16-bit keys: linear time, where rounds allow)."""
+    if rounds <= 1 << 16:
+        return np.argsort(rounds_of.astype(np.uint16), kind="stable")
+    return np.argsort(rounds_of, kind="stable")
 
 
 def overlaps_on_shared_links(routed: RoutedPlan, start: np.ndarray, end: np.ndarray) -> bool:
