@@ -67,7 +67,12 @@ class _RegisterAfterTorch(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module: object) -> None:
             exec_module(module)
-            _register_backend()
+            try:
+                _register_backend()
+            except Exception as error:  # never break `import torch` itself; say why the backend is missing
+                import warnings
+
+                warnings.warn(f"commlab: torch.distributed backend 'commlab' not registered: {error!r}")
 
         spec.loader.exec_module = exec_then_register
         return spec
