@@ -72,7 +72,9 @@ class _RegisterAfterTorch(importlib.abc.MetaPathFinder):
             except Exception as error:  # never break `import torch` itself; say why the backend is missing
                 import warnings
 
-                warnings.warn(f"commlab: torch.distributed backend 'commlab' not registered: {error!r}")
+                warnings.warn(
+                    f"commlab: torch.distributed backend 'commlab' not registered: {error!r}", stacklevel=2
+                )
 
         spec.loader.exec_module = exec_then_register
         return spec
