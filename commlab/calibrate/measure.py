@@ -43,6 +43,7 @@ from commlab.collectives.algorithms import algorithms_for, build_schedule
 from commlab.collectives.calibration import Calibration
 from commlab.collectives.communicator import Communicator
 from commlab.collectives.cost import CostModel
+from commlab.collectives.hosts import HostMap, host_map_from_env
 from commlab.collectives.executor import REDUCERS, Program, compile_program, execute
 from commlab.collectives.schedule import Recv, Schedule, Send, Step, subdivide
 from commlab.collectives.transport import TorchTransport
@@ -66,6 +67,7 @@ class Group:
     tag_calls: int
     close: Callable[[], None]
     subgroup: Callable[[int], object | None]  # ranks 0..p-1 as a transport (None on the others); collective
+    hosts: HostMap | None = None  # which ranks share a host (launcher's environment), None if not known
 
 
 def join(config: CalibrateConfig) -> Group:
@@ -96,7 +98,7 @@ def join(config: CalibrateConfig) -> Group:
 
         return Group(
             world.Get_rank(), world.Get_size(), transport, barrier, max_all, detail, calls, lambda: None,
-            mpi_subgroup,
+            mpi_subgroup, host_map_from_env(range(world.Get_size())),
         )  # fmt: skip
     import torch.distributed as dist
 
@@ -119,7 +121,7 @@ def join(config: CalibrateConfig) -> Group:
 
     return Group(
         dist.get_rank(), dist.get_world_size(), transport, dist.barrier, gloo_max, detail, 1024, close,
-        gloo_subgroup,
+        gloo_subgroup, host_map_from_env(range(dist.get_world_size())),
     )  # fmt: skip
 
 
@@ -136,16 +138,46 @@ def _wait_napping(request) -> None:
 def shift_schedule(world: int, active: int, steps: int, reduce: bool = False) -> Schedule:
     """Ranks 0..active-1 in a ring: at step s each sends chunk s%2 to the next and receives chunk (s+1)%2
     from the previous, reducing it in if `reduce` (step s+1 sends what step s received: none runs ahead)."""
+    return permutation_schedule(world, {r: (r + 1) % active for r in range(active)}, steps, reduce)
+
+
+def permutation_schedule(world: int, successor: dict[int, int], steps: int, reduce: bool = False) -> Schedule:
+    """`shift_schedule` over any cycle of ranks: each rank r of `successor` sends to successor[r] and
+    receives from the rank whose successor it is (a permutation of its keys); the other ranks idle."""
+    previous = {dst: src for src, dst in successor.items()}
+    if sorted(previous) != sorted(successor):
+        raise ValueError(f"successor={successor} is not a permutation of its ranks")
     rank_steps = []
     for r in range(world):
-        if r >= active:
+        if r not in successor:
             rank_steps.append(())
             continue
-        nxt, prev = (r + 1) % active, (r - 1) % active
+        nxt, prev = successor[r], previous[r]
         rank_steps.append(
             tuple(Step((Send(nxt, (s % 2,)),), (Recv(prev, ((s + 1) % 2,), reduce),)) for s in range(steps))
         )
     return Schedule("broadcast", "calibrate-shift", world, 2, tuple(rank_steps), 0)
+
+
+def host_schedules(hosts: HostMap | None, steps: int) -> dict[str, Schedule]:
+    """Where the ranks span hosts of equal size l: `intra p` (p = 2..l), a ring of the first host's first
+    p ranks; `rails`, every rank sending to the rank of its local index on the next host (receiving
+    from the previous host's), all at once, as the cross-host phases of the topology-aware algorithms do.
+    Nothing on one host, or on hosts of different sizes (the rails would not pair up)."""
+    if hosts is None or hosts.num_hosts < 2 or not hosts.is_uniform:
+        return {}
+    first = list(hosts.hosts[0])
+    found = {
+        f"intra {p}": permutation_schedule(hosts.world_size, {first[i]: first[(i + 1) % p] for i in range(p)},
+                                           steps)
+        for p in range(2, len(first) + 1)
+    }  # fmt: skip
+    count = hosts.num_hosts
+    rails = {
+        rank: hosts.hosts[(h + 1) % count][j] for h, host in enumerate(hosts.hosts) for j, rank in enumerate(host)
+    }
+    found["rails"] = permutation_schedule(hosts.world_size, rails, steps)
+    return found
 
 
 def fan_messages(active: int) -> int:
@@ -317,6 +349,7 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
     rings = {p: shift_schedule(world, p, steps) for p in levels}
     singles = {p: shift_schedule(world, p, 1) for p in levels}
     fans = {p: fan_schedule(world, p, steps) for p in levels}
+    across = host_schedules(group.hosts, steps)  # ranks on several hosts: the intra-host and rails levels
     passes: dict[int, dict[str, list[float]]] = {size: {} for size in sizes}
     for number in range(config.passes):  # each pass sweeps every size: slow drift hits all sizes alike
         for size in sizes:
@@ -331,6 +364,8 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
                     variants.append(Variant(f"launch {p}", 1, runner.executor_call(singles[p], size)))
                 if size in fan_sizes:
                     variants.append(Variant(f"fan {p}", steps, runner.executor_call(fans[p], size)))
+            for name, schedule in across.items():
+                variants.append(Variant(name, steps, runner.executor_call(schedule, size)))
             for variant, seconds in zip(variants, runner.time_variants(variants), strict=True):
                 passes[size].setdefault(variant.name, []).append(seconds)
             done += 1
@@ -340,6 +375,11 @@ def measure(group: Group, config: CalibrateConfig) -> dict:
         "launch": {str(p): {} for p in levels},
         "fan": {str(p): {} for p in levels},
     }
+    if across:
+        assert group.hosts is not None
+        result["hosts"] = group.hosts.spec()
+        result["rails"] = {}
+        result["intra"] = {name.split()[1]: {} for name in across if name != "rails"}
     for size, by_name in passes.items():
         for name, values in by_name.items():
             kind, _, p = name.partition(" ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import statistics
@@ -109,6 +110,7 @@ def build_calibration(config: CalibrateConfig, measurements: dict, description: 
             p, link, launch, gamma, clone, copy, step, concurrency, curves, clone_curve, copy_curve,
             algorithms,
         )  # fmt: skip
+    intra_host, inter_host = across_host_levels(measurements, levels)
     pingpong = fit_piecewise(*_series(measurements["pingpong"])) if measurements.get("pingpong") else None
     settings = {
         "min_bytes": config.min_bytes,
@@ -122,7 +124,29 @@ def build_calibration(config: CalibrateConfig, measurements: dict, description: 
         "dtypes": list(config.dtypes),
         "algorithm_sizes": config.algorithm_sizes(),
     }
-    return Calibration(config.backend, levels, pingpong, description, settings, measurements, config.output)
+    return Calibration(
+        config.backend, levels, pingpong, description, settings, measurements, config.output, intra_host,
+        inter_host, measurements.get("hosts") if inter_host is not None else None,
+    )  # fmt: skip
+
+
+def across_host_levels(measurements: dict, levels: dict[int, Level]) -> tuple[dict[int, Level], Level | None]:
+    """The intra-host levels and the rails level of a calibration whose ranks spanned hosts (empty, None
+    otherwise). Their message fits are their own rings'; launch, reduction and copy costs, step and
+    concurrency come from the flat level of as many ranks (the same host's processes: what they
+    compute does not depend on where their messages go). The rails level's concurrency is 1: its ring
+    already has every local rank crossing at once."""
+    if not measurements.get("rails"):
+        return {}, None
+    intra = {}
+    for key, table in measurements.get("intra", {}).items():
+        flat = levels[int(key)]
+        intra[int(key)] = dataclasses.replace(flat, link=fit_piecewise(*_series(table)), algorithms=None)
+    world = max(levels)
+    rails = dataclasses.replace(
+        levels[world], link=fit_piecewise(*_series(measurements["rails"])), concurrency=1.0, algorithms=None
+    )
+    return intra, rails
 
 
 def _range(lo: float, hi: float) -> str:
@@ -161,6 +185,10 @@ def report(calibration: Calibration) -> str:
         fits.append(("pingpong", calibration.pingpong, meas.get("pingpong", {})))
     for p, level in sorted(calibration.levels.items()):
         fits.append((f"ring {p}", level.link, meas.get("ring", {}).get(str(p), {})))
+    for p, level in sorted(calibration.intra_host.items()):
+        fits.append((f"intra {p}", level.link, meas.get("intra", {}).get(str(p), {})))
+    if calibration.inter_host is not None:
+        fits.append((f"rails {calibration.hosts}", calibration.inter_host.link, meas.get("rails", {})))
     for name, fit, _ in fits:
         out += describe_fit(f"{name} (one message per rank and step)", fit)
     out.append("")

@@ -40,7 +40,7 @@ def decision_table(
     """[{min_bytes, max_bytes, algorithm, source}] over sizes 8 B..max_bytes (powers of two); source is
     'measured' (the profile's algorithm times decide) or 'formulas'; `formulas`: ignore the measurements;
     `hosts`: the ranks' host map (None: one host)."""
-    model = calibration.cost_model(world_size, dtype)
+    model = calibration.cost_model(world_size, dtype, hosts)
     if formulas:
         model = dataclasses.replace(model, measured=None)
     rows: list[dict] = []
@@ -122,8 +122,9 @@ def show(args: argparse.Namespace) -> int:
     measured = ",".join(str(p) for p in calibration.world_sizes)
     print(
         f"# algorithm='auto' under {calibration.source} ({calibration.backend}, "
-        f"host {calibration.machine.get('hostname', '?')}, measured world sizes {measured}), "
-        f"dtype {args.dtype}"
+        f"host {calibration.machine.get('hostname', '?')}, measured world sizes {measured}"
+        + (f", across hosts {calibration.hosts}" if calibration.hosts else "")
+        + f"), dtype {args.dtype}"
     )
     for op, per_size in tables.items():
         print(op)

@@ -17,6 +17,18 @@ one step of a ring), the profile holds:
 - `algorithms`: the measured time of every algorithm of each op at a few sizes (`AlgorithmTimes`).
 It also keeps the one-pair ping-pong fit, the machine description and the raw medians.
 
+Calibrated with ranks on several hosts (`commlab testbed run -- commlab calibrate`, or any launcher that
+sets LOCAL_WORLD_SIZE or $COMMLAB_HOSTS), the `levels` above are flat rings over ranks 0..p-1, which cross
+hosts where a flat ring does, and the profile adds two levels (optional keys: profiles without them load
+as before):
+- `intra_host`: levels of p = 2..l ranks of one host exchanging at once (the first host's ranks), the
+  host's own software costs (loopback, shared memory);
+- `inter_host`: one level of every rank sending to the rank of the same local index on the next host
+  and receiving from the previous one, all at once (the rails of `hierarchical` and `multiring`), with
+  `hosts`, the host map it was measured on.
+`cost_model(p, hosts=...)` then gives `auto` a three-level model (`CostModel.intra`, `CostModel.inter`),
+and the simulator prices every message's software by the intra-host levels, the wire by the topology.
+
 `algorithm="auto"` on a measured world size picks the algorithm with the least measured time at the call's
 size (interpolated between the measured sizes); for ops or world sizes not measured it ranks algorithms
 by their formulas under `PiecewiseCostModel`, which prices each message by the size range it falls in.
@@ -32,6 +44,7 @@ files through `commlab.sim.network.profile`.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import json
 import math
@@ -43,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from commlab.collectives.cost import CostModel
+from commlab.collectives.hosts import HostMap
 from commlab.errors import InvalidArgumentError, invalid
 
 FORMAT = "commlab-calibration"
@@ -364,10 +378,17 @@ class Calibration:
     settings: dict = field(default_factory=dict)
     measurements: dict = field(default_factory=dict)
     source: str = "calibration"
+    # measured with ranks on several hosts (see the module docstring): p ranks of one host at once, and
+    # the rails between hosts, with the host map (a HostMap spec) they were measured on
+    intra_host: dict[int, Level] = field(default_factory=dict)
+    inter_host: Level | None = None
+    hosts: str | None = None
 
     def __post_init__(self) -> None:
         if not self.levels:
             raise InvalidArgumentError(f"{self.source}: a calibration needs at least one measured world size")
+        if (self.inter_host is None) != (self.hosts is None):
+            raise InvalidArgumentError(f"{self.source}: inter_host and hosts are set together or not at all")
 
     @property
     def world_sizes(self) -> tuple[int, ...]:
@@ -381,17 +402,30 @@ class Calibration:
         below = [p for p in self.levels if p <= world_size]
         return self.levels[max(below) if below else min(self.levels)]
 
-    def cost_model(self, world_size: int, dtype: str = DEFAULT_DTYPE) -> PiecewiseCostModel:
-        """The cost model `algorithm="auto"` ranks algorithms by for `world_size` ranks and `dtype`."""
+    def host_level(self, busy: int) -> Level:
+        """What `busy` ranks of one host pay per message in software: the levels measured inside one
+        host where the calibration spans hosts (`intra_host`), else the levels (all on one host)."""
+        levels = self.intra_host or self.levels
+        below = [p for p in levels if p <= busy]
+        return levels[max(below) if below else min(levels)]
+
+    def cost_model(
+        self, world_size: int, dtype: str = DEFAULT_DTYPE, hosts: HostMap | None = None
+    ) -> PiecewiseCostModel:
+        """The cost model `algorithm="auto"` ranks algorithms by for `world_size` ranks and `dtype`.
+
+        With `hosts` spanning several hosts and a calibration measured across hosts (`inter_host`), the
+        model is three-level (see `CostModel`): itself the flat level of `world_size` ranks as measured
+        across hosts, `intra` the level of one host's ranks, `inter` the rails between hosts."""
         level = self.level(world_size)
-        return PiecewiseCostModel.of(
-            level.link,
-            level.gamma_of(dtype),
-            step=level.step,
-            concurrency=level.concurrency,
-            gamma_curve=level.gamma_curve(dtype),
-            measured=level.algorithms if level.world_size == world_size else None,
-        )
+        across = hosts is not None and hosts.num_hosts > 1 and self.inter_host is not None
+        model = _level_model(level, dtype, level.algorithms if level.world_size == world_size else None)
+        if not across:
+            return model
+        assert self.inter_host is not None and hosts is not None
+        intra = _level_model(self.host_level(max(hosts.max_local, 2)), dtype)
+        inter = _level_model(self.inter_host, dtype)
+        return dataclasses.replace(model, measured=None, intra=intra, inter=inter)
 
     def to_dict(self) -> dict:
         return {
@@ -401,22 +435,11 @@ class Calibration:
             "machine": self.machine,
             "settings": self.settings,
             "pingpong": None if self.pingpong is None else self.pingpong.to_dict(),
-            "levels": {
-                str(p): {
-                    "link": lv.link.to_dict(),
-                    "launch": lv.launch,
-                    "gamma": dict(lv.gamma),
-                    "clone": lv.clone,
-                    "copy": lv.copy,
-                    "step": lv.step,
-                    "concurrency": lv.concurrency,
-                    "gamma_by_size": {dtype: curve.to_dict() for dtype, curve in lv.gamma_curves},
-                    "clone_by_size": None if lv.clone_curve is None else lv.clone_curve.to_dict(),
-                    "copy_by_size": None if lv.copy_curve is None else lv.copy_curve.to_dict(),
-                    "algorithms": None if lv.algorithms is None else lv.algorithms.to_dict(),
-                }
-                for p, lv in sorted(self.levels.items())
-            },
+            "levels": {str(p): _level_dict(lv) for p, lv in sorted(self.levels.items())},
+            "intra_host": {str(p): _level_dict(lv) for p, lv in sorted(self.intra_host.items())} or None,
+            "inter_host": None
+            if self.inter_host is None
+            else {**_level_dict(self.inter_host), "hosts": self.hosts},
             "measurements": self.measurements,
         }
 
@@ -443,26 +466,25 @@ class Calibration:
             raise _bad(f"{source}: levels", 'a table of world sizes ("2", "3", ...) with link, launch, gamma')
         levels = {}
         for key, item in levels_data.items():
-            where = f"{source}: levels[{key!r}]"
-            if not str(key).isdigit() or int(key) < 2 or not isinstance(item, dict):
-                raise _bad(where, "a world size >= 2 mapped to a table with link, launch, gamma")
-            gamma = item.get("gamma", {})
-            if not isinstance(gamma, dict):
-                raise _bad(f"{where}.gamma", "a table of dtype name -> seconds per byte")
-            levels[int(key)] = Level(
-                int(key),
-                LinkFit.from_dict(item.get("link"), f"{where}.link"),
-                _number(item.get("launch", 0.0), f"{where}.launch"),
-                tuple((str(k), _number(v, f"{where}.gamma.{k}")) for k, v in gamma.items()),
-                _number(item.get("clone", 0.0), f"{where}.clone"),
-                _number(item.get("copy", 0.0), f"{where}.copy"),
-                _number(item.get("step", 0.0), f"{where}.step"),
-                _concurrency(item.get("concurrency", 1.0), f"{where}.concurrency"),
-                _gamma_curves(item.get("gamma_by_size") or {}, f"{where}.gamma_by_size"),
-                _curve(item.get("clone_by_size"), f"{where}.clone_by_size"),
-                _curve(item.get("copy_by_size"), f"{where}.copy_by_size"),
-                _algorithm_times(item.get("algorithms"), f"{where}.algorithms"),
+            levels[_world_key(key, f"{source}: levels[{key!r}]")] = _level_from_dict(
+                key, item, f"{source}: levels[{key!r}]"
             )
+        intra_host = {}
+        for key, item in (data.get("intra_host") or {}).items():
+            where = f"{source}: intra_host[{key!r}]"
+            intra_host[_world_key(key, where)] = _level_from_dict(key, item, where)
+        inter_host, hosts = None, None
+        inter_data = data.get("inter_host")
+        if inter_data is not None:
+            where = f"{source}: inter_host"
+            if not isinstance(inter_data, dict) or not isinstance(inter_data.get("hosts"), str):
+                raise _bad(where, "a level table (link, launch, gamma, ...) with the host map measured "
+                           '("hosts": "2,2")')  # fmt: skip
+            try:
+                hosts = HostMap.parse(inter_data["hosts"])
+            except InvalidArgumentError as error:
+                raise InvalidArgumentError(f"{where}.hosts: {error}") from None
+            inter_host = _level_from_dict(str(hosts.world_size), inter_data, where)
         pingpong = data.get("pingpong")
         return cls(
             backend,
@@ -472,8 +494,10 @@ class Calibration:
             dict(data.get("settings") or {}),
             dict(data.get("measurements") or {}),
             source,
+            intra_host,
+            inter_host,
+            None if hosts is None else hosts.spec(),
         )
-
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
         """Read a calibration file (JSON), with errors that name the file."""
@@ -489,6 +513,61 @@ class Calibration:
         except json.JSONDecodeError as error:
             raise InvalidArgumentError(f"{path} is not valid JSON: {error}") from None
         return cls.from_dict(data, str(path))
+
+
+def _level_model(level: Level, dtype: str, measured: AlgorithmTimes | None = None) -> PiecewiseCostModel:
+    return PiecewiseCostModel.of(
+        level.link,
+        level.gamma_of(dtype),
+        step=level.step,
+        concurrency=level.concurrency,
+        gamma_curve=level.gamma_curve(dtype),
+        measured=measured,
+    )
+
+
+def _level_dict(lv: Level) -> dict:
+    return {
+        "link": lv.link.to_dict(),
+        "launch": lv.launch,
+        "gamma": dict(lv.gamma),
+        "clone": lv.clone,
+        "copy": lv.copy,
+        "step": lv.step,
+        "concurrency": lv.concurrency,
+        "gamma_by_size": {dtype: curve.to_dict() for dtype, curve in lv.gamma_curves},
+        "clone_by_size": None if lv.clone_curve is None else lv.clone_curve.to_dict(),
+        "copy_by_size": None if lv.copy_curve is None else lv.copy_curve.to_dict(),
+        "algorithms": None if lv.algorithms is None else lv.algorithms.to_dict(),
+    }
+
+
+def _world_key(key: object, where: str) -> int:
+    if not str(key).isdigit() or int(str(key)) < 2:
+        raise _bad(where, "a world size >= 2 mapped to a table with link, launch, gamma")
+    return int(str(key))
+
+
+def _level_from_dict(key: object, item: object, where: str) -> Level:
+    if not isinstance(item, dict):
+        raise _bad(where, "a world size >= 2 mapped to a table with link, launch, gamma")
+    gamma = item.get("gamma", {})
+    if not isinstance(gamma, dict):
+        raise _bad(f"{where}.gamma", "a table of dtype name -> seconds per byte")
+    return Level(
+        int(str(key)),
+        LinkFit.from_dict(item.get("link"), f"{where}.link"),
+        _number(item.get("launch", 0.0), f"{where}.launch"),
+        tuple((str(k), _number(v, f"{where}.gamma.{k}")) for k, v in gamma.items()),
+        _number(item.get("clone", 0.0), f"{where}.clone"),
+        _number(item.get("copy", 0.0), f"{where}.copy"),
+        _number(item.get("step", 0.0), f"{where}.step"),
+        _concurrency(item.get("concurrency", 1.0), f"{where}.concurrency"),
+        _gamma_curves(item.get("gamma_by_size") or {}, f"{where}.gamma_by_size"),
+        _curve(item.get("clone_by_size"), f"{where}.clone_by_size"),
+        _curve(item.get("copy_by_size"), f"{where}.copy_by_size"),
+        _algorithm_times(item.get("algorithms"), f"{where}.algorithms"),
+    )
 
 
 def api_copies(op: str, nbytes: float, world_size: int) -> tuple[float, float]:

@@ -137,7 +137,7 @@ class Communicator:
             backend = getattr(transport, "backend", None)
             self.calibration = as_calibration(profile) if profile is not None else active_profile(backend)
         if self.calibration is not None:
-            cost_model = self.calibration.cost_model(self.size)
+            cost_model = self.calibration.cost_model(self.size, hosts=self.hosts)
         self.cost_model = cost_model or getattr(transport, "cost_model", None) or DEFAULT_COST_MODEL
         self._models: dict[torch.dtype, CostModel] = {}
         default_pieces = getattr(transport, "piece_bytes", DEFAULT_PIECE_BYTES)
@@ -158,7 +158,7 @@ class Communicator:
             return self.cost_model
         model = self._models.get(dtype)
         if model is None:
-            model = self.calibration.cost_model(self.size, str(dtype).replace("torch.", ""))
+            model = self.calibration.cost_model(self.size, str(dtype).replace("torch.", ""), self.hosts)
             self._models[dtype] = model
         return model
 

@@ -37,7 +37,13 @@ class CostModel:
     step on the critical path (`step`, beyond its messages' alpha), and the bandwidth gain of concurrent
     messages (`concurrency`; see the module docstring). These describe messages within a host; `inter`,
     where set, is the model of messages between hosts (a two-level model: NVLink or shared memory inside
-    a host, the network between them), which topology-aware algorithms price their phases by."""
+    a host, the network between them), which topology-aware algorithms price their phases by.
+
+    A model calibrated across hosts (`Calibration.cost_model` with a host map) is three-level: the model
+    itself is what flat schedules over all the ranks cost (measured as such, crossing hosts where a flat
+    ring does), `intra` the messages inside one host and `inter` a message between hosts while every
+    local rank sends one between hosts at once (the rails of the topology-aware schedules). Without
+    `intra` the model itself is the level inside a host and flat schedules across hosts go at `inter`."""
 
     alpha: float
     beta: float
@@ -46,6 +52,8 @@ class CostModel:
     concurrency: float = 1.0
     # the level between hosts, where it differs from this one (keyword-only: subclasses add positional fields)
     inter: CostModel | None = field(default=None, kw_only=True)
+    # the level inside one host, where this model describes flat schedules across hosts
+    intra: CostModel | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma", "step"):
@@ -57,10 +65,22 @@ class CostModel:
             raise invalid("concurrency", c, "a finite number >= 1")
         if self.inter is not None and not isinstance(self.inter, CostModel):
             raise invalid("inter", type(self.inter).__name__, "a CostModel (between hosts) or None")
+        if self.intra is not None and not isinstance(self.intra, CostModel):
+            raise invalid("intra", type(self.intra).__name__, "a CostModel (inside a host) or None")
 
     def between_hosts(self) -> CostModel:
         """The model of messages between hosts: `inter` where a two-level model sets it, else this one."""
         return self.inter if self.inter is not None else self
+
+    def within_host(self) -> CostModel:
+        """The model of messages inside one host: `intra` where a cross-host calibration sets it, else
+        this one."""
+        return self.intra if self.intra is not None else self
+
+    def flat_across_hosts(self) -> CostModel:
+        """The model a flat schedule spanning hosts is priced by: this one where it was measured across
+        hosts (`intra` set), else the level between hosts."""
+        return self if self.intra is not None else self.between_hosts()
 
     def gain(self, messages: float, steps: float) -> float:
         """The bandwidth gain of a step of messages / steps concurrent messages: min(k, concurrency), >= 1."""

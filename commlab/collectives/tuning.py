@@ -52,7 +52,7 @@ def segments_for(
     entry = get_algorithm(algorithm)
     if not entry.pipelined:
         return 1
-    level = model.between_hosts() if _spans_hosts(hosts) else model
+    level = model.flat_across_hosts() if _spans_hosts(hosts) else model
     return entry.best_segments(op, world_size, nbytes, level)
 
 

@@ -81,8 +81,8 @@ class Algorithm:
 
         `nbytes` is per rank, or the total for reduce_scatter and allgather. For a pipelined op
         `segments=None` takes `best_segments`; other ops ignore `segments`. With `hosts` spanning several
-        hosts, topology-aware formulas price each phase at its level (`model` inside hosts,
-        `model.inter` between them) and flat ones at `model.inter`.
+        hosts, topology-aware formulas price each phase at its level (`model.within_host()` inside hosts,
+        `model.between_hosts()` between them) and flat ones at `model.flat_across_hosts()`.
         """
         self._check_op(op)
         world_size = _positive_int("world_size", world_size)
@@ -92,9 +92,9 @@ class Algorithm:
             raise invalid("model", type(model).__name__, "a CostModel")
         hosts = _host_map(world_size, hosts)
         if self.topology_aware:
-            return self.formula(op, hosts, nbytes, model, model.between_hosts())
+            return self.formula(op, hosts, nbytes, model.within_host(), model.between_hosts())
         if hosts.num_hosts > 1:
-            model = model.between_hosts()
+            model = model.flat_across_hosts()
         if op not in self.pipelined_ops:
             segments = 1
         elif segments is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from commlab.collectives.algorithms import get_algorithm
 from commlab.collectives.array_schedule import ArraySchedule
-from commlab.collectives.calibration import PiecewiseCostModel
+from commlab.collectives.calibration import LinkFit, PiecewiseCostModel, Segment
 from commlab.collectives.cost import CostModel
 from commlab.collectives.schedule import Schedule
 from commlab.sim.network.engine import SimResult
@@ -22,11 +22,14 @@ def _model(
     profile: Profile, bandwidth: float, latency: float, world_size: int, dtype: str = "float32"
 ) -> CostModel:
     """Alpha-beta-gamma on links of `bandwidth` and route `latency`; a calibrated profile's own piecewise
-    model (plus the route latency) for `world_size` ranks and `dtype`."""
+    model (plus the route latency) for `world_size` ranks and `dtype`, its per-byte cost never below the
+    links' (a host calibrated on loopback does not make a slower wire faster; see `costs.message_costs`)."""
     if profile.calibration is not None:
         level = profile.calibration.level(world_size)
+        wire = 1.0 / (bandwidth * profile.efficiency) if bandwidth > 0 else 0.0
+        link = LinkFit(tuple(Segment(s.max_bytes, s.alpha, max(s.beta, wire)) for s in level.link.segments))
         return PiecewiseCostModel.of(
-            level.link,
+            link,
             level.gamma_of(dtype),
             latency,
             level.step,

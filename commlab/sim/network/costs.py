@@ -2,8 +2,10 @@
 
 A message of m bytes costs alpha(m) to post and, alone on its route, m x beta(m) to move (the fit of the
 level of the ranks busy in its rendezvous round, or the ping-pong fit for a transfer alone:
-`message_costs`). A message runs at most at its `cap`, its route's bandwidth / the level's `concurrency`
-c, and puts m x beta(m) x cap "work bytes" on its links, so alone it takes exactly the calibrated time,
+`message_costs`; a profile calibrated across hosts prices this software part by its intra-host levels,
+`Calibration.host_level`). A message runs at most at its `cap`, its route's bandwidth / the level's
+`concurrency` c, and puts m x beta(m) x cap "work bytes" on its links, so alone it takes exactly the
+calibrated time,
 and messages that share a link (two sends of one rank on its port of a `local` host) slow each other as
 real bytes would, k of them together moving their bytes min(k, c) times faster than one after another
 (as in the `auto` model). Gamma and launch come from the same level; a step reduces each message it
@@ -13,6 +15,12 @@ message's alpha(m), as in the `auto` model: a one-message step costs the calibra
 of p-1 messages less than p-1 such steps. Where a round has more busy ranks than the profile's host has
 cores, a message waits for the round's messages per busy rank rather than its position in its step
 (`posting_alphas`).
+
+Where the route's bandwidth (x the profile's efficiency) is below the software's 1 / beta(m) (a
+calibrated host's messages crossing a shaped 1 Gbit/s wire, say), the wire sets the pace: the message
+puts its real m bytes on its links at up to the route's bandwidth, and the software's per-byte cost is
+taken to overlap it. Without that rule a profile calibrated on loopback (about 1 GB/s) priced every
+message on such a wire 8x too fast: it ignored the topology's link speeds.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ def message_costs(
         if count == 1 and calibration.pingpong is not None:
             model = PiecewiseCostModel.of(calibration.pingpong, 0.0)
         else:
-            level = calibration.level(min(max(int(count), 2), world_size))
+            level = calibration.host_level(min(max(int(count), 2), world_size))
             model = PiecewiseCostModel.of(level.link, 0.0, step=level.step, concurrency=level.concurrency)
         mine = busy == count
         bounds = np.array([s.max_bytes for s in model.segments])
@@ -56,11 +64,16 @@ def message_costs(
         beta[mine] = np.array([s.beta for s in model.segments])[index]
         step[mine] = model.step
         concurrency[mine] = model.concurrency
-    cap = routed.routes.bandwidth[routed.msg_pair] * profile.efficiency / concurrency
+    wire = routed.routes.bandwidth[routed.msg_pair] * profile.efficiency
+    # the wire is slower than the host's software for this message: it moves its real bytes at the wire's
+    # rate (the software's per-byte work overlaps the wire's, as a TCP stream's copies do)
+    wire_bound = beta * wire < 1.0
+    cap = np.where(wire_bound, wire, wire / concurrency)
+    work = np.where(wire_bound, msg_bytes, msg_bytes * beta * cap)
     reduce = reduce_seconds(profile, routed.plan, msg_bytes, world_size, dtype)
     cores = calibration.machine.get("logical_cores")
     send_posts, recv_posts = posting_alphas(routed.plan, busy, share, cores if isinstance(cores, int) else 0)
-    return MessageCosts(alpha, msg_bytes * beta * cap, step, cap, reduce, send_posts, recv_posts)
+    return MessageCosts(alpha, work, step, cap, reduce, send_posts, recv_posts)
 
 
 def posting_alphas(
