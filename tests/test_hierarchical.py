@@ -42,7 +42,8 @@ def host_maps(draw: st.DrawFn) -> HostMap:
 def test_verifies_on_random_and_uneven_host_maps(name: str, op: str, hosts: HostMap, data) -> None:
     p = hosts.world_size
     root = data.draw(st.integers(0, p - 1), label="root") if op in ROOTED_OPS else None
-    schedule = build_schedule(op, name, p, root, hosts=hosts)
+    segments = data.draw(st.integers(1, 4), label="segments")  # pipelined hierarchical allreduce
+    schedule = build_schedule(op, name, p, root, segments, hosts)
     assert (schedule.algorithm, schedule.op, schedule.world_size) == (name, op, p)
     verify(schedule)
 
@@ -57,6 +58,22 @@ def cross_host_bytes(schedule: Schedule, hosts: HostMap, nbytes: float) -> Count
                 if hosts.host_of(send.peer) != hosts.host_of(rank):
                     sent[hosts.host_of(rank)] += len(send.chunks) * chunk
     return sent
+
+
+def test_pipelined_hierarchical_allreduce_overlaps_the_levels() -> None:
+    """2x2 in 3 segments: segment s starts its phases 2 slots after s-1 (the cross-host phase is 2 steps,
+    each intra-host one 1), so ranks work 2 x 2 + 4 = 8 steps (not 3 x 4 = 12), and in the middle steps
+    a rank sends inside its host and across at once; the bytes across stay n per host."""
+    hosts = HostMap.parse("2x2")
+    schedule = build_schedule("allreduce", "hierarchical", 4, None, 3, hosts)
+    assert all(len(steps) == 8 for steps in schedule.steps)
+    both = [
+        step
+        for step in schedule.steps[0]
+        if {hosts.host_of(s.peer) == 0 for s in step.sends} == {True, False}
+    ]
+    assert len(both) == 4  # steps 2..5: one segment across beside another's intra-host phase
+    assert cross_host_bytes(schedule, hosts, 1.0) == Counter({0: pytest.approx(1.0), 1: pytest.approx(1.0)})
 
 
 def test_hierarchical_allreduce_sends_n_across_where_the_flat_ring_sends_one_and_a_half_n() -> None:
@@ -123,7 +140,7 @@ def test_two_level_formulas_and_auto_across_hosts() -> None:
     model = CostModel(alpha=2e-6, beta=1 / 300e9, inter=network)  # NVLink-class inside hosts
     hosts, n = HostMap.uniform(2, 8), 1 << 30
     ring = get_algorithm("ring").cost("allreduce", 16, n, model, hosts=hosts)
-    hierarchical = get_algorithm("hierarchical").cost("allreduce", 16, n, model, hosts=hosts)
+    hierarchical = get_algorithm("hierarchical").cost("allreduce", 16, n, model, 1, hosts)
     multiring = get_algorithm("multiring").cost("allreduce", 16, n, model, hosts=hosts)
     assert ring == pytest.approx(get_algorithm("ring").cost("allreduce", 16, n, network))
     # hierarchical: each rail carries n/8 across, 2(H-1)/H of it: n/8 bytes at 12.5 GB/s
@@ -131,6 +148,12 @@ def test_two_level_formulas_and_auto_across_hosts() -> None:
         2 * 7 * 2e-6 + 2 * (n * 7 / 8) / 300e9 + 2 * 5e-6 + (n / 8) / 12.5e9, rel=1e-9
     )
     assert ring > 5 * hierarchical and ring > 5 * multiring
+    # pipelined over S segments: the phases A, B, C on n/S, A + B + C + (S - 1) max(B, A + C)
+    a = 7 * 2e-6 + (n / 4 * 7 / 8) / 300e9
+    b = 2 * 5e-6 + (n / 4 / 8) / 12.5e9
+    piped = get_algorithm("hierarchical").cost("allreduce", 16, n, model, 4, hosts)
+    assert piped == pytest.approx(2 * a + b + 3 * max(b, 2 * a), rel=1e-9)
+    assert get_algorithm("hierarchical").cost("allreduce", 16, n, model, hosts=hosts) <= hierarchical
     assert choose("allreduce", 16, n, model, hosts).algorithm in ("hierarchical", "multiring")
     assert choose("allreduce", 16, n, model).algorithm not in ("hierarchical", "multiring")
 

@@ -43,8 +43,8 @@ from commlab.collectives.algorithms import algorithms_for, build_schedule
 from commlab.collectives.calibration import Calibration
 from commlab.collectives.communicator import Communicator
 from commlab.collectives.cost import CostModel
-from commlab.collectives.hosts import HostMap, host_map_from_env
 from commlab.collectives.executor import REDUCERS, Program, compile_program, execute
+from commlab.collectives.hosts import HostMap, host_map_from_env
 from commlab.collectives.schedule import Recv, Schedule, Send, Step, subdivide
 from commlab.collectives.transport import TorchTransport
 from commlab.collectives.tuning import resolve
@@ -174,7 +174,9 @@ def host_schedules(hosts: HostMap | None, steps: int) -> dict[str, Schedule]:
     }  # fmt: skip
     count = hosts.num_hosts
     rails = {
-        rank: hosts.hosts[(h + 1) % count][j] for h, host in enumerate(hosts.hosts) for j, rank in enumerate(host)
+        rank: hosts.hosts[(h + 1) % count][j]
+        for h, host in enumerate(hosts.hosts)
+        for j, rank in enumerate(host)
     }
     found["rails"] = permutation_schedule(hosts.world_size, rails, steps)
     return found

@@ -498,6 +498,7 @@ class Calibration:
             inter_host,
             None if hosts is None else hosts.spec(),
         )
+
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
         """Read a calibration file (JSON), with errors that name the file."""

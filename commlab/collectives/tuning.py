@@ -52,6 +52,8 @@ def segments_for(
     entry = get_algorithm(algorithm)
     if not entry.pipelined:
         return 1
+    if entry.topology_aware:  # priced at both levels, on the host map
+        return entry.best_segments(op, world_size, nbytes, model, hosts)
     level = model.flat_across_hosts() if _spans_hosts(hosts) else model
     return entry.best_segments(op, world_size, nbytes, level)
 

@@ -26,7 +26,7 @@ from commlab.errors import InvalidArgumentError, invalid
 Builder = Callable[..., Schedule]  # (op, world_size, root, segments[, hosts])
 Formula = Callable[
     ..., float
-]  # (op, world_size, nbytes, model, segments), or (op, hosts, nbytes, intra, inter)
+]  # (op, world_size, nbytes, model, segments), or (op, hosts, nbytes, intra, inter, segments)
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class Algorithm:
     pipelined_ops: tuple[str, ...]
     builder: Builder = field(repr=False)
     formula: Formula = field(repr=False)
-    topology_aware: bool = False  # builds from a HostMap; its formula takes (op, hosts, n, intra, inter)
+    topology_aware: bool = False  # builds from a HostMap; formula (op, hosts, n, intra, inter, segments)
+    segment_bytes: int = 0  # best_segments keeps segments at least this large (0: any size)
 
     @property
     def pipelined(self) -> bool:
@@ -92,7 +93,13 @@ class Algorithm:
             raise invalid("model", type(model).__name__, "a CostModel")
         hosts = _host_map(world_size, hosts)
         if self.topology_aware:
-            return self.formula(op, hosts, nbytes, model.within_host(), model.between_hosts())
+            if op not in self.pipelined_ops:
+                segments = 1
+            elif segments is None:
+                segments = self.best_segments(op, world_size, nbytes, model, hosts)
+            else:
+                segments = _positive_int("segments", segments)
+            return self.formula(op, hosts, nbytes, model.within_host(), model.between_hosts(), segments)
         if hosts.num_hosts > 1:
             model = model.flat_across_hosts()
         if op not in self.pipelined_ops:
@@ -103,13 +110,25 @@ class Algorithm:
             segments = _positive_int("segments", segments)
         return self.formula(op, world_size, nbytes, model, segments)
 
-    def best_segments(self, op: str, world_size: int, nbytes: float, model: CostModel) -> int:
-        """The segment count in 1..MAX_SEGMENTS that minimizes the formula (1 for an op not pipelined)."""
+    def best_segments(
+        self, op: str, world_size: int, nbytes: float, model: CostModel, hosts: HostMap | None = None
+    ) -> int:
+        """The segment count in 1..MAX_SEGMENTS that minimizes the formula (1 for an op not pipelined);
+        a topology-aware one's on `hosts`, at the model's levels."""
         self._check_op(op)
         if op not in self.pipelined_ops:
             return 1
         world_size = _positive_int("world_size", world_size)
-        return best_segment_count(lambda k: self.formula(op, world_size, nbytes, model, k), MAX_SEGMENTS)
+        most = (
+            MAX_SEGMENTS
+            if not self.segment_bytes
+            else max(1, min(MAX_SEGMENTS, nbytes // self.segment_bytes))
+        )
+        if self.topology_aware:
+            hosts = _host_map(world_size, hosts)
+            intra, inter = model.within_host(), model.between_hosts()
+            return best_segment_count(lambda k: self.formula(op, hosts, nbytes, intra, inter, k), int(most))
+        return best_segment_count(lambda k: self.formula(op, world_size, nbytes, model, k), int(most))
 
     def _check_op(self, op: str) -> None:
         if op not in OPS:
@@ -227,10 +246,11 @@ ALGORITHMS: dict[str, Algorithm] = {
             hierarchical.HIERARCHICAL,
             "topology-aware: intra-host reduce-scatter, one ring per rail across hosts, intra-host allgather",
             hierarchical.HIERARCHICAL_OPS,
-            (),
+            ("allreduce",),
             hierarchical.build,
             hierarchical.cost,
             topology_aware=True,
+            segment_bytes=hierarchical.SEGMENT_BYTES,
         ),
         Algorithm(
             hierarchical.MULTIRING,

@@ -21,6 +21,9 @@ hosts on its own pair of local ranks: with one NIC per local rank, every NIC car
 Cost (H hosts of l ranks, n bytes, intra-host model a, inter-host model e):
     hierarchical allreduce       a.time(l-1, n(l-1)/l, n(l-1)/l) + e.time(2(H-1), 2(n/l)(H-1)/H, (n/l)(H-1)/H)
                                  + a.time(l-1, n(l-1)/l)
+                                 pipelined over S segments, with phases A, B, C of the sum above on n/S:
+                                 A + B + C + (S-1) max(B, A + C) (in the steady state a segment's
+                                 crossing runs beside its neighbours' phases inside the hosts)
     hierarchical reduce_scatter  a.time(l-1, n(l-1)/l, n(l-1)/l) + e.time(H-1, (n/l)(H-1)/H, (n/l)(H-1)/H)
     hierarchical allgather       e.time(H-1, (n/l)(H-1)/H) + a.time(l-1, n(l-1)/l)
     hierarchical broadcast       ceil(lg H) e.time(1, n) + ceil(lg l) a.time(1, n)   (reduce: + gamma n)
@@ -45,6 +48,11 @@ HIERARCHICAL_OPS = ("allreduce", "reduce_scatter", "allgather", "broadcast", "re
 MULTIRING_OPS = ("allreduce", "reduce_scatter", "allgather")
 
 Blocks = list[tuple[int, ...]]
+SEGMENT_BYTES = 4 << 20
+"""Pipelined hierarchical allreduce keeps segments of at least 4 MiB: a segment's fixed costs (a step of
+each phase: posting, waking, Python) are not all in a fitted alpha (a fit over large messages may put
+alpha at 0, and then the formula wants 64 segments). Measured on 2 emulated hosts x 2 ranks at 1 Gbit/s
+(benchmarks/hierarchical_pipeline.py): 16 MiB fastest with 4 segments, 64 MiB with 8-16."""
 
 
 def _ring_reduce_scatter(builder: ScheduleBuilder, members: list[int], blocks: Blocks, slot: int) -> int:
@@ -95,23 +103,30 @@ def _rail_blocks(hosts: HostMap, host: int, rail_chunks: list[tuple[int, ...]]) 
     return [tuple(c for j in range(i, len(rail_chunks), size) for c in rail_chunks[j]) for i in range(size)]
 
 
-def hierarchical_allreduce(hosts: HostMap) -> Schedule:
+def hierarchical_allreduce(hosts: HostMap, segments: int = 1) -> Schedule:
     """Intra-host reduce-scatter of the rails, a ring allreduce of every rail across hosts, intra-host
-    allgather. L x H chunks: sub-chunk s of rail j is chunk j H + s."""
+    allgather, pipelined over `segments` pieces of the buffer: segment s starts its three phases P slots
+    after segment s-1 (P = the longest phase), so one segment's cross-host phase runs beside the next
+    one's reduce-scatter and the previous one's allgather inside the hosts. L x H chunks per segment:
+    sub-chunk k of rail j of segment s is chunk (s L + j) H + k."""
     num_hosts, rails = hosts.num_hosts, hosts.max_local
-    builder = ScheduleBuilder("allreduce", HIERARCHICAL, hosts.world_size, rails * num_hosts)
-    rail_chunks = [tuple(range(j * num_hosts, (j + 1) * num_hosts)) for j in range(rails)]
-    for h, ranks in enumerate(hosts.hosts):
-        _ring_reduce_scatter(builder, list(ranks), _rail_blocks(hosts, h, rail_chunks), 0)
-    across = rails - 1
-    for j in range(rails):
-        carriers = [hosts.rail_member(h, j) for h in range(num_hosts)]
-        sub_chunks = [(j * num_hosts + h,) for h in range(num_hosts)]
-        after = _ring_reduce_scatter(builder, carriers, sub_chunks, across)
-        _ring_allgather(builder, carriers, sub_chunks, after)
-    gather = across + 2 * (num_hosts - 1)
-    for h, ranks in enumerate(hosts.hosts):
-        _ring_allgather(builder, list(ranks), _rail_blocks(hosts, h, rail_chunks), gather)
+    builder = ScheduleBuilder("allreduce", HIERARCHICAL, hosts.world_size, segments * rails * num_hosts)
+    inside, across = rails - 1, 2 * (num_hosts - 1)  # slots of each intra-host phase, of the cross-host one
+    period = max(inside, across, 1)
+    for seg in range(segments):
+        start, base = seg * period, seg * rails * num_hosts
+        rail_chunks = [tuple(range(base + j * num_hosts, base + (j + 1) * num_hosts)) for j in range(rails)]
+        for h, ranks in enumerate(hosts.hosts):
+            _ring_reduce_scatter(builder, list(ranks), _rail_blocks(hosts, h, rail_chunks), start)
+        for j in range(rails):
+            carriers = [hosts.rail_member(h, j) for h in range(num_hosts)]
+            sub_chunks = [(base + j * num_hosts + h,) for h in range(num_hosts)]
+            after = _ring_reduce_scatter(builder, carriers, sub_chunks, start + inside)
+            _ring_allgather(builder, carriers, sub_chunks, after)
+        for h, ranks in enumerate(hosts.hosts):
+            _ring_allgather(
+                builder, list(ranks), _rail_blocks(hosts, h, rail_chunks), start + inside + across
+            )
     return builder.build()
 
 
@@ -210,7 +225,7 @@ def build(
     """The hierarchical schedule for `op` on `hosts` (one host of `world_size` ranks if None)."""
     hosts = _hosts(world_size, hosts)
     if op == "allreduce":
-        return hierarchical_allreduce(hosts)
+        return hierarchical_allreduce(hosts, segments)
     if op == "reduce_scatter":
         return hierarchical_reduce_scatter(hosts)
     if op == "allgather":
@@ -251,17 +266,26 @@ def _intra_time(hosts: HostMap, nbytes: float, model: CostModel, reduce: bool) -
     return worst
 
 
-def cost(op: str, hosts: HostMap, nbytes: float, intra: CostModel, inter: CostModel | None = None) -> float:
+def cost(
+    op: str,
+    hosts: HostMap,
+    nbytes: float,
+    intra: CostModel,
+    inter: CostModel | None = None,
+    segments: int = 1,
+) -> float:
     """Seconds for the hierarchical `op` by the formulas in this module's docstring (uneven hosts: the
-    slowest host inside, the carrier of the most rails across)."""
+    slowest host inside, the carrier of the most rails across; allreduce pipelined over `segments`)."""
     inter = intra if inter is None else inter
+    if op == "allreduce" and segments > 1:
+        phases = _allreduce_phases(hosts, nbytes / segments, intra, inter)
+        return sum(phases) + (segments - 1) * max(phases[1], phases[0] + phases[2])
     n, num_hosts, rails = nbytes, hosts.num_hosts, hosts.max_local
     per_carrier = math.ceil(rails / min(len(host) for host in hosts.hosts))  # rails on the busiest carrier
     across = per_carrier * n / rails * (num_hosts - 1) / num_hosts
     ring_steps = num_hosts - 1
     if op == "allreduce":
-        crossing = inter.time(2 * ring_steps * per_carrier, 2 * across, across, steps=2 * ring_steps)
-        return _intra_time(hosts, n, intra, True) + crossing + _intra_time(hosts, n, intra, False)
+        return sum(_allreduce_phases(hosts, n, intra, inter))
     if op == "reduce_scatter":
         crossing = inter.time(ring_steps * per_carrier, across, across, steps=ring_steps)
         return _intra_time(hosts, n, intra, True) + crossing
@@ -275,10 +299,28 @@ def cost(op: str, hosts: HostMap, nbytes: float, intra: CostModel, inter: CostMo
     raise invalid("op", op, OPS)
 
 
+def _allreduce_phases(
+    hosts: HostMap, n: float, intra: CostModel, inter: CostModel
+) -> tuple[float, float, float]:
+    """Seconds of hierarchical allreduce's three phases on n bytes: inside, across, inside again."""
+    num_hosts, rails = hosts.num_hosts, hosts.max_local
+    per_carrier = math.ceil(rails / min(len(host) for host in hosts.hosts))
+    across = per_carrier * n / rails * (num_hosts - 1) / num_hosts
+    steps = 2 * (num_hosts - 1)
+    crossing = inter.time(steps * per_carrier, 2 * across, across, steps=steps)
+    return _intra_time(hosts, n, intra, True), crossing, _intra_time(hosts, n, intra, False)
+
+
 def multiring_cost(
-    op: str, hosts: HostMap, nbytes: float, intra: CostModel, inter: CostModel | None = None
+    op: str,
+    hosts: HostMap,
+    nbytes: float,
+    intra: CostModel,
+    inter: CostModel | None = None,
+    segments: int = 1,
 ) -> float:
-    """Seconds for the multi-channel ring `op` by the formulas in this module's docstring."""
+    """Seconds for the multi-channel ring `op` by the formulas in this module's docstring (not pipelined:
+    `segments` is always 1)."""
     inter = intra if inter is None else inter
     p, k = hosts.world_size, default_channels(hosts)
     if p == 1:

@@ -174,15 +174,15 @@ def simulate_collective(
     if op in ROOTED_OPS and root is None:
         root = 0
     itemsize = itemsize_of(dtype)
+    if entry.topology_aware and hosts is None:
+        hosts = topology.host_map(p)
     if segments is None:
-        segments = entry.best_segments(op, p, nbytes, link_model(topology, p, profile, dtype))
+        segments = entry.best_segments(op, p, nbytes, link_model(topology, p, profile, dtype), hosts)
     if fidelity == "analytic":
         entry.cost(op, p, nbytes, link_model(topology, p, profile, dtype), segments)  # validates op, segments
         numel = int(nbytes) // itemsize
         if op in BLOCKED_OPS:
             numel -= numel % p
         return simulate_analytic(op, entry.name, topology, p, numel * itemsize, segments, dtype, profile)
-    if entry.topology_aware and hosts is None:
-        hosts = topology.host_map(p)
     schedule = build_array_schedule(op, entry.name, p, root, segments, hosts)  # rows where regular
     return simulate(schedule, topology, nbytes, dtype=dtype, fidelity=fidelity, profile=profile)
