@@ -169,18 +169,27 @@ def measure(testbed, quick: bool, auto_sweep: bool, profile: Path, timeout: floa
 RETRIES: list[int] = []
 
 
-def predict(topology_file: Path, rows: list[dict], profiles: dict) -> dict:
+def predict(topology_file: Path, rows: list[dict], profiles: dict, calibration) -> dict:
+    """Every validation row's simulated time under each profile, with the pipeline segments the ranks
+    chose (the runtime's `resolve` under the testbed's calibrated model and host map)."""
+    from commlab.collectives.tuning import resolve
     from commlab.sim import simulate_collective
     from commlab.sim.network.topology_io import parse_topology
 
     topology = parse_topology(str(topology_file))
+    p = topology.num_ranks
+    hosts = topology.host_map(p)
+    model = calibration.cost_model(p, hosts=hosts)
     predictions = {}
     for row in rows:
         if row["sweep"]:
             continue
         key = (row["op"], row["algorithm"], row["size"])
+        segments = resolve(row["op"], row["resolved"], p, row["size"], model, 0, hosts).segments
         predictions[key] = {
-            name: simulate_collective(row["op"], row["resolved"], topology, row["size"], profile=profile).time
+            name: simulate_collective(
+                row["op"], row["resolved"], topology, row["size"], profile=profile, segments=segments
+            ).time
             for name, profile in profiles.items()
         }
     return predictions
@@ -429,12 +438,12 @@ def main() -> int:
                 print(
                     f"   run {attempt + 1}: {len(runs[-1])} rows in {time.monotonic() - t:.0f} s", flush=True
                 )
-            calibrated = Profile.from_calibration(Calibration.load(calibration))
+            loaded = Calibration.load(calibration)
             profiles = {
                 "wire": Profile(efficiency=efficiency, name="wire"),
-                "testbed": dataclasses.replace(calibrated, efficiency=efficiency),
+                "testbed": dataclasses.replace(Profile.from_calibration(loaded), efficiency=efficiency),
             }
-            predicted = predict(testbed.topology_file, runs[0], profiles)
+            predicted = predict(testbed.topology_file, runs[0], profiles, loaded)
             topology_text = testbed.topology_file.read_text()
             profile_data = json.loads(calibration.read_text())
         rows = []
