@@ -21,6 +21,7 @@ from collections.abc import Callable
 from functools import partial
 
 import networkx as nx
+import numpy as np
 
 from commlab.collectives.algorithms import ALGORITHMS, get_algorithm
 from commlab.collectives.algorithms.vectorized import build_array_schedule
@@ -81,7 +82,9 @@ def _simulate_routed(
     routed = routed_plan(schedule, topology)
     plan = routed.plan
     msg_bytes = plan.message_bytes(plan.chunk_bytes(nbytes, itemsize_of(dtype))).astype(float)
-    costs = message_costs(profile, routed, msg_bytes, p, dtype)
+    labels = topology.host_map(p)
+    host = np.array([labels.host_of(r) for r in range(p)])
+    costs = message_costs(profile, routed, msg_bytes, p, dtype, host[plan.msg_src] != host[plan.msg_dst])
     copies = profile.local_copy_time(schedule.op, nbytes, p)
     profile = profile.for_run(p, dtype)
     if copies:  # the API's copies around the schedule count like launch: once, before the steps

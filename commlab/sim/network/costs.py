@@ -16,10 +16,12 @@ of p-1 messages less than p-1 such steps. Where a round has more busy ranks than
 cores, a message waits for the round's messages per busy rank rather than its position in its step
 (`posting_alphas`).
 
-Where the route's bandwidth (x the profile's efficiency) is below the software's 1 / beta(m) (a
-calibrated host's messages crossing a shaped 1 Gbit/s wire, say), the wire sets the pace: the message
-puts its real m bytes on its links at up to the route's bandwidth, and the software's per-byte cost is
-taken to overlap it. Without that rule a profile calibrated on loopback (about 1 GB/s) priced every
+Where a message crosses between hosts (of the topology's host map) and its route's bandwidth (x the
+profile's efficiency) is below the software's 1 / beta(m) (a calibrated host's messages crossing a
+shaped 1 Gbit/s wire, say), the wire sets the pace: the message puts its real m bytes on its links at
+up to the route's bandwidth, and the software's per-byte cost is taken to overlap it. Inside a host the
+calibration alone prices a message (a topology's links inside hosts, such as `local`'s ports, are
+placeholders the calibration stands for). Without that rule a profile calibrated on loopback (about 1 GB/s) priced every
 message on such a wire 8x too fast: it ignored the topology's link speeds.
 """
 
@@ -36,7 +38,12 @@ from commlab.sim.network.profile import Profile
 
 
 def message_costs(
-    profile: Profile, routed: RoutedPlan, msg_bytes: np.ndarray, world_size: int, dtype: str = "float32"
+    profile: Profile,
+    routed: RoutedPlan,
+    msg_bytes: np.ndarray,
+    world_size: int,
+    dtype: str = "float32",
+    between_hosts: np.ndarray | None = None,
 ) -> MessageCosts | None:
     """Per-message alpha, link work and per-step cost under a calibrated profile (None for a plain one),
     priced by the same model as `auto` (a one-message step costs the fitted alpha(m) + m beta(m)).
@@ -44,7 +51,10 @@ def message_costs(
     Each message is priced by how busy the host is in its rendezvous round (`busy_ranks`): a round of
     b >= 2 ranks by the level of b ranks, a round with a single transfer by the ping-pong fit. Why: the
     fold steps of halving-doubling on 3 ranks move whole buffers between two ranks while the third idles,
-    and priced at the 3-ranks-busy level they came out up to 2.6x too slow (gloo)."""
+    and priced at the 3-ranks-busy level they came out up to 2.6x too slow (gloo).
+
+    `between_hosts` (per message: its ranks are on different hosts of the topology's host map) marks the
+    messages whose wire the topology describes; only they may be wire-bound (the module docstring)."""
     calibration = profile.calibration
     if calibration is None:
         return None
@@ -68,6 +78,10 @@ def message_costs(
     # the wire is slower than the host's software for this message: it moves its real bytes at the wire's
     # rate (the software's per-byte work overlaps the wire's, as a TCP stream's copies do)
     wire_bound = beta * wire < 1.0
+    if between_hosts is None:
+        wire_bound[:] = False
+    else:
+        wire_bound &= between_hosts
     cap = np.where(wire_bound, wire, wire / concurrency)
     work = np.where(wire_bound, msg_bytes, msg_bytes * beta * cap)
     reduce = reduce_seconds(profile, routed.plan, msg_bytes, world_size, dtype)
