@@ -21,8 +21,8 @@ profile's efficiency) is below the software's 1 / beta(m) (a calibrated host's m
 shaped 1 Gbit/s wire, say), the wire sets the pace: the message puts its real m bytes on its links at
 up to the route's bandwidth, and the software's per-byte cost is taken to overlap it. Inside a host the
 calibration alone prices a message (a topology's links inside hosts, such as `local`'s ports, are
-placeholders the calibration stands for). Without that rule a profile calibrated on loopback (about 1 GB/s) priced every
-message on such a wire 8x too fast: it ignored the topology's link speeds.
+placeholders the calibration stands for). Without that rule a profile calibrated on loopback (about
+1 GB/s) priced every message on such a wire 8x too fast: it ignored the topology's link speeds.
 """
 
 from __future__ import annotations
