@@ -88,17 +88,18 @@ def worker(out: str, quick: bool, auto_sweep: bool) -> None:
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     results = []
-    sweeps = [(op, sizes[:1] if quick else sizes, False) for op, sizes in SIZES.items()]
-    if auto_sweep:
-        sweeps.append(("allreduce", AUTO_SIZES[:3] if quick else AUTO_SIZES, True))
+    sweeps = [(op, sizes[:1] if quick else sizes, False, 1, 2) for op, sizes in SIZES.items()]
+    if auto_sweep:  # small sizes: 4 calls per sample, 3 samples (a 64 KiB call takes ~10 ms, noise ~30%)
+        sweeps.append(("allreduce", AUTO_SIZES[:3], True, 4, 3))
+        sweeps += [] if quick else [("allreduce", AUTO_SIZES[3:], True, 1, 3)]
     with tempfile.TemporaryDirectory() as scratch:
-        for number, (op, sizes, sweep) in enumerate(sweeps):
+        for number, (op, sizes, sweep, iters, repeats) in enumerate(sweeps):
             algorithms = ALLREDUCE if op == "allreduce" else ["auto", *algorithms_for(op)]
             path = os.path.join(scratch, f"{number}.json")
             config = BenchConfig(
                 op=op, min_bytes=sizes[0], max_bytes=sizes[-1],
                 factor=sizes[1] // sizes[0] if len(sizes) > 1 else 2,
-                algorithms=algorithms, iters=1, warmup=1, repeats=2, native=False, json_path=path,
+                algorithms=algorithms, iters=iters, warmup=1, repeats=repeats, native=False, json_path=path,
                 progress=False, timeout=300,
             )  # fmt: skip
             run_worker(config)

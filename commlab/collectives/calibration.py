@@ -402,6 +402,12 @@ class Calibration:
         below = [p for p in self.levels if p <= world_size]
         return self.levels[max(below) if below else min(self.levels)]
 
+    @property
+    def levels_include_wire(self) -> bool:
+        """Whether the message fits were measured across hosts with no intra-host level beside them (one
+        rank per host): then every fit, ping-pong included, holds the wire's time as well as the host's."""
+        return self.hosts is not None and not self.intra_host
+
     def host_level(self, busy: int) -> Level:
         """What `busy` ranks of one host pay per message in software: the levels measured inside one
         host where the calibration spans hosts (`intra_host`), else the levels (all on one host)."""
