@@ -74,7 +74,7 @@ AUTO_SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]  # auto
 # ------------------------------------------------------------------------------------------ in the ranks
 
 
-def worker(out: str, quick: bool, auto_sweep: bool) -> None:
+def worker(out: str, quick: bool, auto_sweep: bool, auto_only: bool = False) -> None:
     """Every op's sweep with commlab bench's worker in the ranks torchrun started; rank 0 writes `out`.
     `auto_sweep`: also allreduce with auto and every algorithm at AUTO_SIZES (rows marked "sweep")."""
     from datetime import timedelta
@@ -89,6 +89,7 @@ def worker(out: str, quick: bool, auto_sweep: bool) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     results = []
     sweeps = [(op, sizes[:1] if quick else sizes, False, 1, 2) for op, sizes in SIZES.items()]
+    sweeps = [] if auto_only else sweeps
     if auto_sweep:  # small sizes: 4 calls per sample, 3 samples (a 64 KiB call takes ~10 ms, noise ~30%)
         sweeps.append(("allreduce", AUTO_SIZES[:3], True, 4, 3))
         sweeps += [] if quick else [("allreduce", AUTO_SIZES[3:], True, 1, 3)]
@@ -152,13 +153,16 @@ def calibrate(testbed, path: Path, log: Path) -> None:
         raise RuntimeError(f"calibration on the testbed failed; see {log}")
 
 
-def measure(testbed, quick: bool, auto_sweep: bool, profile: Path, timeout: float, log: Path) -> list[dict]:
+def measure(
+    testbed, quick: bool, auto_sweep: bool, profile: Path, timeout: float, log: Path, auto_only: bool = False
+) -> list[dict]:
     """One launch of the worker on every host (auto under the testbed's own profile); its rows. A launch
     that fails is logged (`log`) and run once more: the number of retries is reported with the results."""
     for _ in range(2):
         out = Path(tempfile.mkdtemp()) / "rows.json"
         command = ["python", str(Path(__file__).resolve()), "--worker", str(out)]
         command += (["--quick"] if quick else []) + (["--auto-sweep"] if auto_sweep else [])
+        command += ["--auto-only"] if auto_only else []
         done = launch(testbed, command, timeout, log, {"COMMLAB_PROFILE": str(profile)})
         if done.returncode == 0:
             return json.loads(out.read_text())
@@ -234,6 +238,9 @@ def statistics_of(report: dict) -> dict:
             spreads.append(abs(row["measured"][0] - row["measured"][1]) / mean)
             for name, value in row["predicted"].items():
                 errors.setdefault(name, []).append(_error(value, mean))
+            errors.setdefault("testbed_faster", []).append(
+                _error(row["predicted"]["testbed"], min(row["measured"]))
+            )
     summary = {
         name: {"median": statistics.median(v), "max": max(v), "count": len(v)} for name, v in errors.items()
     }
@@ -265,7 +272,8 @@ def write_report(report: dict, path: Path) -> None:
         "all >= 1 MiB.",
         "",
         f"Machine: {report['machine']['cores']} cores shared with other work (load average at the start "
-        f"{report['machine']['load'][0]:.1f}); total run time {report['seconds']:.0f} s; failed launches "
+        f"{report['machine']['load'][0]:.1f}); total run time {report.get('seconds', 0):.0f} s; "
+        "failed launches "
         f"retried: {len(report.get('failed_launches', []))}.",
         "",
         "## Summary",
@@ -273,9 +281,14 @@ def write_report(report: dict, path: Path) -> None:
         "| | median | max | cases |",
         "|---|---|---|---|",
     ]
-    for name in ("wire", "testbed", "spread"):
+    labels = {
+        "wire": "prediction error, wire profile",
+        "testbed": "prediction error, testbed profile",
+        "testbed_faster": "prediction error, testbed profile, against the faster of the two runs",
+        "spread": "spread between the two runs",
+    }
+    for name, label in labels.items():
         s = summary[name]
-        label = "spread between the two runs" if name == "spread" else f"prediction error, {name} profile"
         lines.append(f"| {label} | {s['median']:.1%} | {s['max']:.1%} | {s['count']} |")
     lines += [
         "",
@@ -297,6 +310,7 @@ def write_report(report: dict, path: Path) -> None:
             + " |"
         )
     auto = summary["auto"]
+    lines += reading(report, summary)
     lines += [
         "",
         "## auto on the testbed",
@@ -359,6 +373,49 @@ def write_report(report: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def reading(report: dict, summary: dict) -> list[str]:
+    """The report's reading of its own numbers: targets, bias, the spread, what the model changes did."""
+    tb, faster, spread = summary["testbed"], summary["testbed_faster"], summary["spread"]
+    signed = [
+        (r["predicted"]["testbed"] - statistics.fmean(r["measured"])) / statistics.fmean(r["measured"])
+        for case in report["cases"]
+        for r in validation_rows(case)
+    ]
+    met = tb["median"] <= 0.05 and tb["max"] <= 0.15
+    auto = summary["auto"]
+    return [
+        "",
+        "## Reading",
+        "",
+        f"- The targets (median <= 5%, max <= 15% at >= 1 MiB) are **{'met' if met else 'not met'}**: the "
+        f"testbed profile's median error is {tb['median']:.1%}, its max {tb['max']:.1%} (median signed "
+        f"error {statistics.median(signed):+.1%}: predictions below the measurements). The measurement's own "
+        f"spread between two runs of the same case is larger (median {spread['median']:.1%}, max "
+        f"{spread['max']:.1%}): the 2 cores were shared with other engineers' work (load average "
+        f"{report['machine']['load'][0]:.1f} at the start, 12-13 during the run), and one slow moment "
+        "makes one run of a case 2-18x slower. Against the faster of the two runs (the less disturbed one) "
+        f"the median error is {faster['median']:.1%}, the max {faster['max']:.1%}. With this spread the "
+        "5% target cannot be judged on this machine; the model error is below the noise, not shown to be "
+        "within 5%.",
+        "- Model changes from this comparison (commlab/sim/network/costs.py): (1) a calibrated profile "
+        "used to price every message by its loopback fit alone, whatever the topology's links (about 8x "
+        "too fast on a 1 Gbit/s wire); now a message between hosts puts its real bytes on the wire at the "
+        "topology's rate. (2) With the host's software overlapped with the wire the predictions on 2 hosts "
+        "x 2 ranks were biased low (median -15%); charging the host's per-byte software cost (the "
+        "intra-host level's beta) before the wire brought that case to -6% median. (3) The simulator runs "
+        "the pipeline segments the ranks chose (`resolve` under the testbed profile), not its own pick. "
+        "With one rank per host the calibration's fits already contain the wire (there is no intra-host "
+        "level to separate them), so only what exceeds the wire counts as software there; that case stays "
+        "biased low.",
+        f"- auto, judged by the measured time of the algorithm it picked (mean of two runs) against the "
+        f"fastest measured algorithm at each size: {auto['within_5pct']} of {auto['cases']} within 5% "
+        "(target >= 95%: not met). Where it misses, the measured ranking of the candidates at that size "
+        "is itself within the run-to-run spread, or (4 hosts x 1 rank, 256 KiB - 4 MiB) the model prefers "
+        "`direct` (fewer steps) where the measurement prefers the doubling algorithms; see the table.",
+        "- No delay topology: this kernel has no netem, so latency-bound cases were not judged.",
+    ]
+
+
 def _size(nbytes: int) -> str:
     return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
@@ -392,10 +449,69 @@ def _plot(report: dict, path: Path) -> bool:
     return True
 
 
+def auto_again(args: argparse.Namespace, scratch: Path, log: Path) -> int:
+    """--auto-only: for every network auto is judged on, calibrate, measure the auto sweep twice and put
+    its rows (and the profile auto used) in place of the stored ones; rewrite the report."""
+    from commlab.testbed.testbed import Testbed
+
+    report = json.loads(Path(args.json).read_text())
+    for number, case in enumerate(c for c in cases(scratch, args.quick) if c["auto"]):
+        print(f"== auto again: {case['name']}", flush=True)
+        with Testbed.up(case["topology"], case["rph"], directory=scratch) as testbed:
+            calibration = scratch / f"auto-{number}.json"
+            calibrate(testbed, calibration, log)
+            runs = [
+                measure(testbed, args.quick, True, calibration, args.timeout, log, True) for _ in range(2)
+            ]
+        rows = [
+            {"op": a["op"], "algorithm": a["algorithm"], "resolved": a["resolved"], "size": a["size"],
+             "sweep": True, "measured": [a["time_us"] * 1e-6, b["time_us"] * 1e-6],
+             "wrong": a["wrong"] + b["wrong"], "predicted": None}
+            for a, b in zip(*runs, strict=True)
+        ]  # fmt: skip
+        stored = next(c for c in report["cases"] if c["name"] == case["name"])
+        stored["rows"] = [r for r in stored["rows"] if not r["sweep"]] + rows
+        stored["auto_profile"] = json.loads(calibration.read_text())
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    write_report(report, Path(args.out))
+    return 0
+
+
+def repredict(report: dict) -> None:
+    """Every case's validation rows predicted again from the stored topology and calibrated profile."""
+    from commlab.collectives.calibration import Calibration
+    from commlab.sim.network.profile import Profile
+
+    for case in report["cases"]:
+        with tempfile.TemporaryDirectory() as scratch:
+            topology = Path(scratch) / "topology.toml"
+            topology.write_text(case["topology"])
+            loaded = Calibration.from_dict(case["profile"], case["name"])
+            profiles = {
+                "wire": Profile(efficiency=case["efficiency"], name="wire"),
+                "testbed": dataclasses.replace(
+                    Profile.from_calibration(loaded), efficiency=case["efficiency"]
+                ),
+            }
+            predicted = predict(topology, case["rows"], profiles, loaded)
+        for row in case["rows"]:
+            row["predicted"] = predicted.get((row["op"], row["algorithm"], row["size"]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--auto-sweep", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--auto-only",
+        action="store_true",
+        help="measure the auto sweeps again (new calibrations) and replace them in --json; then the report",
+    )
+    parser.add_argument(
+        "--repredict",
+        action="store_true",
+        help="predict the rows in --json again with this tree's simulator and their stored profiles",
+    )
     parser.add_argument("--quick", action="store_true", help="one network, fewer sizes")
     parser.add_argument("--out", default=str(ROOT / "docs" / "testbed-validation.md"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "testbed_validation.json"))
@@ -406,7 +522,13 @@ def main() -> int:
         write_report(json.loads(Path(args.json).read_text()), Path(args.out))
         return 0
     if args.worker:
-        worker(args.worker, args.quick, args.auto_sweep)
+        worker(args.worker, args.quick, args.auto_sweep, args.auto_only)
+        return 0
+    if args.repredict:
+        report = json.loads(Path(args.json).read_text())
+        repredict(report)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_report(report, Path(args.out))
         return 0
 
     from commlab.collectives.calibration import Calibration
@@ -418,6 +540,8 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp())
     log = Path(args.json).with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
+    if args.auto_only:
+        return auto_again(args, scratch, log)
     report = {"cases": [], "machine": {"cores": os.cpu_count(), "load": os.getloadavg()}}
     for number, case in enumerate(cases(scratch, args.quick)):
         print(f"== {case['name']}, {case['rph']} rank(s) per host", flush=True)
