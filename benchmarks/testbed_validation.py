@@ -2,19 +2,24 @@
 
     sudo python benchmarks/testbed_validation.py [--quick] [--out docs/testbed-validation.md]
 
-For each emulated network (one switch, with 1 and with 2 ranks per
-host; two switches joined by a 2:1 oversubscribed uplink; a fat-tree k=2 at 100 Mbit/s, whose two hosts
-are four switches apart, 2 ranks per host), it
+For each emulated network (one switch with 2 hosts x 2 ranks and with 4 hosts x 1 rank at 1 Gbit/s; two
+switches joined by a 2:1 oversubscribed uplink, 400 Mbit/s), it
 1. builds the testbed and runs `commlab testbed check` (every wire's TCP rate against the set rate);
-2. measures allreduce (4 algorithms and auto, 4 sizes), reduce-scatter and allgather (every algorithm,
-   2 sizes) with `commlab bench`'s own worker (`run_worker`) in 2 hosts' torchrun ranks, twice, in two
-   separate launches, so the spread between the runs is shown beside the model's error;
-3. predicts every case with `simulate_collective(..., fidelity="flow")` (what `commlab sim collective
-   --topology <the testbed's topology file>` runs) under two profiles: "wire" (the topology's links at the
-   efficiency the check measured, nothing else) and "host" (the same links plus this host's gloo software
-   costs from the shipped calibration: alpha per message, gamma per byte reduced, launch per call).
+2. runs `commlab calibrate` through `commlab testbed run` (quick): the testbed's own profile, with the
+   intra-host and rails levels where ranks share hosts;
+3. measures allreduce (6 algorithms, hierarchical and multiring included, and auto, 1-8 MiB),
+   reduce-scatter and allgather (every algorithm, 2 and 8 MiB) with `commlab bench`'s own worker
+   (`run_worker`) in the hosts' torchrun ranks, auto under the testbed profile, twice in two separate
+   launches, so the spread between the runs is shown beside the model's error; on the two 1 Gbit/s
+   layouts also allreduce at 64 KiB - 64 MiB with auto and every algorithm (auto judged against the
+   measured fastest);
+4. predicts every case with `simulate_collective(..., fidelity="flow")` (what `commlab sim collective
+   --topology <the testbed's topology file>` runs) under two profiles: "wire" (the topology's links at
+   the efficiency the check measured, nothing else) and "testbed" (the calibrated profile: software
+   costs from the calibration, the wire from the topology), with the pipeline segments the ranks chose.
 It writes the table, the error statistics and a plot to docs/testbed-validation.md (+ .png) and the raw
-numbers to benchmarks/results/testbed_validation.json. Run time about 10-15 minutes (2 shared cores).
+numbers to benchmarks/results/testbed_validation.json. Run time about 20 minutes (2 shared cores).
+`--auto-only` measures the auto sweeps again; `--repredict` predicts the stored rows with this tree.
 
 Inside the ranks (started by this script through `commlab testbed run`) it runs as `--worker OUT.json`.
 """
