@@ -82,9 +82,13 @@ def _simulate_routed(
     routed = routed_plan(schedule, topology)
     plan = routed.plan
     msg_bytes = plan.message_bytes(plan.chunk_bytes(nbytes, itemsize_of(dtype))).astype(float)
-    labels = topology.host_map(p)
-    host = np.array([labels.host_of(r) for r in range(p)])
-    costs = message_costs(profile, routed, msg_bytes, p, dtype, host[plan.msg_src] != host[plan.msg_dst])
+    between_hosts = None
+    if profile.calibration is not None:  # only calibrated messages are priced by where they go
+        host = np.empty(p, np.int64)
+        for h, ranks in enumerate(topology.host_map(p).hosts):
+            host[list(ranks)] = h
+        between_hosts = host[plan.msg_src] != host[plan.msg_dst]
+    costs = message_costs(profile, routed, msg_bytes, p, dtype, between_hosts)
     copies = profile.local_copy_time(schedule.op, nbytes, p)
     profile = profile.for_run(p, dtype)
     if copies:  # the API's copies around the schedule count like launch: once, before the steps
