@@ -32,6 +32,7 @@ from commlab.errors import InvalidArgumentError, UnsupportedOperationError, inva
 Group = dist.ProcessGroup | Communicator | Any | None  # Any: an mpi4py communicator
 
 _COMMUNICATORS: dict[object, Communicator] = {}
+_CHOICE_CACHE = 1024  # resolved calls kept per communicator
 
 _TORCH_OPS = {
     dist.ReduceOp.SUM: "sum",
@@ -185,14 +186,28 @@ def _submit(
     check: bool | None,
     nbytes: int | None = None,
 ) -> Work | None:
-    """Resolve the algorithm for `nbytes` (default: the buffer's; the cost formulas' convention) and run."""
+    """Resolve the algorithm for `nbytes` (default: the buffer's; the cost formulas' convention) and run.
+
+    The resolved choice and the call's signature are kept per communicator, keyed by everything they
+    depend on, so a repeated call skips the cost model.
+    """
     if nbytes is None:
         nbytes = buffer.numel() * buffer.element_size()
-    choice = _resolve_algorithm(comm, algorithm, op, nbytes, buffer.dtype)
-    name, segments, pieces = choice.algorithm, choice.segments, choice.pieces
-    signature = encode_signature(
-        op, reduce_op, buffer.dtype, buffer.numel(), root, _ALGORITHM_INDEX[name], segments, pieces
-    )
+    if not isinstance(algorithm, str):
+        raise invalid("algorithm", algorithm, ["auto", *ALGORITHMS])
+    key = (op, reduce_op, buffer.dtype, buffer.numel(), root, algorithm, nbytes)
+    cached = comm.choices.get(key)
+    if cached is None:
+        choice = _resolve_algorithm(comm, algorithm, op, nbytes, buffer.dtype)
+        name, segments, pieces = choice.algorithm, choice.segments, choice.pieces
+        signature = encode_signature(
+            op, reduce_op, buffer.dtype, buffer.numel(), root, _ALGORITHM_INDEX[name], segments, pieces
+        )
+        cached = (name, segments, pieces, signature)
+        if len(comm.choices) >= _CHOICE_CACHE:
+            comm.choices.clear()
+        comm.choices[key] = cached
+    name, segments, pieces, signature = cached
     call = Call(op, reduce_op, buffer, name, segments, root, label, finish, signature, pieces)
     return comm.run(call, async_op, timeout, check)
 

@@ -23,7 +23,15 @@ import torch
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule
 from commlab.collectives.calibration import Calibration, active_profile, as_calibration
 from commlab.collectives.cost import DEFAULT_COST_MODEL, CostModel
-from commlab.collectives.executor import DEFAULT_WINDOW, REDUCERS, Program, compile_program, execute
+from commlab.collectives.executor import (
+    DEFAULT_WINDOW,
+    REDUCERS,
+    BoundProgram,
+    Program,
+    compile_program,
+    execute,
+    run,
+)
 from commlab.collectives.hosts import HostMap
 from commlab.collectives.schedule import OPS, subdivide
 from commlab.collectives.transport import Transport
@@ -36,6 +44,7 @@ _TAG_WINDOW = 1 << 20
 _TAG_CALLS = 1024
 _CHECK_TAGS = 64
 _PLAN_CACHE = 256  # compiled programs kept per communicator
+_BOUND_CACHE = 8  # programs bound to a buffer kept per communicator (each keeps its buffer alive)
 
 
 @dataclass
@@ -150,6 +159,10 @@ class Communicator:
         self._lock = threading.Lock()
         self._queue: queue.Queue | None = None
         self._programs: OrderedDict[tuple, Program] = OrderedDict()
+        self._bound: OrderedDict[tuple, BoundProgram] = OrderedDict()
+        self.choices: dict[tuple, tuple] = {}  # api's resolved (algorithm, segments, pieces, signature)
+        self.persistent = callable(getattr(transport, "prepare", None))
+        self._exchange: Any = None  # the transport's signature exchange, made on first use
         self._scratch: dict[tuple, Any] = {}  # scratch per (dtype, device); argument-check buffers
 
     def cost_model_for(self, dtype: torch.dtype) -> CostModel:
@@ -177,6 +190,35 @@ class Communicator:
         else:
             self._programs.move_to_end(key)
         return plan
+
+    def bound(self, call: Call, plan: Program) -> BoundProgram:
+        """The plan bound to the call's buffer and this communicator's scratch, reused while both stay.
+
+        Binding precomputes every view, gather and reduction of the program (and, on a transport with
+        persistent requests, makes them), so repeating a call on the same buffer costs a few Python
+        operations per step. A bound program keeps its buffer alive: at most _BOUND_CACHE are kept.
+        """
+        buffer = call.buffer
+        scratch = self.scratch(buffer, plan.scratch_numel)
+        key = (buffer.data_ptr(), buffer.dtype, buffer.device, scratch.data_ptr(), plan.numel, id(plan))
+        bound = self._bound.get(key)
+        if bound is not None and bound.plan is plan and bound.scratch is scratch:
+            self._bound.move_to_end(key)
+            return bound
+        transport = self.transport if self.persistent else None
+        bound = BoundProgram(plan, buffer, scratch, transport, _CHECK_TAGS)
+        old = self._bound.pop(key, None)
+        if old is not None:
+            old.release()
+        self._bound[key] = bound
+        if len(self._bound) > _BOUND_CACHE:
+            self._bound.popitem(last=False)[1].release()
+        return bound
+
+    def _release_bound(self) -> None:
+        for bound in self._bound.values():
+            bound.release()
+        self._bound.clear()
 
     def scratch(self, like: torch.Tensor, numel: int) -> torch.Tensor:
         """A scratch tensor of at least `numel` elements of `like`'s dtype and device, reused across calls.
@@ -208,6 +250,7 @@ class Communicator:
 
     def release_scratch(self) -> None:
         """Free the cached scratch buffers (they are reallocated on the next call that needs them)."""
+        self._release_bound()
         self._scratch.clear()
 
     def run(self, call: Call, async_op: bool, timeout: float | None, check: bool | None) -> Work | None:
@@ -258,6 +301,7 @@ class Communicator:
             jobs.put((None, done))
             done.wait(timeout)
         self._programs.clear()
+        self._release_bound()
         self._scratch.clear()
 
     def _serve(self, jobs: queue.Queue) -> None:
@@ -277,6 +321,36 @@ class Communicator:
             finally:
                 with self._lock:
                     self._pending -= 1
+
+    def signature_check(self, call: Call, deadline: float) -> Callable[[Any], None] | None:
+        """The argument check that rides beside the call's first step, where the transport offers one.
+
+        Starts the exchange of signatures (every rank's to every other: persistent MPI requests posted
+        before the data, so it adds no round trip) and returns the `verify` the executor calls once step 0
+        is posted: it waits for every peer's signature and, if any differs, undoes the posted step on
+        every rank (`transport.discard`, collective) and raises CollectiveMismatchError. None: the
+        transport has no such exchange (check with `check_signature` before the call instead).
+        """
+        make = getattr(self.transport, "signature_exchange", None)
+        if make is None:
+            return None
+        exchange = self._exchange
+        if exchange is None or exchange.width != len(call.signature):
+            exchange = self._exchange = make(len(call.signature))
+        exchange.start(call.signature)
+
+        def verify(first: Any) -> None:
+            try:
+                agree = exchange.finish(deadline)
+            except (CollectiveTimeoutError, TransportError) as error:
+                raise type(error)(f"{call.label} argument check, rank {self.rank}: {error}") from error
+            if agree:
+                return
+            rows = exchange.rows()
+            self.transport.discard(first, deadline)
+            raise CollectiveMismatchError(f"{call.label}: ranks disagree: " + describe_signatures(rows))
+
+        return verify
 
     def check_signature(self, call: Call, deadline: float, tag_base: int) -> None:
         """Allgather every rank's call signature; any difference raises CollectiveMismatchError."""
@@ -352,13 +426,16 @@ class _Job:
         deadline = time.monotonic() + self.timeout
         tag_base = (self.sequence % comm.tag_calls) * _TAG_WINDOW
         try:
-            if self.check and comm.size > 1:
-                comm.check_signature(call, deadline, tag_base)
             plan = comm.program(call)
+            verify = None
+            if self.check and comm.size > 1:
+                verify = comm.signature_check(call, deadline)
+                if verify is None:
+                    comm.check_signature(call, deadline, tag_base)
+            bound = comm.bound(call, plan)
             reducer = REDUCERS[call.reduce_op or "sum"]
-            scratch = comm.scratch(call.buffer, plan.scratch_numel)
             tags = tag_base + _CHECK_TAGS
-            execute(plan, call.buffer, comm.transport, reducer, deadline, tags, call.describe, scratch)
+            run(bound, comm.transport, reducer, deadline, tags, call.describe, verify)
         except CollectiveTimeoutError as error:
             raise CollectiveTimeoutError(f"{error} [timeout {self.timeout:g} s]") from error
         call.finish()

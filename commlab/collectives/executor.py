@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -220,33 +221,176 @@ def _region(buffer: torch.Tensor, scratch: torch.Tensor, transfer: ProgramTransf
     return buffer[start:end]
 
 
-def _post(
-    step: ProgramStep, buffer: torch.Tensor, scratch: torch.Tensor, transport: Transport, tag_base: int
-):
+class BoundStep:
+    """A program step tied to one buffer and scratch: its messages (tags relative to the call's base),
+    the gathers that fill scattered sends, the reductions to apply, and the transport's persistent
+    handle of its transfers (None: posted afresh each call)."""
+
+    __slots__ = ("applies", "describe", "gathers", "handle", "recvs", "sends", "step")
+
+    def __init__(self, step: ProgramStep, buffer: torch.Tensor, scratch: torch.Tensor) -> None:
+        self.step = step
+        self.recvs = [Message(_region(buffer, scratch, r), r.peer, r.ordinal) for r in step.recvs]
+        self.sends = [Message(_region(buffer, scratch, s), s.peer, s.ordinal) for s in step.sends]
+        self.gathers = [
+            (message.tensor, [buffer[a:b] for a, b in send.ranges])
+            for send, message in zip(step.sends, self.sends, strict=True)
+            if send.scratch_offset >= 0
+        ]
+        self.applies: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+        for recv in step.recvs:
+            if recv.scratch_offset < 0:
+                continue
+            at = recv.scratch_offset
+            for start, end in recv.ranges:
+                self.applies.append((buffer[start:end], scratch[at : at + end - start], recv.reduce))
+                at += end - start
+        self.describe = functools.partial(_describe_request, step)
+        self.handle: Any = None
+
+
+class BoundProgram:
+    """A program bound to a buffer and a scratch tensor: every view, gather and reduction precomputed,
+    so a call costs a few Python operations per step (see `run`).
+
+    `persistent`: the transport's persistent requests (MPI's Send_init/Recv_init, started with
+    Startall) are made here, with the tags of `tag_base`, and reused by every call; `release()` frees them.
+    """
+
+    def __init__(
+        self,
+        plan: Program,
+        buffer: torch.Tensor,
+        scratch: torch.Tensor,
+        transport: Transport | None = None,
+        tag_base: int = 0,
+    ) -> None:
+        self.plan = plan
+        self.buffer, self.scratch = buffer, scratch
+        self.steps = [BoundStep(step, buffer, scratch) for step in plan.steps]
+        prepare = getattr(transport, "prepare", None) if transport is not None else None
+        self.transport = transport if prepare is not None else None
+        self.tag_base = tag_base
+        if prepare is not None:
+            for bound in self.steps:
+                if bound.sends or bound.recvs:
+                    bound.handle = prepare(_tagged(bound.sends, tag_base), _tagged(bound.recvs, tag_base))
+
+    @property
+    def persistent(self) -> bool:
+        return self.transport is not None
+
+    def release(self) -> None:
+        """Free the transport's persistent requests (unless a timeout left them in flight)."""
+        if self.transport is None:
+            return
+        for bound in self.steps:
+            if bound.handle is not None:
+                self.transport.release(bound.handle)
+                bound.handle = None
+        self.transport = None
+
+
+def _tagged(messages: list[Message], tag_base: int) -> list[Message]:
+    if not tag_base:
+        return messages
+    return [Message(m.tensor, m.peer, tag_base + m.tag) for m in messages]
+
+
+def bind(plan: Program, buffer: torch.Tensor, scratch: torch.Tensor | None = None) -> BoundProgram:
+    """`plan` bound to `buffer` (posted afresh each call); scratch is made if missing or short."""
+    if scratch is None or scratch.numel() < plan.scratch_numel:
+        scratch = buffer.new_empty(plan.scratch_numel)
+    return BoundProgram(plan, buffer, scratch)
+
+
+def _post(bound: BoundStep, transport: Transport, tag_base: int, persistent: bool):
     """Post a step's receives and sends (gathering scattered sends into scratch first)."""
-    recvs = [Message(_region(buffer, scratch, r), r.peer, tag_base + r.ordinal) for r in step.recvs]
-    sends = []
-    for send in step.sends:
-        payload = _region(buffer, scratch, send)
-        if send.scratch_offset >= 0:
-            torch.cat([buffer[s:e] for s, e in send.ranges], out=payload)
-        sends.append(Message(payload, send.peer, tag_base + send.ordinal))
-    return transport.post(sends, recvs)
+    for payload, sources in bound.gathers:
+        torch.cat(sources, out=payload)
+    if persistent:
+        return transport.start(bound.handle) if bound.handle is not None else None  # type: ignore[attr-defined]
+    if not bound.sends and not bound.recvs:
+        return None
+    return transport.post(_tagged(bound.sends, tag_base), _tagged(bound.recvs, tag_base))
 
 
-def _apply(step: ProgramStep, buffer: torch.Tensor, scratch: torch.Tensor, reducer: Reducer) -> None:
+def _apply(bound: BoundStep, reducer: Reducer) -> None:
     """After a step's transfers: reduce (or copy) what landed in scratch into the buffer."""
-    for recv in step.recvs:
-        if recv.scratch_offset < 0:
-            continue
-        at = recv.scratch_offset
-        for start, end in recv.ranges:
-            part = scratch[at : at + end - start]
-            if recv.reduce:
-                reducer(buffer[start:end], part)
-            else:
-                buffer[start:end].copy_(part)
-            at += end - start
+    for dst, src, reduce in bound.applies:
+        if reduce:
+            reducer(dst, src)
+        else:
+            dst.copy_(src)
+
+
+def run(
+    bound: BoundProgram,
+    transport: Transport,
+    reducer: Reducer,
+    deadline: float,
+    tag_base: int = 0,
+    label: str | Callable[[], str] = "collective",
+    verify: Callable[[Any], None] | None = None,
+) -> None:
+    """Run a bound program in place; every wait ends by `deadline`.
+
+    `tag_base` offsets the tags of transfers posted afresh (a persistent program has its own).
+    `verify`, if given, is called with step 0's requests (None if it has none) right after step 0 is
+    posted and before any wait or later posting: the argument check that rides beside the first step
+    (see Communicator); it raises to abort the call. `label` names the collective in errors (a callable is
+    called only when one happens).
+    """
+    in_flight: list = [None] * len(bound.steps)
+    try:
+        _run_steps(bound, transport, reducer, deadline, tag_base, label, verify, in_flight)
+    except BaseException:
+        abandon = getattr(transport, "abandon", None)
+        if abandon is not None:  # transfers still in flight must keep their buffers (a late message lands)
+            for requests in in_flight:
+                if requests:
+                    abandon(requests)
+        raise
+
+
+def _run_steps(
+    bound: BoundProgram,
+    transport: Transport,
+    reducer: Reducer,
+    deadline: float,
+    tag_base: int,
+    label: str | Callable[[], str],
+    verify: Callable[[Any], None] | None,
+    in_flight: list,
+) -> None:
+    plan = bound.plan
+    persistent = bound.persistent
+    wait = getattr(transport, "wait_all", wait_all)
+    steps = bound.steps
+    count = len(steps)
+    window = plan.window
+    posted = 0
+    if verify is not None:
+        if count:
+            in_flight[0] = _post(steps[0], transport, tag_base, persistent)
+            posted = 1
+        verify(in_flight[0] if count else None)
+    for k in range(count):
+        while posted < count and posted - k < window and steps[posted].step.after < k:
+            in_flight[posted] = _post(steps[posted], transport, tag_base, persistent)
+            posted += 1
+        step = steps[k]
+        requests = in_flight[k]
+        if requests:
+            try:
+                wait(requests, deadline, step.describe)
+            except (CollectiveTimeoutError, TransportError) as error:
+                name = label() if callable(label) else label
+                raise type(error)(f"{name}, rank {plan.rank}, step {k}: {error}") from error
+            in_flight[k] = None
+            _apply(step, reducer)
+        else:
+            in_flight[k] = None
 
 
 def execute(
@@ -262,28 +406,10 @@ def execute(
     """Run a compiled program over the flat contiguous `buffer`, in place; every wait ends by `deadline`.
 
     `scratch` (same dtype and device, at least `plan.scratch_numel` elements) is reused if given.
-    `label` names the collective in errors (a callable is called only when one happens).
+    `label` names the collective in errors (a callable is called only when one happens). Binds afresh:
+    a caller that repeats a call keeps a `BoundProgram` and calls `run` (as the Communicator does).
     """
-    if scratch is None or scratch.numel() < plan.scratch_numel:
-        scratch = buffer.new_empty(plan.scratch_numel)
-    wait = getattr(transport, "wait_all", wait_all)
-    steps = plan.steps
-    count = len(steps)
-    in_flight: list = [None] * count
-    posted = 0
-    for k in range(count):
-        while posted < count and posted - k < plan.window and steps[posted].after < k:
-            in_flight[posted] = _post(steps[posted], buffer, scratch, transport, tag_base)
-            posted += 1
-        step = steps[k]
-        requests, in_flight[k] = in_flight[k], None
-        if requests:
-            try:
-                wait(requests, deadline, functools.partial(_describe_request, step))
-            except (CollectiveTimeoutError, TransportError) as error:
-                name = label() if callable(label) else label
-                raise type(error)(f"{name}, rank {plan.rank}, step {k}: {error}") from error
-            _apply(step, buffer, scratch, reducer)
+    run(bind(plan, buffer, scratch), transport, reducer, deadline, tag_base, label)
 
 
 def _describe(transfer: ProgramTransfer, is_recv: bool) -> str:

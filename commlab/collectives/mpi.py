@@ -33,6 +33,10 @@ SPIN_S = 1e-3  # the main thread polls without pause this long (as MPI's own wai
 YIELD_S = 10e-3  # it yields the processor between polls until this long, then naps NAP_S between polls
 NAP_S = 50e-6
 
+_ABANDONED: list[Any] = []
+"""Transfers a failed call left in flight, with their buffers: kept for the life of the process, since
+a late message may still land (a transport or communicator that is garbage collected must not free them)."""
+
 MPI_COST_MODEL = CostModel(alpha=25e-6, beta=1 / 4e9, gamma=1 / 4e9)
 """Python-driven MPI on one host: about 25 us per message, 4 GB/s copies, 4 GB/s reduction."""
 
@@ -93,16 +97,38 @@ def _default_spin() -> float:
 class MPIRequest:
     """One posted MPI transfer; keeps its buffer alive until it completes."""
 
-    __slots__ = ("buffer", "request", "transport")
+    __slots__ = ("buffer", "is_recv", "peer", "request", "transport")
 
-    def __init__(self, request: Any, buffer: object, transport: MPITransport) -> None:
+    def __init__(
+        self, request: Any, buffer: object, transport: MPITransport, peer: int = -1, is_recv: bool = False
+    ) -> None:
         self.request = request
         self.buffer = buffer
         self.transport = transport
+        self.peer = peer
+        self.is_recv = is_recv
 
     def wait(self, timeout: float) -> None:
         """Block until done or `timeout` seconds pass (CollectiveTimeoutError)."""
         self.transport.wait_all([self], time.monotonic() + timeout, lambda _: "transfer")
+
+
+class PersistentStep:
+    """A step's transfers as persistent MPI requests (Recv_init/Send_init: receives first), started
+    together by one Startall per call; keeps its tensors alive. `abandoned`: a timeout left it active."""
+
+    __slots__ = ("abandoned", "handles", "peers", "recvs", "statuses", "tensors")
+
+    def __init__(self, handles: list, peers: list[int], recvs: int, tensors: list) -> None:
+        self.handles = handles
+        self.peers = peers
+        self.recvs = recvs  # the first `recvs` handles are receives
+        self.tensors = tensors
+        self.statuses: list = []
+        self.abandoned = False
+
+    def __len__(self) -> int:
+        return len(self.handles)
 
 
 class MPITransport:
@@ -149,7 +175,7 @@ class MPITransport:
         self.global_ranks = list(comm.Get_group().Translate_ranks(list(range(self.size)), world))
         self.max_tag = int(comm.Get_attr(MPI.TAG_UB))
         self.comm = self._duplicate(comm) if duplicate else comm
-        self._abandoned: list[MPIRequest] = []  # requests left behind by a timeout, kept with their buffers
+        self._abandoned = _ABANDONED  # requests left behind by a failed call, kept with their buffers
         self.hosts = host_map_from_env(self.global_ranks) or self._processor_hosts()
 
     def _processor_hosts(self) -> HostMap:
@@ -181,19 +207,67 @@ class MPITransport:
         try:
             for m in recvs:
                 buffer = _bytes_of(MPI, m.tensor)
-                requests.append(MPIRequest(comm.Irecv(buffer, m.peer, m.tag % (mask + 1)), m.tensor, self))
+                request = comm.Irecv(buffer, m.peer, m.tag % (mask + 1))
+                requests.append(MPIRequest(request, m.tensor, self, m.peer, True))
             for m in sends:
                 buffer = _bytes_of(MPI, m.tensor)
-                requests.append(MPIRequest(comm.Isend(buffer, m.peer, m.tag % (mask + 1)), m.tensor, self))
+                requests.append(
+                    MPIRequest(comm.Isend(buffer, m.peer, m.tag % (mask + 1)), m.tensor, self, m.peer)
+                )
         except MPI.Exception as error:
             raise TransportError(f"MPI could not post a transfer: {error.Get_error_string()}") from error
         return requests
 
-    def wait_all(self, requests: list[MPIRequest], deadline: float, describe: Callable[[int], str]) -> None:
+    def prepare(self, sends: list[Message], recvs: list[Message]) -> PersistentStep:
+        """Persistent requests for a step that repeats (MPI_Recv_init/Send_init; see executor.BoundProgram).
+
+        Their tags are fixed, so every call of a program reuses them: messages between a pair with one
+        tag match in the order they are sent, and calls on a communicator run one at a time in one order
+        on every rank, so a call's message never meets another call's receive.
+        """
+        MPI = self._MPI
+        comm, modulus = self.comm, self.max_tag + 1
+        try:
+            handles = [comm.Recv_init(_bytes_of(MPI, m.tensor), m.peer, m.tag % modulus) for m in recvs]
+            handles += [comm.Send_init(_bytes_of(MPI, m.tensor), m.peer, m.tag % modulus) for m in sends]
+        except MPI.Exception as error:
+            raise TransportError(
+                f"MPI could not make a persistent request: {error.Get_error_string()}"
+            ) from error
+        peers = [m.peer for m in recvs] + [m.peer for m in sends]
+        step = PersistentStep(handles, peers, len(recvs), [m.tensor for m in recvs + sends])
+        step.statuses = [MPI.Status() for _ in handles]
+        return step
+
+    def start(self, step: PersistentStep) -> PersistentStep:
+        """Start a prepared step's transfers (one MPI_Startall); wait for them with `wait_all`."""
+        if step.abandoned:
+            raise TransportError("a transfer of this step timed out earlier: the MPI transport is unusable")
+        try:
+            self._MPI.Prequest.Startall(step.handles)
+        except self._MPI.Exception as error:
+            raise TransportError(f"MPI could not start a step: {error.Get_error_string()}") from error
+        return step
+
+    def release(self, step: PersistentStep) -> None:
+        """Free a prepared step's requests (left alone if a timeout left them active)."""
+        if step.abandoned:
+            return
+        for handle in step.handles:
+            if handle != self._MPI.REQUEST_NULL:
+                handle.Free()
+        step.handles = []
+
+    def wait_all(
+        self, requests: list[MPIRequest] | PersistentStep, deadline: float, describe: Callable[[int], str]
+    ) -> None:
         """Poll until every request is done; past `deadline` raise, keeping unfinished buffers alive."""
         MPI = self._MPI
-        handles = [r.request for r in requests]
-        statuses = [MPI.Status() for _ in handles]
+        if isinstance(requests, PersistentStep):
+            handles, statuses = requests.handles, requests.statuses
+        else:
+            handles = [r.request for r in requests]
+            statuses = [MPI.Status() for _ in handles]
         try:
             if MPI.Request.Testall(handles, statuses):
                 return
@@ -238,17 +312,155 @@ class MPITransport:
             raise TransportError(f"MPI could not start an allgather: {error.Get_error_string()}") from error
         self.wait_all([MPIRequest(request, (send, out), self)], deadline, lambda _: "allgather")
 
-    def _give_up(self, requests: list[MPIRequest], handles: list, describe: Callable[[int], str]) -> None:
+    def _give_up(
+        self, requests: list[MPIRequest] | PersistentStep, handles: list, describe: Callable[[int], str]
+    ) -> None:
         """Keep unfinished transfers (and their buffers) alive, and raise a timeout naming the first.
 
         A late message may still land in its buffer, so the buffer must outlive the collective; after a
         timeout the communicator is unusable, as a gloo group is.
         """
-        MPI = self._MPI
-        stuck = [i for i, h in enumerate(handles) if h != MPI.REQUEST_NULL]
-        for i in stuck:
-            self._abandoned.append(requests[i])
+        stuck = [i for i, h in enumerate(handles) if not self._completed(h)] or [0]
+        if isinstance(requests, PersistentStep):
+            requests.abandoned = True
+            self._abandoned.append(requests)
+        else:
+            self._abandoned.extend(requests[i] for i in stuck)
         raise CollectiveTimeoutError(f"{describe(stuck[0])} timed out (MPI rank {self.rank})")
+
+    def abandon(self, requests: list[MPIRequest] | PersistentStep) -> None:
+        """Keep a call's unfinished transfers, and their buffers, for good (a failed call left them)."""
+        if isinstance(requests, PersistentStep):
+            if any(not self._completed(h) for h in requests.handles):
+                requests.abandoned = True
+                self._abandoned.append(requests)
+        else:
+            self._abandoned.extend(r for r in requests if not self._completed(r.request))
+
+    # ----- the argument check beside the first step (see Communicator) -----
+
+    def signature_exchange(self, width: int) -> SignatureExchange:
+        """Persistent sends of this rank's call signature to every peer and receives of theirs."""
+        return SignatureExchange(self, width)
+
+    def discard(self, requests: list[MPIRequest] | PersistentStep | None, deadline: float) -> None:
+        """Undo a call's posted first step after the ranks found they disagree (collective: every rank).
+
+        The transfers were posted before the disagreement was known, so some messages may have no
+        matching receive: each rank cancels its unmatched receives, the ranks tell each other how many
+        messages they sent to whom (one MPI_Ialltoall), and each receives and drops the messages no
+        receive took. Then no message of the call is left in MPI to meet a later call's receive.
+        """
+        MPI = self._MPI
+        if isinstance(requests, PersistentStep):
+            items = list(zip(requests.handles, requests.peers, range(len(requests.handles)), strict=True))
+            items = [(h, p, i < requests.recvs) for h, p, i in items]
+        else:
+            items = [(r.request, r.peer, r.is_recv) for r in requests or []]
+        sent = np.zeros(self.size, dtype=np.int64)
+        taken = np.zeros(self.size, dtype=np.int64)
+        for handle, peer, is_recv in items:
+            if is_recv and not self._completed(handle):
+                handle.Cancel()
+            if not is_recv:
+                sent[peer] += 1
+        for handle, peer, is_recv in items:
+            if is_recv:
+                status = MPI.Status()
+                self._finish_one(handle, status, deadline, "a cancelled receive")
+                if not status.Is_cancelled():
+                    taken[peer] += 1
+        incoming = np.zeros(self.size, dtype=np.int64)
+        try:
+            request = self.comm.Ialltoall([sent, MPI.INT64_T], [incoming, MPI.INT64_T])
+        except MPI.Exception as error:
+            raise TransportError(f"MPI could not start an alltoall: {error.Get_error_string()}") from error
+        self._finish_one(request, MPI.Status(), deadline, "counting unmatched messages")
+        for peer in range(self.size):
+            for _ in range(int(incoming[peer] - taken[peer])):
+                self._drop_one(peer, deadline)
+        for handle, _, is_recv in items:
+            if not is_recv:
+                self._finish_one(handle, MPI.Status(), deadline, "a send of the mismatched call")
+
+    def _completed(self, handle: Any) -> bool:
+        """Whether a request is complete (one that completed with an error counts), without freeing it."""
+        try:
+            return bool(handle.Get_status())
+        except self._MPI.Exception:
+            return True
+
+    def _finish_one(self, handle: Any, status: Any, deadline: float, what: str) -> None:
+        """Wait for one request by `deadline`; an error it completes with (a truncation) is ignored."""
+        MPI = self._MPI
+        while True:
+            try:
+                if handle.Test(status):
+                    return
+            except MPI.Exception:
+                return
+            if time.monotonic() > deadline:
+                raise CollectiveTimeoutError(f"{what} timed out (MPI rank {self.rank})")
+            time.sleep(NAP_S)
+
+    def _drop_one(self, peer: int, deadline: float) -> None:
+        """Receive and drop the next message from `peer` (any tag), waiting until `deadline`."""
+        MPI = self._MPI
+        status = MPI.Status()
+        while True:
+            message = self.comm.Improbe(peer, MPI.ANY_TAG, status)
+            if message is not None:
+                junk = bytearray(max(status.Get_count(MPI.BYTE), 1))
+                message.Recv([junk, MPI.BYTE])
+                return
+            if time.monotonic() > deadline:
+                raise CollectiveTimeoutError(f"dropping an unmatched message from rank {peer} timed out")
+            time.sleep(NAP_S)
 
     def __repr__(self) -> str:
         return f"MPITransport(rank {self.rank} of {self.size})"
+
+
+SIGNATURE_TAG = 0  # the argument check's tag (data tags start above the check's range; see Communicator)
+
+
+class SignatureExchange:
+    """Every rank's call signature to every other rank, as persistent MPI requests on one tag.
+
+    `start(signature)` writes this rank's signature and starts the sends and receives (one Startall);
+    `finish(deadline)` waits for them and says whether every rank's equals this one's. The exchange is
+    posted beside the call's first step, so it costs no round trip of its own; every rank sends to and
+    receives from every other, so every rank sees any difference, whatever the schedules.
+    """
+
+    def __init__(self, transport: MPITransport, width: int) -> None:
+        self.transport = transport
+        self.width = width
+        self.mine = np.zeros(width, dtype=np.int64)
+        self.table = np.zeros((transport.size, width), dtype=np.int64)
+        peers = [r for r in range(transport.size) if r != transport.rank]
+        sends = [Message(torch.from_numpy(self.mine), p, SIGNATURE_TAG) for p in peers]
+        recvs = [Message(torch.from_numpy(self.table[p]), p, SIGNATURE_TAG) for p in peers]
+        self.step = transport.prepare(sends, recvs)
+        self._last: tuple[int, ...] | None = None
+        self._expected = b""
+
+    def start(self, signature: tuple[int, ...]) -> None:
+        if signature != self._last:
+            self.mine[:] = signature
+            self.table[self.transport.rank] = self.mine
+            self._expected = self.mine.tobytes() * self.transport.size
+            self._last = signature
+        self.transport.start(self.step)
+
+    def finish(self, deadline: float) -> bool:
+        """Wait for every rank's signature; whether all agree (the rows are in `table`)."""
+        self.transport.wait_all(self.step, deadline, self._describe)
+        return self.table.tobytes() == self._expected
+
+    def _describe(self, index: int) -> str:
+        peer = self.step.peers[index]
+        return f"the argument check with rank {peer}"
+
+    def rows(self) -> list[list[int]]:
+        return self.table.tolist()
