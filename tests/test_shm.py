@@ -207,6 +207,46 @@ def test_mismatch_timeout_and_failed_peer(rank_pools):
     assert "unusable" in a0 and "unusable" in a1
 
 
+def mismatches_then_agreement(cma: bool) -> list[str]:
+    """Disagreeing calls whose first step already sent data (streamed through 4 KiB rings or read by
+    cma) raise CollectiveMismatchError on every rank; the data is dropped, so the next calls are right."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = commlab.Communicator(SharedMemoryTransport(ring_bytes=4096, cma=cma), timeout=30)
+    odd = rank == 1
+    cases = {
+        "elements": lambda: commlab.all_reduce(torch.ones(50_000 + odd), algorithm="ring", group=comm),
+        "algorithm": lambda: commlab.all_reduce(
+            torch.ones(50_000), algorithm="direct" if odd else "ring", group=comm
+        ),
+        "collective": lambda: (
+            commlab.broadcast(torch.ones(30_000), src=0, algorithm="direct", group=comm)
+            if odd
+            else commlab.reduce(torch.ones(30_000), dst=0, algorithm="direct", group=comm)
+        ),
+    }
+    failures = []
+    for field, call in cases.items():
+        try:
+            call()
+            failures.append(f"{field}: no error on rank {rank}")
+        except CollectiveMismatchError as error:
+            if field not in str(error):
+                failures.append(f"{field}: {error}")
+    for numel in (10, 50_000):
+        tensor = torch.full((numel,), float(rank + 1))
+        commlab.all_reduce(tensor, algorithm="ring", group=comm)
+        if not bool((tensor == world * (world + 1) / 2).all()):
+            failures.append(f"after the mismatches, all_reduce of {numel}: {tensor[:3].tolist()}")
+    comm.transport.close()
+    return failures
+
+
+@pytest.mark.parametrize("cma", [True, False])
+def test_mismatch_drops_the_data_already_sent(rank_pools, cma):
+    failures = [f for per_rank in rank_pools(3).run(mismatches_then_agreement, cma) for f in per_rank]
+    assert not failures, failures
+
+
 def unmatched_sizes() -> str:
     """Without the argument check, a message longer than its receive is caught by its header."""
     rank = dist.get_rank()

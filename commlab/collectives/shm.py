@@ -192,6 +192,9 @@ class SharedMemoryTransport:
         self._sends: dict[int, deque[_Transfer]] = {}
         self._recvs: dict[int, deque[_Transfer]] = {}
         self._heads = [0] * self.size  # my sends' head counters (I am their only writer)
+        self._posted = [0] * self.size  # messages posted to each peer, ever (for `discard`)
+        self._consumed = [0] * self.size  # messages from each peer whose header this rank has read
+        self._hold_receives = False  # while the argument check is open: receives wait (see `discard`)
         self._tails = [0] * self.size  # my receives' tail counters
         self._mm: mmap.mmap | None = None
         self.cma = False
@@ -351,6 +354,8 @@ class SharedMemoryTransport:
                     queue = queues[m.peer] = deque()
                 queue.append(transfer)
                 out.append(transfer)
+                if queues is self._sends:
+                    self._posted[m.peer] += 1
         self._progress()
         return out
 
@@ -363,6 +368,8 @@ class SharedMemoryTransport:
                 if not queue[0].complete:
                     break
                 queue.popleft()
+        if self._hold_receives:
+            return moved
         for queue in self._recvs.values():
             while queue:
                 moved |= self._pull(queue[0])
@@ -441,6 +448,7 @@ class SharedMemoryTransport:
             return False
         at = (base + tail % ring) // 8
         self._check_header(t, int(words[at]), int(words[at + 1]), -1 - t.nbytes)
+        self._consumed[t.peer] += 1
         address = int(words[(base + (tail + 16) % ring) // 8])
         self._read_peer(t.peer, address, t.address, t.nbytes)
         tail += 32
@@ -488,6 +496,7 @@ class SharedMemoryTransport:
                 return False
             at = (base + tail % ring) // 8
             self._check_header(t, int(words[at]), int(words[at + 1]), t.nbytes)
+            self._consumed[t.peer] += 1
             tail += 16
             avail -= 16
             t.header = moved = True
@@ -556,7 +565,7 @@ class SharedMemoryTransport:
         """Progress until every request is complete; raise on a dead or failed peer or past `deadline`."""
         self._check_usable()
         self._poll(
-            lambda: self._progress() or True,
+            self._progress,
             lambda: all(r.complete for r in requests),
             deadline,
             lambda: [(i, r.peer) for i, r in enumerate(requests) if not r.complete],
@@ -582,7 +591,7 @@ class SharedMemoryTransport:
         idle_since, next_check = now, now + CHECK_S
         nap = NAP_MIN_S
         while True:
-            if self._progress():
+            if step():
                 idle_since, nap = time.monotonic(), NAP_MIN_S
             if done():
                 return
@@ -602,12 +611,12 @@ class SharedMemoryTransport:
             if idle < spin + yields:
                 os.sched_yield()
             elif futex.AVAILABLE:
-                self._sleep(min(CHECK_S, deadline - now) + 1e-4, done)
+                self._sleep(min(CHECK_S, deadline - now) + 1e-4, step, done)
             else:
                 time.sleep(nap)
                 nap = min(nap * 2, NAP_MAX_S)
 
-    def _sleep(self, timeout: float, done: Callable[[], bool]) -> None:
+    def _sleep(self, timeout: float, step: Callable[[], bool], done: Callable[[], bool]) -> None:
         """Sleep on this rank's doorbell until a peer rings it (or `timeout`), unless work arrived.
 
         The flag is raised before the last look at the rings, and a peer reads it after publishing
@@ -620,7 +629,7 @@ class SharedMemoryTransport:
         with self._fence:
             pass
         try:
-            if self._progress() or done():
+            if step() or done():
                 return
             futex.wait(self._base_address + bell, expected, timeout)
         finally:
@@ -642,6 +651,87 @@ class SharedMemoryTransport:
                 raise TransportError(
                     f"{describe(index)} failed: rank {peer} (pid {self.pids[peer]}) {reason}"
                 )
+
+    # ----- the argument check beside the first step (see Communicator) -----
+
+    def signature_exchange(self, width: int) -> SignatureExchange:
+        """The call signature through the gather slots, overlapped with the call's first step."""
+        return SignatureExchange(self, width)
+
+    def discard(self, requests: list[_Transfer] | None, deadline: float) -> None:
+        """Undo a call's posted transfers after the ranks found they disagree (collective: every rank).
+
+        While the check was open no receive read the rings (`_hold_receives`), but sends went out. The
+        ranks gather how many messages each has ever posted to each peer; each drops its queued receives
+        and skips, unread, every message a peer sent it that it has not read, while its own sends are
+        streamed until the peers have skipped them. Then the rings are empty and in step again.
+        """
+        self._check_usable()
+        self._hold_receives = False
+        for queue in self._recvs.values():
+            queue.clear()
+        sent = torch.tensor(self._posted, dtype=torch.int64)
+        table = torch.zeros(self.size * self.size, dtype=torch.int64)
+        self.allgather_int64(sent, table, deadline)
+        targets = table.view(self.size, self.size)[:, self.rank].tolist()
+        skipping = [0] * self.size  # payload bytes of the message being skipped, still to pass
+
+        def step() -> bool:
+            moved = self._progress()
+            for peer in range(self.size):
+                if peer != self.rank:
+                    moved |= self._skip(peer, targets[peer], skipping)
+            return moved
+
+        def done() -> bool:
+            return not any(self._sends.values()) and all(
+                skipping[p] == 0 and self._consumed[p] >= targets[p]
+                for p in range(self.size)
+                if p != self.rank
+            )
+
+        def waiting() -> list[tuple[int, int]]:
+            return [(p, p) for p in range(self.size) if p != self.rank and self._consumed[p] < targets[p]]
+
+        self._poll(
+            step, done, deadline, waiting, lambda p: f"dropping the mismatched call's data from rank {p}"
+        )
+
+    def _skip(self, peer: int, target: int, skipping: list[int]) -> bool:
+        """Pass, unread, what has arrived of the messages from `peer` up to its `target`-th."""
+        layout, words = self.layout, self._words
+        tail = self._tails[peer]
+        head_at = layout.head_word(peer, self.rank)
+        tail_at = layout.tail_word(peer, self.rank)
+        ring = layout.ring_bytes
+        base = layout.ring_offset(peer, self.rank)
+        moved = False
+        while True:
+            avail = int(words[head_at]) - tail
+            if skipping[peer]:
+                n = min(avail, skipping[peer])
+                if n <= 0:
+                    break
+                tail += n
+                skipping[peer] -= n
+            elif self._consumed[peer] < target and avail >= 16:
+                at = (base + tail % ring) // 8
+                code = int(words[at + 1])
+                if code < 0:  # a cma descriptor: 32 bytes, passing it releases the sender
+                    if avail < 32:
+                        break
+                    tail += 32
+                else:
+                    tail += 16
+                    skipping[peer] = -(-code // 16) * 16
+                self._consumed[peer] += 1
+            else:
+                break
+            moved = True
+        if moved:
+            self._tails[peer] = tail
+            self._publish(tail_at, tail, peer)
+        return moved
 
     # ----- control data -----
 
@@ -666,17 +756,27 @@ class SharedMemoryTransport:
     def _gather_round(self, values: np.ndarray, deadline: float) -> np.ndarray:
         """One round of allgather_int64: every rank's (at most MAX_GATHER) values, rank by rank."""
         width = values.size
+        self._gather_start(values)
+        return self._gather_finish(width, deadline)
+
+    def _gather_start(self, values: np.ndarray | tuple[int, ...]) -> None:
+        """Write this rank's values and the next sequence number into its slot; wake sleeping peers."""
         sequence = self._gathers + 1
-        parity = sequence % 2
         words, layout = self._words, self.layout
-        mine = layout.gather_word(self.rank, parity)
-        words[mine + 1 : mine + 1 + width] = values
+        mine = layout.gather_word(self.rank, sequence % 2)
+        words[mine + 1 : mine + 1 + len(values)] = values
         words[mine] = sequence
         with self._fence:
             pass
         for peer in range(self.size):
             if peer != self.rank and words[layout.waiting_word(peer)]:
                 self._ring(peer)
+
+    def _gather_finish(self, width: int, deadline: float) -> np.ndarray:
+        """Wait for every rank's slot of the round `_gather_start` opened; their values, rank by rank."""
+        sequence = self._gathers + 1
+        parity = sequence % 2
+        words, layout = self._words, self.layout
         slots = [layout.gather_word(r, parity) for r in range(self.size)]
 
         def arrived() -> bool:
@@ -685,13 +785,61 @@ class SharedMemoryTransport:
         def waiting() -> list[tuple[int, int]]:
             return [(r, r) for r in range(self.size) if int(words[slots[r]]) < sequence]
 
-        self._poll(lambda: False, arrived, deadline, waiting, lambda r: f"allgather with rank {r}")
+        self._poll(self._progress, arrived, deadline, waiting, lambda r: f"allgather with rank {r}")
         gathered = np.stack([words[s + 1 : s + 1 + width] for s in slots])
         self._gathers = sequence
         return gathered
 
     def __repr__(self) -> str:
         return f"SharedMemoryTransport(rank {self.rank} of {self.size}, ring {self.layout.ring_bytes} bytes)"
+
+
+class SignatureExchange:
+    """Every rank's call signature through the gather slots, beside the call's first step.
+
+    `start` writes this rank's slot (no message) and holds the receives: step 0's sends go out at once,
+    but no receive reads a ring until `finish` has seen every rank's signature agree, so a message of a
+    disagreeing peer is never taken for this rank's own (`discard` drops such messages instead).
+    """
+
+    def __init__(self, transport: SharedMemoryTransport, width: int) -> None:
+        if width > MAX_GATHER:
+            raise invalid("width", width, f"at most {MAX_GATHER} values")
+        self.transport = transport
+        self.width = width
+        self._rows: np.ndarray | None = None
+
+    def start(self, signature: tuple[int, ...]) -> None:
+        transport = self.transport
+        transport._check_usable()
+        transport._gather_start(signature)
+        transport._hold_receives = True
+        self._mine = signature
+
+    def finish(self, deadline: float) -> bool:
+        transport = self.transport
+        try:
+            rows = transport._gather_finish(self.width, deadline)
+        except BaseException:
+            transport._hold_receives = False
+            raise
+        self._rows = rows
+        # a peer that gave up after writing its slot (a timeout in this very check) may have sent its
+        # first step: stop here rather than take its data for a call it has abandoned
+        words, layout = transport._words, transport.layout
+        for peer in range(transport.size):
+            if peer != transport.rank and int(words[layout.status_word(peer)]) in (seg.FAILED, seg.CLOSED):
+                transport._hold_receives = False
+                transport._check_peers([(peer, peer)], lambda p: f"the argument check with rank {p}")
+        agree = all(tuple(row) == self._mine for row in rows.tolist())
+        if agree:
+            transport._hold_receives = False
+            transport._progress()
+        return agree
+
+    def rows(self) -> list[list[int]]:
+        assert self._rows is not None
+        return self._rows.tolist()
 
 
 def shared_memory_transport(group: dist.ProcessGroup | None) -> SharedMemoryTransport | None:
