@@ -14,8 +14,10 @@ and, for `shm`, the targets of the shared-memory transport:
   3. at sizes >= 1 MiB the best commlab algorithm reaches >= 3x the native (gloo) busbw;
   4. at sizes >= 4 MiB the best commlab busbw is >= 0.5x one core's memcpy bandwidth;
 every row also prints busbw as a fraction of memcpy. It writes everything (every row and sample, the
-machine) to JSON. `--no-arg-check` times commlab without
-its cross-rank argument check (on by default; one native allgather per call), to show what it costs.
+machine) to JSON. With the argument check on (the default) every sweep also times `auto` with the check
+off, interleaved (`commlab bench --check-off-row`), and prints the ratio (chk/off) and target
+  5. at 4 KiB `auto` with the check takes <= 1.10x `auto` without it;
+`--no-arg-check` times every commlab row without the check.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import torch
 SMALL = (4 << 10, 64 << 10)  # the sizes of target 2
 LARGE = 1 << 20  # targets 1 and 3 from this size up
 SHM_MEMCPY_FROM = 4 << 20  # target 4 from this size up
+CHECK_AT = 4 << 10  # target 5: the argument check's cost at this size
+CHECK_OFF = "auto:check-off"  # commlab bench's row of auto with check=False (--check-off-row)
 
 
 def memcpy_bandwidth(nbytes: int = 64 << 20, repeats: int = 7) -> dict:
@@ -61,7 +65,9 @@ def run_bench(backend: str, ranks: int, args: argparse.Namespace) -> dict:
             "--algorithm", "all", "--backend", "gloo" if backend == "shm" else backend, "-n", str(ranks),
             "--iters", str(args.iters), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
             "--sample-seconds", str(args.sample_seconds), "--json", path, "--no-progress",
-        ] + ([] if args.arg_check else ["--no-arg-check"])  # fmt: skip
+        ] + ([] if args.arg_check else ["--no-arg-check"]) + (
+            ["--check-off-row"] if args.arg_check else []
+        )  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1", COMMLAB_SHM="1" if backend == "shm" else "0")
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
         if done.returncode != 0:
@@ -81,7 +87,8 @@ def summarize(document: dict) -> list[dict]:
     for size in sorted({r["size"] for r in rows}):
         mine = [r for r in rows if r["size"] == size]
         auto = next(r for r in mine if r["algorithm"] == "auto")
-        named = [r for r in mine if r["algorithm"] != "auto"]
+        named = [r for r in mine if r["algorithm"] not in ("auto", CHECK_OFF)]
+        off = next((r for r in mine if r["algorithm"] == CHECK_OFF), None)
         best = max(named, key=lambda r: r["busbw"])
         native_us = auto.get("native_time_us")
         native_busbw = auto.get("native_busbw")
@@ -97,6 +104,8 @@ def summarize(document: dict) -> list[dict]:
                 "auto": auto["resolved"],
                 "auto_us": auto["time_us"],
                 "auto_over_native_time": auto["time_us"] / native_us if native_us else None,
+                "auto_check_off_us": off["time_us"] if off else None,
+                "check_over_off": auto["time_us"] / off["time_us"] if off else None,
                 "wrong": sum(r["wrong"] for r in mine),
             }
         )
@@ -112,6 +121,7 @@ def targets(backend: str, ranks: int, table: list[dict], memcpy_gbps: float) -> 
         if SMALL[0] <= r["size"] <= SMALL[1] and r["auto_over_native_time"] is not None
     ]
     worst_large, worst_small = (min(large) if large else None), (max(small) if small else None)
+    check = [r["check_over_off"] for r in table if r["size"] == CHECK_AT and r["check_over_off"] is not None]
     return {
         "backend": backend,
         "ranks": ranks,
@@ -122,6 +132,8 @@ def targets(backend: str, ranks: int, table: list[dict], memcpy_gbps: float) -> 
         "large_min_best_over_memcpy": min(of_memcpy) if of_memcpy else None,
         "shm_busbw_target_holds": worst_large is not None and worst_large >= 3.0,
         "shm_memcpy_target_holds": bool(of_memcpy) and min(of_memcpy) >= 0.5,
+        "check_over_off_4k": check[0] if check else None,
+        "check_target_holds": bool(check) and check[0] <= 1.10,
     }
 
 
@@ -170,27 +182,33 @@ def main() -> None:
     print(
         f"# {'backend':>7} {'ranks':>5} {'size':>9} {'native us':>10} {'native busbw':>12} {'best':>18}"
         f" {'busbw':>7} {'ratio':>6} {'/memcpy':>7} {'auto':>18} {'auto us':>9} {'auto/native':>11}"
-        f" {'#wrong':>6}"
+        f" {'chk/off':>7} {'#wrong':>6}"
     )
     for run in runs:
         for r in run["table"]:
             ratio = f"{r['best_ratio']:.2f}" if r["best_ratio"] is not None else "n/a"
             over = f"{r['auto_over_native_time']:.2f}" if r["auto_over_native_time"] is not None else "n/a"
+            checked = f"{r['check_over_off']:.2f}" if r["check_over_off"] is not None else "n/a"
             print(
                 f"  {run['backend']:>7} {run['ranks']:>5} {r['size']:>9} {r['native_us'] or 0:>10.1f}"
                 f" {r['native_busbw'] or 0:>12.3f} {r['best']:>18} {r['best_busbw']:>7.3f} {ratio:>6}"
                 f" {r['best_busbw'] / memcpy['gbps']:>7.2f}"
-                f" {r['auto']:>18} {r['auto_us']:>9.1f} {over:>11} {r['wrong']:>6}"
+                f" {r['auto']:>18} {r['auto_us']:>9.1f} {over:>11} {checked:>7} {r['wrong']:>6}"
             )
     print("#")
-    print("# targets: (1) best busbw >= 1.0x native at >= 1 MiB; (2) auto time <= 2x native at 4-64 KiB")
+    print(
+        "# targets: (1) best busbw >= 1.0x native at >= 1 MiB; (2) auto time <= 2x native at 4-64 KiB;"
+        " (5) auto with the argument check <= 1.10x auto without it at 4 KiB (chk/off)"
+    )
     for t in summary:
         large, small = t["large_min_best_over_native_busbw"], t["small_max_auto_over_native_time"]
         shown = ["n/a" if v is None else f"{v:.2f}" for v in (large, small)]
         print(
             f"# {t['backend']:>5} {t['ranks']} ranks: (1) worst best/native busbw {shown[0]} "
             f"{'holds' if t['large_target_holds'] else 'FAILS'}; (2) worst auto/native time {shown[1]} "
-            f"{'holds' if t['small_target_holds'] else 'FAILS'}"
+            f"{'holds' if t['small_target_holds'] else 'FAILS'}; (5) check/off at 4 KiB "
+            f"{'n/a' if t['check_over_off_4k'] is None else format(t['check_over_off_4k'], '.2f')} "
+            f"{'holds' if t['check_target_holds'] else 'FAILS'}"
         )
         if t["backend"] == "shm":
             of_memcpy = t["large_min_best_over_memcpy"]

@@ -59,6 +59,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-arg-check", dest="arg_check", action="store_false", help="commlab calls with check=False"
     )
+    parser.add_argument(
+        "--check-off-row",
+        action="store_true",
+        help="also time auto with the argument check off, interleaved with the rest (row auto:check-off)",
+    )
     parser.add_argument("--no-native", dest="native", action="store_false", help="skip the native one")
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write every row as JSON")
     parser.add_argument("--plot", dest="plot_path", metavar="FILE.png", help="draw busbw against size")
@@ -101,6 +106,7 @@ def config_from_args(args: argparse.Namespace, launched: str | None) -> BenchCon
         sample_seconds=args.sample_seconds,
         check=args.check,
         arg_check=args.arg_check,
+        check_off_row=args.check_off_row,
         native=args.native,
         json_path=args.json_path,
         plot_path=os.path.abspath(args.plot_path) if args.plot_path else None,

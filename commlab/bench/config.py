@@ -12,6 +12,7 @@ BACKENDS = ("gloo", "mpi")
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8", "int8")
 REDUCE_OPS = ("sum", "avg", "max", "min", "prod")
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+AUTO_CHECK_OFF = "auto:check-off"  # the row of `auto` without the argument check (--check-off-row)
 CONFIG_ENV = "COMMLAB_BENCH_CONFIG"  # how a launcher hands the configuration to the ranks it starts
 
 
@@ -35,6 +36,7 @@ class BenchConfig:
     sample_seconds: float = 0.0  # > 0: fewer iterations per sample where a call is slow (see worker)
     check: bool = True  # count wrong elements (#wrong) against locally computed expected values
     arg_check: bool = True  # commlab's cross-rank argument check on every call (its default)
+    check_off_row: bool = False  # also time `auto` with the argument check off, interleaved (AUTO_CHECK_OFF)
     native: bool = True
     json_path: str | None = None
     plot_path: str | None = None

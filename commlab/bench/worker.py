@@ -16,14 +16,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
 import torch
 
 import commlab
-from commlab.bench.config import BenchConfig
+from commlab.bench.config import AUTO_CHECK_OFF, BenchConfig
 from commlab.bench.launch import worker_main
 from commlab.bench.report import Reporter
 from commlab.collectives.tuning import resolve
@@ -270,6 +270,8 @@ def run_size(size: int, ranks: Ranks, config: BenchConfig) -> list[dict]:
     calls: dict[str, Callable[[], None]] = {
         a: commlab_call(op, a, b, ranks, config) for a in config.algorithms
     }
+    if config.check_off_row and "auto" in config.algorithms:
+        calls[AUTO_CHECK_OFF] = commlab_call(op, "auto", b, ranks, replace(config, arg_check=False))
     native = ranks.native(op, config.redop, config.root) if config.native else None
     if native is not None:
         with contextlib.suppress(TypeError, ValueError, KeyError):  # no numpy (MPI) type for bfloat16
@@ -313,7 +315,7 @@ def run_size(size: int, ranks: Ranks, config: BenchConfig) -> list[dict]:
             continue
         seconds = median[name]
         resolved = name
-        if name == "auto":
+        if name in ("auto", AUTO_CHECK_OFF):
             comm = ranks.comm
             model = comm.cost_model_for(getattr(torch, config.dtype))
             resolved = resolve(op, "auto", world, nbytes, model, comm.piece_bytes, comm.hosts).algorithm
