@@ -30,7 +30,7 @@ def parse_size(text: str) -> int:
 
 def instrument(totals: dict[str, float]) -> None:
     """Wrap the executor's post/apply, the transports' waits and the argument check with timers."""
-    from commlab.collectives import communicator, executor, mpi, transport
+    from commlab.collectives import communicator, executor, mpi, shm, transport
 
     inside_check = [False]
 
@@ -54,6 +54,10 @@ def instrument(totals: dict[str, float]) -> None:
     mpi.MPITransport.wait_all = timed("wait", mpi.MPITransport.wait_all)
     transport.wait_all = executor.wait_all
     communicator.Communicator.check_signature = timed("check", communicator.Communicator.check_signature)
+    for module in (mpi, shm):  # the check beside the first step: starting it and waiting for it
+        module.SignatureExchange.start = timed("check", module.SignatureExchange.start)
+        module.SignatureExchange.finish = timed("check", module.SignatureExchange.finish)
+    shm.SharedMemoryTransport.wait_all = timed("wait", shm.SharedMemoryTransport.wait_all)
 
 
 def rank_main(args: argparse.Namespace) -> None:

@@ -11,6 +11,11 @@ waited for. So the transfer of one step (or slice, see `schedule.subdivide`) ove
 previous one. Posting earlier never breaks a schedule the checker accepted: messages match by tag, and
 every step is still posted no later than when its predecessor completes.
 
+A program is then bound to one buffer and scratch (`BoundProgram`): views, gathers and reductions are
+made once, and a transport with persistent requests (MPI: `prepare`/`start`) makes them then too, so
+`run` costs a few Python operations per step. `run` can also call a `verify` right after posting step 0
+(the argument check that rides beside the first step; see Communicator).
+
 The posting order does not depend on timing, so compilation also lays out scratch: each step's region is
 live from its posting to its completion and regions live at once never overlap. The caller passes a
 scratch tensor of at least `plan.scratch_numel` elements (the communicator keeps one and reuses it).

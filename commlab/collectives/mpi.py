@@ -9,6 +9,11 @@ then short naps; a worker thread (asynchronous collectives beside a training loo
 never holds the GIL or a core against the thread doing the compute. A message longer than its receive
 raises TransportError (MPI_ERR_TRUNCATE), a peer that never answers raises CollectiveTimeoutError.
 
+A communicator's repeated calls use persistent requests (`prepare`: MPI_Send_init/Recv_init once per
+bound program; `start`: one MPI_Startall per step), and its argument check is a `SignatureExchange`:
+persistent sends of the call's signature to every peer, started beside the first step; a disagreement
+is undone by `discard` (cancel, count, drop) on every rank.
+
 mpi4py is imported only when an MPI transport is made (importing `mpi4py.MPI` initializes MPI).
 """
 

@@ -824,11 +824,16 @@ class SignatureExchange:
             transport._hold_receives = False
             raise
         self._rows = rows
-        # a peer that gave up after writing its slot (a timeout in this very check) may have sent its
-        # first step: stop here rather than take its data for a call it has abandoned
+        # a peer that gave up in this call after writing its slot (a timeout in this very check) may
+        # have sent its first step: stop rather than take its data for a call it abandoned. (A peer that
+        # has moved on to the next call has written the next round's slot; one that closed after
+        # finishing its part of this call did not give up.)
         words, layout = transport._words, transport.layout
+        sequence = transport._gathers
         for peer in range(transport.size):
-            if peer != transport.rank and int(words[layout.status_word(peer)]) in (seg.FAILED, seg.CLOSED):
+            if peer == transport.rank or int(words[layout.status_word(peer)]) != seg.FAILED:
+                continue
+            if int(words[layout.gather_word(peer, (sequence + 1) % 2)]) <= sequence:
                 transport._hold_receives = False
                 transport._check_peers([(peer, peer)], lambda p: f"the argument check with rank {p}")
         agree = all(tuple(row) == self._mine for row in rows.tolist())
