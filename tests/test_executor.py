@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule
-from commlab.collectives.executor import REDUCERS, compile_program, execute, posting_order
+from commlab.collectives.executor import REDUCERS, bind, compile_program, execute, posting_order, run
 from commlab.collectives.schedule import ROOTED_OPS, subdivide, verify
 from commlab.collectives.transport import Message
 from commlab.errors import CollectiveTimeoutError
@@ -223,3 +223,54 @@ def test_subdivide_rejects_bad_pieces() -> None:
     with pytest.raises(InvalidArgumentError, match=r"pieces=0.*an integer >= 1"):
         subdivide(build_schedule("allreduce", "ring", 4), 0)
     assert subdivide(build_schedule("allreduce", "ring", 4), 1) is build_schedule("allreduce", "ring", 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "op", "pieces"),
+    [("ring", "allreduce", 2), ("halving_doubling", "reduce_scatter", 1), ("tree", "broadcast", 3)],
+)
+def test_a_bound_program_reruns_on_new_data(name, op, pieces):
+    """One BoundProgram per rank (views, gathers, reductions made once) runs three calls in a row on the
+    same buffer, new values written in place before each; every call gives that call's result."""
+    p, numel = 4, 4 * 37
+    root = 1 if op in ROOTED_OPS else None
+    schedule = subdivide(build_schedule(op, name, p, root), pieces)
+    mail = Mailboxes()
+    buffers = [torch.zeros(numel) for _ in range(p)]
+    calls = [[torch.randn(numel, generator=torch.Generator().manual_seed(10 * c + r)) for r in range(p)]
+             for c in range(3)]  # fmt: skip
+    results: list[list[torch.Tensor]] = [[None] * p for _ in range(3)]  # type: ignore[list-item]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(p)
+
+    def rank_main(rank: int) -> None:
+        try:
+            plan = compile_program(schedule, rank, numel, 3)
+            bound = bind(plan, buffers[rank])
+            transport = InMemoryTransport(mail, rank, p)
+            for c, inputs in enumerate(calls):
+                buffers[rank].copy_(inputs[rank])
+                barrier.wait(30)
+                run(bound, transport, REDUCERS["sum"], time.monotonic() + 30, tag_base=c << 20)
+                results[c][rank] = buffers[rank].clone()
+                barrier.wait(30)
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(p)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    for c, inputs in enumerate(calls):
+        for rank, want in enumerate(expected(op, inputs, root)):
+            if want is None:
+                continue
+            got = results[c][rank]
+            if op == "reduce_scatter":
+                block = numel // p
+                got = got[rank * block : (rank + 1) * block]
+            # float32 sums of 4 values in schedule order: within a few ulps of torch's order
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

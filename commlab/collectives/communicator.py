@@ -45,6 +45,7 @@ _TAG_CALLS = 1024
 _CHECK_TAGS = 64
 _PLAN_CACHE = 256  # compiled programs kept per communicator
 _BOUND_CACHE = 8  # programs bound to a buffer kept per communicator (each keeps its buffer alive)
+_BOUND_BYTES = 128 << 20  # ...and the buffers they keep alive hold at most this much (the newest stays)
 
 
 @dataclass
@@ -196,7 +197,9 @@ class Communicator:
 
         Binding precomputes every view, gather and reduction of the program (and, on a transport with
         persistent requests, makes them), so repeating a call on the same buffer costs a few Python
-        operations per step. A bound program keeps its buffer alive: at most _BOUND_CACHE are kept.
+        operations per step. A bound program keeps its buffer alive: at most _BOUND_CACHE are kept,
+        holding at most _BOUND_BYTES of buffers (a call on a fresh copy each time, an async clone or a
+        non-contiguous tensor, binds anew and must not pile up copies).
         """
         buffer = call.buffer
         scratch = self.scratch(buffer, plan.scratch_numel)
@@ -211,8 +214,11 @@ class Communicator:
         if old is not None:
             old.release()
         self._bound[key] = bound
-        if len(self._bound) > _BOUND_CACHE:
-            self._bound.popitem(last=False)[1].release()
+        held = sum(b.buffer.numel() * b.buffer.element_size() for b in self._bound.values())
+        while len(self._bound) > 1 and (len(self._bound) > _BOUND_CACHE or held > _BOUND_BYTES):
+            oldest = self._bound.popitem(last=False)[1]
+            held -= oldest.buffer.numel() * oldest.buffer.element_size()
+            oldest.release()
         return bound
 
     def _release_bound(self) -> None:
