@@ -309,6 +309,7 @@ class Communicator:
         self._programs.clear()
         self._release_bound()
         self._scratch.clear()
+        self._exchange = None  # (its views of a shared segment would keep the mapping alive)
 
     def _serve(self, jobs: queue.Queue) -> None:
         while True:

@@ -799,7 +799,9 @@ class SignatureExchange:
 
     `start` writes this rank's slot (no message) and holds the receives: step 0's sends go out at once,
     but no receive reads a ring until `finish` has seen every rank's signature agree, so a message of a
-    disagreeing peer is never taken for this rank's own (`discard` drops such messages instead).
+    disagreeing peer is never taken for this rank's own (`discard` drops such messages instead). The
+    slots and state words are read through numpy views made once, so a call whose peers have already
+    written their slots costs a few array operations.
     """
 
     def __init__(self, transport: SharedMemoryTransport, width: int) -> None:
@@ -807,40 +809,72 @@ class SignatureExchange:
             raise invalid("width", width, f"at most {MAX_GATHER} values")
         self.transport = transport
         self.width = width
+        size, words, layout = transport.size, transport._words, transport.layout
+        first = layout.gather_word(0, 0)
+        self._slots = words[first : first + size * 2 * seg.GATHER_WORDS].reshape(size, 2, seg.GATHER_WORDS)
+        per_rank = seg.STATUS_BYTES // 8
+        self._states = words[: size * per_rank].reshape(size, per_rank)  # [:, 0] state, [:, 1] sleeping
+        self._mine = np.zeros(width, dtype=np.int64)
+        self._last: tuple[int, ...] | None = None
+        self._expected = b""
         self._rows: np.ndarray | None = None
 
     def start(self, signature: tuple[int, ...]) -> None:
         transport = self.transport
         transport._check_usable()
-        transport._gather_start(signature)
+        if signature != self._last:
+            self._mine[:] = signature
+            self._last = signature
+            self._expected = self._mine.tobytes() * transport.size
+        sequence = transport._gathers + 1
+        slot = self._slots[transport.rank, sequence % 2]
+        slot[1 : 1 + self.width] = self._mine
+        slot[0] = sequence  # after the values: a peer that sees the sequence sees them
+        with transport._fence:
+            pass
+        if self._states[:, 1].any():
+            for peer in np.flatnonzero(self._states[:, 1]).tolist():
+                if peer != transport.rank:
+                    transport._ring(peer)
         transport._hold_receives = True
-        self._mine = signature
 
     def finish(self, deadline: float) -> bool:
         transport = self.transport
+        sequence = transport._gathers + 1
+        parity = sequence % 2
         try:
-            rows = transport._gather_finish(self.width, deadline)
+            if bool((self._slots[:, parity, 0] >= sequence).all()):
+                transport._gathers = sequence
+            else:
+                transport._gather_finish(self.width, deadline)
         except BaseException:
             transport._hold_receives = False
             raise
-        self._rows = rows
-        # a peer that gave up in this call after writing its slot (a timeout in this very check) may
-        # have sent its first step: stop rather than take its data for a call it abandoned. (A peer that
-        # has moved on to the next call has written the next round's slot; one that closed after
-        # finishing its part of this call did not give up.)
-        words, layout = transport._words, transport.layout
-        sequence = transport._gathers
-        for peer in range(transport.size):
-            if peer == transport.rank or int(words[layout.status_word(peer)]) != seg.FAILED:
-                continue
-            if int(words[layout.gather_word(peer, (sequence + 1) % 2)]) <= sequence:
-                transport._hold_receives = False
-                transport._check_peers([(peer, peer)], lambda p: f"the argument check with rank {p}")
-        agree = all(tuple(row) == self._mine for row in rows.tolist())
+        rows = self._slots[:, parity, 1 : 1 + self.width]
+        if bool((self._states[:, 0] == seg.FAILED).any()):
+            self._stop_if_a_peer_gave_up(sequence)
+        agree = rows.tobytes() == self._expected
         if agree:
             transport._hold_receives = False
             transport._progress()
+        else:
+            self._rows = rows.copy()
         return agree
+
+    def _stop_if_a_peer_gave_up(self, sequence: int) -> None:
+        """Raise if a peer gave up in this call after writing its slot (a timeout in this very check).
+
+        Its first step may have been sent: stop rather than take its data for a call it abandoned. A peer
+        that has moved on to the next call has written the next round's slot, and one that closed after
+        finishing its part of this call did not give up.
+        """
+        transport = self.transport
+        for peer in range(transport.size):
+            if peer == transport.rank or int(self._states[peer, 0]) != seg.FAILED:
+                continue
+            if int(self._slots[peer, (sequence + 1) % 2, 0]) <= sequence:
+                transport._hold_receives = False
+                transport._check_peers([(peer, peer)], lambda p: f"the argument check with rank {p}")
 
     def rows(self) -> list[list[int]]:
         assert self._rows is not None
