@@ -263,6 +263,27 @@ def absent_peer(comm) -> list[str]:
     return [] if rank == 1 else ["absent peer: no error"]
 
 
+def late_transport(comm) -> list[str]:
+    """Rank 1 makes its transport late: rank 0's making one times out with a clear error (no crash)."""
+    rank = comm.Get_rank()
+    outcome = []
+    if rank == 0:
+        try:
+            MPITransport(comm, timeout=0.5)
+            outcome = ["late transport: no error on rank 0"]
+        except CollectiveTimeoutError as error:
+            if "every rank of the communicator must create it" not in str(error):
+                outcome = [f"late transport: {error}"]
+    else:
+        time.sleep(1.5)
+        try:  # its duplication meets rank 0's abandoned one; what follows may time out
+            MPITransport(comm, timeout=1.0)
+        except CollectiveTimeoutError:
+            pass
+    comm.Barrier()
+    return outcome
+
+
 def unchecked_mismatch(comm) -> list[str]:
     """With the argument check off, sizes that differ end in an error (MPI_ERR_TRUNCATE or a timeout)."""
     rank = comm.Get_rank()
@@ -296,6 +317,7 @@ def main() -> None:
         ("mismatches", lambda: mismatches(comm) if world > 1 else []),
         ("absent peer", lambda: absent_peer(comm) if world > 1 else []),
         ("unchecked mismatch", lambda: unchecked_mismatch(comm) if world == 2 else []),
+        ("late transport", lambda: late_transport(comm) if world == 2 else []),
     ]
     only = [a.removeprefix("--only=") for a in sys.argv if a.startswith("--only=")]
     if only:  # e.g. --only=mismatches: one part, for work on it

@@ -180,7 +180,6 @@ class MPITransport:
         self.global_ranks = list(comm.Get_group().Translate_ranks(list(range(self.size)), world))
         self.max_tag = int(comm.Get_attr(MPI.TAG_UB))
         self.comm = self._duplicate(comm) if duplicate else comm
-        self._abandoned = _ABANDONED  # requests left behind by a failed call, kept with their buffers
         self.hosts = host_map_from_env(self.global_ranks) or self._processor_hosts()
 
     def _processor_hosts(self) -> HostMap:
@@ -328,9 +327,9 @@ class MPITransport:
         stuck = [i for i, h in enumerate(handles) if not self._completed(h)] or [0]
         if isinstance(requests, PersistentStep):
             requests.abandoned = True
-            self._abandoned.append(requests)
+            _ABANDONED.append(requests)
         else:
-            self._abandoned.extend(requests[i] for i in stuck)
+            _ABANDONED.extend(requests[i] for i in stuck)
         raise CollectiveTimeoutError(f"{describe(stuck[0])} timed out (MPI rank {self.rank})")
 
     def abandon(self, requests: list[MPIRequest] | PersistentStep) -> None:
@@ -338,9 +337,9 @@ class MPITransport:
         if isinstance(requests, PersistentStep):
             if any(not self._completed(h) for h in requests.handles):
                 requests.abandoned = True
-                self._abandoned.append(requests)
+                _ABANDONED.append(requests)
         else:
-            self._abandoned.extend(r for r in requests if not self._completed(r.request))
+            _ABANDONED.extend(r for r in requests if not self._completed(r.request))
 
     # ----- the argument check beside the first step (see Communicator) -----
 
