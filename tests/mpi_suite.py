@@ -12,6 +12,7 @@ itself ran.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -276,10 +277,9 @@ def late_transport(comm) -> list[str]:
                 outcome = [f"late transport: {error}"]
     else:
         time.sleep(1.5)
-        try:  # its duplication meets rank 0's abandoned one; what follows may time out
+        # its duplication meets rank 0's abandoned one; what follows may time out
+        with contextlib.suppress(CollectiveTimeoutError):
             MPITransport(comm, timeout=1.0)
-        except CollectiveTimeoutError:
-            pass
     comm.Barrier()
     return outcome
 
