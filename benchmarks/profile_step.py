@@ -7,6 +7,9 @@ the executor's functions: the argument check (a native allgather), posting a ste
 gathers into scratch, the transport's post), waiting for them (the transfer itself), applying the
 reductions, and the rest (argument validation, planning, Python between phases). Rank 0 prints the
 median per phase over --calls calls, rank 0's view; the native collective's median time is the reference.
+The check is a call's first wait for its peers (on MPI and shared memory it is waited for right after
+step 0 is posted), so its column also holds whatever time rank 0 spends waiting for the slowest peer to
+arrive: the skew between ranks, which load makes large.
 """
 
 from __future__ import annotations
