@@ -23,6 +23,7 @@ from commlab.collectives.array_schedule import ArraySchedule
 from commlab.collectives.schedule import Schedule, chunk_bounds
 from commlab.errors import ScheduleError, invalid
 from commlab.shared.ops import BLOCKED_OPS
+from commlab.shared.sorting import stable_argsort
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,8 @@ def compile_schedule(schedule: Schedule | ArraySchedule) -> CompiledSchedule:
     recv_pos = _position_in_group(recv_step)
     send_key = step_rank[send_step] * p + send_peer
     recv_key = recv_peer * p + step_rank[recv_step]
-    s_order = np.argsort(send_key, kind="stable")
-    r_order = np.argsort(recv_key, kind="stable")
+    s_order = stable_argsort(send_key)
+    r_order = stable_argsort(recv_key)
     if len(sends) != len(recvs) or not np.array_equal(send_key[s_order], recv_key[r_order]):
         raise ScheduleError(_mismatch(send_key, recv_key, p))
 
@@ -194,16 +195,16 @@ def _stable_order(keys: np.ndarray) -> np.ndarray | None:
     """A stable sorting permutation of `keys`, or None when they are already sorted (no sort paid)."""
     if len(keys) < 2 or bool(np.all(keys[1:] >= keys[:-1])):
         return None
-    return np.argsort(keys, kind="stable")
+    return stable_argsort(keys)
 
 
 def _take(values: np.ndarray, order: np.ndarray | None) -> np.ndarray:
     return values if order is None else values[order]
 
 
-def _group_positions(group: np.ndarray) -> np.ndarray:
-    """Each element's position among the elements of its group (equal values), in array order."""
-    order = _stable_order(group)
+def _group_positions(group: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """Each element's position among the elements of its group (equal values), in array order, given
+    `order = _stable_order(group)`."""
     positions = _position_in_group(_take(group, order))
     if order is None:
         return positions
@@ -228,9 +229,10 @@ def _compile_rows(schedule: ArraySchedule) -> CompiledSchedule:
     step_rank = distinct // slots
     step_ptr = np.zeros(p + 1, np.int64)
     np.cumsum(np.bincount(step_rank, minlength=p), out=step_ptr[1:])
-    send_pos, recv_pos = _group_positions(send_step), _group_positions(recv_step)
-    # Sends enumerated in (step, position) order, then stably by (sender, receiver): the object order.
     enumeration = _stable_order(send_step)
+    send_pos = _group_positions(send_step, enumeration)
+    recv_pos = _group_positions(recv_step, _stable_order(recv_step))
+    # Sends enumerated in (step, position) order, then stably by (sender, receiver): the object order.
     pair = _take(s.src * p + s.dst, enumeration)
     by_pair = _stable_order(pair)
     order = by_pair if enumeration is None else enumeration if by_pair is None else enumeration[by_pair]

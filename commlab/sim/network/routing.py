@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from commlab.errors import TopologyError, invalid
+from commlab.shared.sorting import stable_argsort
 from commlab.sim.network import route_cache
 
 ROUTINGS = ("ecmp", "shortest")
@@ -297,7 +298,7 @@ class Router:
         # Assemble the CSR in flow order, hops in order.
         flows = np.concatenate([h[0] for h in hops])
         links = np.concatenate([h[1] for h in hops])
-        order = np.argsort(flows, kind="stable")
+        order = stable_argsort(flows)
         flows, links = flows[order], links[order]
         ptr = np.zeros(count + 1, np.int64)
         np.cumsum(np.bincount(flows, minlength=count), out=ptr[1:])
