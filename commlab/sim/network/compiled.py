@@ -168,9 +168,13 @@ def _assemble(
 ) -> CompiledSchedule:
     """The plan from its messages (in message order): each step's messages indexed both ways."""
     m, num_steps = len(msg_src_step), len(step_rank)
-    ends = np.concatenate([msg_src_step, msg_dst_step])
-    owners = np.concatenate([np.arange(m), np.arange(m)])
+    ends = np.concatenate([msg_src_step, msg_dst_step])  # entry i < m is message i's send, i >= m its receive
     order = _stable_order(ends)
+    if order is None:
+        step_msgs = np.concatenate([np.arange(m), np.arange(m)])
+    else:  # the message owning each entry, in place: the order's entries i >= m are message i - m
+        step_msgs = order
+        step_msgs[step_msgs >= m] -= m
     step_msg_ptr = np.zeros(num_steps + 1, np.int64)
     np.cumsum(np.bincount(ends, minlength=num_steps), out=step_msg_ptr[1:])
     return CompiledSchedule(
@@ -187,7 +191,7 @@ def _assemble(
         chunk_ptr=chunk_ptr,
         chunk_ids=chunk_ids,
         step_msg_ptr=step_msg_ptr,
-        step_msgs=owners if order is None else owners[order],
+        step_msgs=step_msgs,
     )
 
 
