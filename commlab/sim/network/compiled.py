@@ -23,6 +23,7 @@ from commlab.collectives.array_schedule import ArraySchedule
 from commlab.collectives.schedule import Schedule, chunk_bounds
 from commlab.errors import ScheduleError, invalid
 from commlab.shared.ops import BLOCKED_OPS
+from commlab.shared.sorting import stable_argsort
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,8 @@ def compile_schedule(schedule: Schedule | ArraySchedule) -> CompiledSchedule:
     recv_pos = _position_in_group(recv_step)
     send_key = step_rank[send_step] * p + send_peer
     recv_key = recv_peer * p + step_rank[recv_step]
-    s_order = np.argsort(send_key, kind="stable")
-    r_order = np.argsort(recv_key, kind="stable")
+    s_order = stable_argsort(send_key)
+    r_order = stable_argsort(recv_key)
     if len(sends) != len(recvs) or not np.array_equal(send_key[s_order], recv_key[r_order]):
         raise ScheduleError(_mismatch(send_key, recv_key, p))
 
@@ -167,9 +168,13 @@ def _assemble(
 ) -> CompiledSchedule:
     """The plan from its messages (in message order): each step's messages indexed both ways."""
     m, num_steps = len(msg_src_step), len(step_rank)
-    ends = np.concatenate([msg_src_step, msg_dst_step])
-    owners = np.concatenate([np.arange(m), np.arange(m)])
+    ends = np.concatenate([msg_src_step, msg_dst_step])  # entry i < m is message i's send, i >= m its receive
     order = _stable_order(ends)
+    if order is None:
+        step_msgs = np.concatenate([np.arange(m), np.arange(m)])
+    else:  # the message owning each entry, in place: the order's entries i >= m are message i - m
+        step_msgs = order
+        step_msgs[step_msgs >= m] -= m
     step_msg_ptr = np.zeros(num_steps + 1, np.int64)
     np.cumsum(np.bincount(ends, minlength=num_steps), out=step_msg_ptr[1:])
     return CompiledSchedule(
@@ -186,7 +191,7 @@ def _assemble(
         chunk_ptr=chunk_ptr,
         chunk_ids=chunk_ids,
         step_msg_ptr=step_msg_ptr,
-        step_msgs=owners if order is None else owners[order],
+        step_msgs=step_msgs,
     )
 
 
@@ -194,16 +199,16 @@ def _stable_order(keys: np.ndarray) -> np.ndarray | None:
     """A stable sorting permutation of `keys`, or None when they are already sorted (no sort paid)."""
     if len(keys) < 2 or bool(np.all(keys[1:] >= keys[:-1])):
         return None
-    return np.argsort(keys, kind="stable")
+    return stable_argsort(keys)
 
 
 def _take(values: np.ndarray, order: np.ndarray | None) -> np.ndarray:
     return values if order is None else values[order]
 
 
-def _group_positions(group: np.ndarray) -> np.ndarray:
-    """Each element's position among the elements of its group (equal values), in array order."""
-    order = _stable_order(group)
+def _group_positions(group: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """Each element's position among the elements of its group (equal values), in array order, given
+    `order = _stable_order(group)`."""
     positions = _position_in_group(_take(group, order))
     if order is None:
         return positions
@@ -228,9 +233,10 @@ def _compile_rows(schedule: ArraySchedule) -> CompiledSchedule:
     step_rank = distinct // slots
     step_ptr = np.zeros(p + 1, np.int64)
     np.cumsum(np.bincount(step_rank, minlength=p), out=step_ptr[1:])
-    send_pos, recv_pos = _group_positions(send_step), _group_positions(recv_step)
-    # Sends enumerated in (step, position) order, then stably by (sender, receiver): the object order.
     enumeration = _stable_order(send_step)
+    send_pos = _group_positions(send_step, enumeration)
+    recv_pos = _group_positions(recv_step, _stable_order(recv_step))
+    # Sends enumerated in (step, position) order, then stably by (sender, receiver): the object order.
     pair = _take(s.src * p + s.dst, enumeration)
     by_pair = _stable_order(pair)
     order = by_pair if enumeration is None else enumeration if by_pair is None else enumeration[by_pair]

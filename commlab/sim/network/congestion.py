@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from commlab.shared.sorting import stable_argsort
 from commlab.sim.network.engine import (
     MessageCosts,
     RoutedPlan,
@@ -53,7 +54,7 @@ def run_congestion(
     np.maximum.at(round_latency, msg_round, msg_latency)
 
     round_bandwidth = np.zeros(rounds)
-    order = np.argsort(msg_round, kind="stable")
+    order = stable_argsort(msg_round)
     sorted_rounds = msg_round[order]
     per_block = max(1, _BLOCK // max(links, 1))
     for first in range(0, rounds, per_block):

@@ -37,6 +37,7 @@ import itertools
 import numpy as np
 
 from commlab.collectives.calibration import PiecewiseCostModel
+from commlab.shared.sorting import stable_argsort
 from commlab.sim.network.compiled import CompiledSchedule
 from commlab.sim.network.engine import MessageCosts, RoutedPlan, rendezvous_rounds
 from commlab.sim.network.profile import Profile
@@ -134,7 +135,7 @@ def round_load(plan: CompiledSchedule) -> tuple[np.ndarray, np.ndarray]:
     msg_round, _, _ = rendezvous_rounds(plan)
     busy = np.zeros(len(msg_round), np.int64)
     share = np.zeros(len(msg_round))
-    order = np.argsort(msg_round, kind="stable")
+    order = stable_argsort(msg_round)
     bounds = np.searchsorted(msg_round[order], np.arange(int(msg_round.max(initial=-1)) + 2))
     for lo, hi in itertools.pairwise(bounds):
         msgs = order[lo:hi]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from commlab.errors import TopologyError, invalid
+from commlab.shared.sorting import stable_argsort
+from commlab.sim.network import route_cache
 
 ROUTINGS = ("ecmp", "shortest")
 _UNSET = -1
@@ -186,7 +188,7 @@ class Router:
         self.routing = routing
         self.seed = seed
         self._row_of: dict[int, int] = {}
-        self._rows: list[np.ndarray] = []
+        self._table = np.zeros((0, graph.num_nodes), np.int16)  # row self._row_of[t]: distances to t
         # A node all of whose in-links come from one other node is reached through that node.
         g = graph
         first = np.full(g.num_nodes, -1, np.int64)
@@ -201,20 +203,31 @@ class Router:
         self._attach = np.where(single, first, -1)
 
     def _distance_rows(self, targets: np.ndarray) -> np.ndarray:
-        """Row index (into the cached distance blocks) for each target node, computing missing ones."""
+        """Row index (into the distance table) for each target node, computing missing ones."""
         missing = [t for t in np.unique(targets).tolist() if t not in self._row_of]
         if missing:
-            per_block = max(1, _MAX_MATRIX // max(self.graph.num_nodes, 1))
-            for start in range(0, len(missing), per_block):
-                chunk = np.asarray(missing[start : start + per_block], np.int64)
-                block = distances_to(self.graph, chunk)
-                for i, t in enumerate(chunk.tolist()):
-                    self._row_of[t] = len(self._rows)
-                    self._rows.append(block[i])
-        return np.fromiter((self._row_of[t] for t in targets.tolist()), np.int64, len(targets))
+            found = self._distances(np.asarray(missing, np.int64))
+            for t in missing:
+                self._row_of[t] = len(self._row_of)
+            self._table = np.concatenate([self._table, found]) if len(self._table) else found
+        return np.fromiter(map(self._row_of.__getitem__, targets.tolist()), np.int64, len(targets))
 
-    def _matrix(self) -> np.ndarray:
-        return np.stack(self._rows) if self._rows else np.zeros((0, self.graph.num_nodes), np.int16)
+    def _distances(self, targets: np.ndarray) -> np.ndarray:
+        """`distances_to` of the targets, in blocks of at most `_MAX_MATRIX` entries, through the on-disk
+        cache when the search is large (`route_cache`)."""
+        g = self.graph
+        large = len(targets) * g.num_links >= route_cache.MIN_WORK
+        key = route_cache.table_key(g.link_src, g.link_dst, g.forwarding, targets) if large else ""
+        if large:
+            table = route_cache.load(key, (len(targets), g.num_nodes))
+            if table is not None:
+                return table
+        per_block = max(1, _MAX_MATRIX // max(g.num_nodes, 1))
+        blocks = [distances_to(g, targets[i : i + per_block]) for i in range(0, len(targets), per_block)]
+        table = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        if large:
+            route_cache.store(key, table)
+        return table
 
     def routes(self, src: np.ndarray, dst: np.ndarray) -> Routes:
         """Routes from each src node to the matching dst node (arrays of node ids; src != dst)."""
@@ -243,7 +256,7 @@ class Router:
             last_link[collapse] = g.link_index(attach[collapse], dst[todo][collapse])
         if len(todo):
             rows = self._distance_rows(target)
-            matrix = self._matrix()
+            matrix = self._table
             cur = src[todo].copy()
             remaining = matrix[rows, cur].astype(np.int64)
             if np.any(remaining < 0):
@@ -285,7 +298,7 @@ class Router:
         # Assemble the CSR in flow order, hops in order.
         flows = np.concatenate([h[0] for h in hops])
         links = np.concatenate([h[1] for h in hops])
-        order = np.argsort(flows, kind="stable")
+        order = stable_argsort(flows)
         flows, links = flows[order], links[order]
         ptr = np.zeros(count + 1, np.int64)
         np.cumsum(np.bincount(flows, minlength=count), out=ptr[1:])

@@ -65,6 +65,14 @@ def _link(graph: nx.DiGraph, a: object, b: object, bandwidth: float, latency: fl
     graph.add_edge(b, a, bandwidth=bandwidth, latency=latency, kind=kind)
 
 
+def _links(graph: nx.DiGraph, pairs: list, bandwidth: float, latency: float, kind: str = "") -> None:
+    """`_link` for many (a, b) pairs at once (both nodes already in the graph): the same edges in the same
+    order, in one `add_edges_from` instead of two `add_edge` calls per link."""
+    graph.add_edges_from(
+        (edge for a, b in pairs for edge in ((a, b), (b, a))), bandwidth=bandwidth, latency=latency, kind=kind
+    )
+
+
 def torus(
     dims: Sequence[int], bandwidth: float = DEFAULT_BANDWIDTH, latency: float = DEFAULT_LATENCY
 ) -> nx.DiGraph:
@@ -176,24 +184,26 @@ def fat_tree(
     hosts_per_edge = int(hosts_per_edge)
     graph = _new_graph(f"fat-tree k={k}" + (f" {ratio:g}:1" if ratio != 1 else ""), endpoints_forward=False)
     host = 0
+    pairs = []  # full-duplex links in the order they are made (the graph's edge order follows it)
     for pod in range(k):
         for e in range(half):
             edge = f"edge{pod}.{e}"
             graph.add_node(edge, kind=SWITCH, layer=1)
             for _ in range(hosts_per_edge):
                 graph.add_node(f"h{host}", kind=NPU, layer=0)
-                _link(graph, f"h{host}", edge, bandwidth, latency)
+                pairs.append((f"h{host}", edge))
                 host += 1
         for a in range(half):
             graph.add_node(f"agg{pod}.{a}", kind=SWITCH, layer=2)
             for e in range(half):
-                _link(graph, f"edge{pod}.{e}", f"agg{pod}.{a}", bandwidth, latency)
+                pairs.append((f"edge{pod}.{e}", f"agg{pod}.{a}"))
     for a in range(half):
         for c in range(half):
             core = f"core{a}.{c}"
             graph.add_node(core, kind=SWITCH, layer=3)
             for pod in range(k):
-                _link(graph, f"agg{pod}.{a}", core, bandwidth, latency)
+                pairs.append((f"agg{pod}.{a}", core))
+    _links(graph, pairs, bandwidth, latency)
     return graph
 
 
@@ -314,9 +324,26 @@ def _directed(graph: object) -> nx.DiGraph:
 
 
 def _link_attributes(graph: nx.DiGraph) -> tuple[list, list, list, list]:
-    """Edge endpoints, bandwidths and latencies, with a clear error for any missing or invalid value."""
+    """Edge endpoints, bandwidths and latencies, with a clear error for any missing or invalid value.
+
+    Plain float/int attributes are checked as whole arrays (a k=64 fat-tree has 393 k links); anything
+    else, or any invalid value, goes through the edge-by-edge check that names the offending link."""
+    edges = list(graph.edges(data=True))
+    bandwidth = [data.get("bandwidth") for _, _, data in edges]
+    latency = [data.get("latency") for _, _, data in edges]
+    plain = {float, int}
+    if set(map(type, bandwidth)) <= plain and set(map(type, latency)) <= plain:
+        bw, lat = np.asarray(bandwidth, float), np.asarray(latency, float)
+        valid = np.all(np.isfinite(bw) & (bw > 0)) and np.all(np.isfinite(lat) & (lat >= 0))
+        if valid and nx.number_of_selfloops(graph) == 0:
+            return [a for a, _, _ in edges], [b for _, b, _ in edges], bw.tolist(), lat.tolist()
+    return _link_attributes_checked(edges)
+
+
+def _link_attributes_checked(edges: list) -> tuple[list, list, list, list]:
+    """`_link_attributes` edge by edge: raises on the first invalid link, naming it."""
     src, dst, bandwidth, latency = [], [], [], []
-    for a, b, data in graph.edges(data=True):
+    for a, b, data in edges:
         if a == b:
             raise TopologyError(f"link {a!r} -> {b!r} is a self-loop")
         bw, lat = data.get("bandwidth"), data.get("latency")
@@ -373,8 +400,8 @@ class Topology:
         self.routing = routing
         self.compiled = CompiledGraph.build(
             labels,
-            np.fromiter((index[a] for a in src), np.int64, len(src)),
-            np.fromiter((index[b] for b in dst), np.int64, len(dst)),
+            np.fromiter(map(index.__getitem__, src), np.int64, len(src)),
+            np.fromiter(map(index.__getitem__, dst), np.int64, len(dst)),
             np.asarray(bandwidth, float),
             np.asarray(latency, float),
             forwarding,
