@@ -64,6 +64,7 @@ def _rank_main(rank: int, world: int, store: str, out: str, fn: Callable, args: 
         if rank == 0:
             Path(out).write_bytes(pickle.dumps(result))
     finally:
+        commlab.release()
         dist.destroy_process_group()
 
 

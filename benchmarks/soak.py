@@ -181,6 +181,7 @@ def worker(rank: int, world: int, store: str, args: argparse.Namespace, results:
     )
     counts, seconds = run_calls(rank, world, args)
     results.put((rank, dict(counts), seconds))
+    commlab.release()
     dist.destroy_process_group()
 
 

@@ -199,6 +199,7 @@ def ddp_rank(rank: int, world: int, store: str, out: str, opts: dict) -> None:
     if rank == 0:
         params = sum(p.numel() for p in base.parameters())
         Path(out).write_text(json.dumps({"trials": trials, "parameters": params, "seq_len": seq_len}))
+    commlab.release()
     dist.destroy_process_group()
 
 
@@ -433,6 +434,7 @@ def zero_rank(rank: int, world: int, store: str, out: str, opts: dict) -> None:
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         Path(out).write_text(json.dumps({"plain": plain_bytes, "zero": per_rank, "parameters": params}))
+    commlab.release()
     dist.destroy_process_group()
 
 

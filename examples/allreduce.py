@@ -93,6 +93,7 @@ def main() -> None:
                 print(
                     f"{name:>18} {size:>10} {seconds * 1e6:>11.1f} {busbw:>13.3f} {'yes' if ok else 'NO':>8}"
                 )
+    commlab.release()  # close commlab's communicators before their group goes
     dist.destroy_process_group()
     if not all_ok:
         raise SystemExit("some algorithm disagreed with torch.distributed")

@@ -455,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
     finally:
+        commlab.release()  # close commlab's communicators before their group goes (api.release)
         if dist.is_initialized():
             dist.destroy_process_group()
 

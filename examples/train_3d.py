@@ -509,6 +509,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__, default_axis: str | 
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
     finally:
+        commlab.release()  # close commlab's communicators before their group goes (api.release)
         if backend != "mpi":
             dist.destroy_process_group()
 

@@ -55,6 +55,7 @@ def main() -> None:
         losses.append(mean.item())
     if rank == 0:
         print("LOSSES " + json.dumps(losses), flush=True)
+    commlab.release()  # close commlab's communicators before their group goes
     if args.backend != "mpi":
         import torch.distributed as dist
 
