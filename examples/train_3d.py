@@ -310,15 +310,20 @@ def load_corpus(mesh: Mesh) -> ByteCorpus:
     return ByteCorpus.from_stdlib()
 
 
+def token_model(args: argparse.Namespace, mesh: Mesh, model_class: type) -> tuple[int, Trainer]:
+    """GPT or BERT on the mesh: the same full weights on every rank (seeded), each keeping its tp shard and
+    pipeline stage; (the full model's parameter count, its Trainer)."""
+    torch.manual_seed(args.seed)
+    layers = (sequence_parallel_layers if args.sequence_parallel else tensor_parallel_layers)(mesh.tp_group)
+    module = model_class(args.config, layers)
+    return full_size(module, mesh), Trainer(module, mesh, args)
+
+
 def run_gpt(args: argparse.Namespace, mesh: Mesh) -> dict:
     corpus = load_corpus(mesh)
     unigram = corpus.unigram_loss()
     config, seq_len = args.config, args.config.seq_len
-    torch.manual_seed(args.seed)  # the same full weights on every rank; each keeps its shard and stage
-    layers = (sequence_parallel_layers if args.sequence_parallel else tensor_parallel_layers)(mesh.tp_group)
-    module = GPT(config, layers)
-    n_params = full_size(module, mesh)
-    trainer = Trainer(module, mesh, args)
+    n_params, trainer = token_model(args, mesh, GPT)
     if mesh.rank == 0:
         describe(args, mesh, n_params, f"{config}", trainer)
         print(
@@ -406,11 +411,7 @@ def run_vit(args: argparse.Namespace, mesh: Mesh) -> dict:
 def run_bert(args: argparse.Namespace, mesh: Mesh) -> dict:
     corpus = load_corpus(mesh)
     config, seq_len = args.config, args.config.seq_len
-    torch.manual_seed(args.seed)  # the same full weights on every rank; each keeps its shard and stage
-    layers = (sequence_parallel_layers if args.sequence_parallel else tensor_parallel_layers)(mesh.tp_group)
-    module = BERT(config, layers)
-    n_params = full_size(module, mesh)
-    trainer = Trainer(module, mesh, args)
+    n_params, trainer = token_model(args, mesh, BERT)
     if mesh.rank == 0:
         describe(args, mesh, n_params, f"{config}", trainer)
         print(

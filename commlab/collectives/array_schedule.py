@@ -25,9 +25,9 @@ from functools import cached_property
 
 import numpy as np
 
-from commlab.collectives.schedule import Schedule, ScheduleBuilder
+from commlab.collectives.schedule import Schedule, ScheduleBuilder, num_blocks
 from commlab.errors import ScheduleError, invalid
-from commlab.shared.ops import BLOCKED_OPS, OPS, ROOTED_OPS
+from commlab.shared.ops import OPS, ROOTED_OPS
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,9 +78,7 @@ class ArraySchedule:
 
     @property
     def num_blocks(self) -> int:
-        if self.op == "alltoall":
-            return self.world_size * self.world_size
-        return self.world_size if self.op in BLOCKED_OPS else 1
+        return num_blocks(self.op, self.world_size)
 
     @property
     def chunks_per_block(self) -> int:

@@ -52,6 +52,14 @@ class Step:
     recvs: tuple[Recv, ...] = ()
 
 
+def num_blocks(op: str, world_size: int) -> int:
+    """Blocks of a schedule's buffer: p x p for all-to-all (block (s, d) goes from s to d), p for the
+    blocked ops (reduce-scatter, allgather), else 1. Shared by `Schedule` and `ArraySchedule`."""
+    if op == "alltoall":
+        return world_size * world_size
+    return world_size if op in BLOCKED_OPS else 1
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A collective on `world_size` ranks: per-rank step lists over `num_chunks` chunks of the buffer.
@@ -87,9 +95,7 @@ class Schedule:
 
     @property
     def num_blocks(self) -> int:
-        if self.op == "alltoall":
-            return self.world_size * self.world_size
-        return self.world_size if self.op in BLOCKED_OPS else 1
+        return num_blocks(self.op, self.world_size)
 
     @property
     def chunks_per_block(self) -> int:
