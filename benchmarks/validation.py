@@ -45,8 +45,20 @@ class Case:
     source: str
     op: str = "allreduce"
     nvls: bool = True
+    algorithms: str | None = None  # NCCL_ALGO the run set (NCCL's syntax), where its source says
+    protocols: str | None = None  # NCCL_PROTO likewise
     note: str = ""
     fit: tuple[str, ...] = field(default=())  # what a calibration case fits: launch, efficiency, latency
+
+
+# The A3 Mega run sourced Google's nccl-env-profile.sh for GPUDirect-TCPXO (the create-a3mega README's nccl-tests
+# command); Google's published A3 Mega job scripts with that profile set NCCL_ALGO=Ring,Tree, NCCL_PROTO=Simple and
+# NCCL_NVLS_ENABLE=0, and load a tuner plugin (libnccl-tuner.so, a3plus_tuner_config.textproto) whose rules for
+# 2 x 8 ranks are not in our sources: modelled as NCCL's own choice among what the settings allow.
+A3_ENV = {"nvls": False, "algorithms": "Ring,Tree", "protocols": "Simple"}
+A3_ENV_NOTE = (
+    "NCCL_ALGO=Ring,Tree, NCCL_PROTO=Simple, NVLS off (Google's TCPXO profile); its tuner plugin not modelled"
+)
 
 
 def _azure(sizes: str, values: str) -> dict[int, float]:
@@ -124,8 +136,9 @@ CASES = [
         {8: 0.0, 64: 0.0, 256: 0.0, 1 * KIB: 0.0},
         "lessizzmore/create-a3mega-ztan-fork ztan-NCCL-test-result (out-of-place times 135.8, 123.4, "
         "123.6, 147.1 us)",
-        note="times, not busbw: fits the GPUDirect-TCPXO net's extra latency",
+        note="times, not busbw: fits the GPUDirect-TCPXO net's extra latency; " + A3_ENV_NOTE,
         fit=("latency",),
+        **A3_ENV,
     ),
     Case(
         "Azure ND H200 v5, 8x H200, allreduce (NVLS), NCCL 2.20.5",
@@ -174,6 +187,8 @@ CASES = [
             8 * GIB: 338.82,
         },
         "lessizzmore/create-a3mega-ztan-fork ztan-NCCL-test-result (out-of-place busbw)",
+        note=A3_ENV_NOTE,
+        **A3_ENV,
     ),
     Case(
         "GB200 NVL72 rack, 72 GPUs, allreduce",
@@ -199,7 +214,8 @@ CASES = [
         },
         "Azure/AI-benchmarking-guide Azure_Results/ND_GB200_v6_results.md, NCCL 2.25.1, in-place busbw",
         nvls=False,
-        note="the page says the ring algorithm ran: modelled with NVLS off",
+        algorithms="ring",
+        note="the page says the ring algorithm ran: modelled with NCCL_ALGO=Ring",
     ),
     Case(
         "8x A100 40GB x 3 nodes, 4x HDR per node, allreduce (peak)",
@@ -217,6 +233,7 @@ CASES = [
         {8 * GIB: 370.0},
         "NVIDIA/nccl-tests issue 212, maintainer's figure: ring busbw ~370 GB/s (a statement, not a table)",
         nvls=False,
+        algorithms="ring",
     ),
 ]
 A3_FLOOR_US = {8: 135.8, 64: 123.4, 256: 123.6, 1 * KIB: 147.1}
@@ -226,7 +243,15 @@ def _model(case: Case, cal: Calibration, latency: dict[str, float]) -> NcclModel
     preset = case.preset
     if preset.name in latency:
         preset = replace(preset, net_latency_us=latency[preset.name])
-    return NcclModel(preset, case.nodes, DEFAULT_VERSION, cal, nvls=case.nvls)
+    return NcclModel(
+        preset,
+        case.nodes,
+        DEFAULT_VERSION,
+        cal,
+        nvls=case.nvls,
+        algorithms=case.algorithms,
+        protocols=case.protocols,
+    )
 
 
 def _log_error(case: Case, cal: Calibration, latency: dict[str, float], sizes: list[int]) -> float:

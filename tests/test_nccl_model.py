@@ -116,6 +116,51 @@ def test_choices_on_h100():
     assert tuner.bandwidth(h100(2), "allreduce", "nvls", "Simple") == 0.0
 
 
+def test_nccl_algo_and_proto_settings_restrict_the_choice():
+    """NCCL_ALGO / NCCL_PROTO as NCCL parses them (case-insensitive list, "^" excludes): the tuner picks the
+    least time among what they allow. 8 H100, 1 GiB: NVLS without a setting; with NCCL_ALGO=Ring,Tree the
+    ring (56 us + 2^30/205.7 beats the tree); with NCCL_PROTO=^Simple the ring's LL128 (Simple excluded)."""
+    assert tuner.parse_selection("NCCL_ALGO", "Ring,Tree") == {"ring", "tree"}
+    assert tuner.parse_selection("NCCL_ALGO", "^nvls,NVLSTree") == set(tuner.ALGORITHMS) - {
+        "nvls",
+        "nvls_tree",
+    }
+    assert tuner.parse_selection("NCCL_PROTO", None) == set(tuner.PROTOCOLS)
+    assert tuner.parse_selection("NCCL_PROTO", "ll128") == {"LL128"}
+    assert tuner.choose(h100(1), "allreduce", GIB)[:2] == ("nvls", "Simple")
+    assert tuner.choose(h100(1, algorithms="Ring,Tree"), "allreduce", GIB)[:2] == ("ring", "Simple")
+    assert tuner.choose(h100(1, algorithms="ring", protocols="^Simple"), "allreduce", GIB)[:2] == (
+        "ring",
+        "LL128",
+    )
+    # the allowed set is what the model predicts with, not only what it reports
+    ring = NcclModel.of("dgx-h100", 1, algorithms="Ring").predict("allreduce", GIB)
+    assert ring.algorithm == "ring" and ring.time > NcclModel.of("dgx-h100", 1).predict("allreduce", GIB).time
+    for name, text in (
+        ("NCCL_ALGO", "Rung"),
+        ("NCCL_PROTO", "LL256"),
+        ("NCCL_ALGO", "^" + ",".join(tuner.ALGORITHMS)),
+    ):
+        with pytest.raises(InvalidArgumentError, match=name):
+            tuner.parse_selection(name, text)
+    with pytest.raises(InvalidArgumentError, match="NCCL_ALGO"):
+        NcclModel.of("dgx-h100", 1, algorithms="Rung")
+    with pytest.raises(InvalidArgumentError, match="2.27.7"):
+        NcclModel.of("azure-nd-a100-v4", 1, version="2.7.5", algorithms="Ring")
+    # a setting that leaves no algorithm for an op: broadcast runs only as a ring
+    with pytest.raises(InvalidArgumentError, match="op"):
+        tuner.choose(h100(1, algorithms="Tree"), "broadcast", GIB)
+
+
+def test_cli_nccl_algo_and_proto(capsys):
+    args = ["sim", "collective", "--nccl-version", "2.27.7", "--system", "dgx-h100", "--size", "1G", "--json"]
+    assert main([*args, "--nccl-algo", "Ring", "--nccl-proto", "LL128"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["results"][0]["algorithm"], out["results"][0]["protocol"]) == ("ring", "LL128")
+    assert main([*args, "--nccl-algo", "Rung"]) != 0
+    assert "NCCL_ALGO" in capsys.readouterr().err
+
+
 def test_collnet_and_pat():
     # CollNet Direct, 2 DGX H100 with SHARP: 8 channels x 48 = 384; GPU/NIC ratio 1 (no penalty); x 0.85 on
     # Hopper; x 0.5. Latency: 2 x (min(1, ppn-1) x 3.7 + (ppn-1) x 0.4) + hwLat[NET][CollNetDirect] 31.

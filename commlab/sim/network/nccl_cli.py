@@ -41,6 +41,16 @@ def add_nccl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-nvls", action="store_true", help="with --nccl-version: NVLink SHARP off (NCCL_NVLS_ENABLE=0)"
     )
+    parser.add_argument(
+        "--nccl-algo",
+        default=None,
+        help="with --nccl-version: NCCL_ALGO as NCCL reads it, e.g. Ring,Tree or ^NVLS (default: all)",
+    )
+    parser.add_argument(
+        "--nccl-proto",
+        default=None,
+        help="with --nccl-version: NCCL_PROTO as NCCL reads it, e.g. Simple or ^LL128 (default: all)",
+    )
 
 
 def model_from_args(args: argparse.Namespace) -> NcclModel:
@@ -63,7 +73,15 @@ def model_from_args(args: argparse.Namespace) -> NcclModel:
             args.topology,
             f"--system with one of {', '.join(SYSTEMS)}, or a cluster:... topology, for --nccl-version",
         )
-    return NcclModel.of(preset, nodes, version=version, collnet=args.collnet, nvls=not args.no_nvls)
+    return NcclModel.of(
+        preset,
+        nodes,
+        version=version,
+        collnet=args.collnet,
+        nvls=not args.no_nvls,
+        algorithms=args.nccl_algo,
+        protocols=args.nccl_proto,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,11 +110,22 @@ def run(args: argparse.Namespace) -> int:
             for p in predictions
         ]
         summary = {"system": model.system.name, "nodes": model.nodes, "nccl_version": model.version}
+        settings = {"nvls": model.nvls, "nccl_algo": model.algorithms, "nccl_proto": model.protocols}
+        summary.update({k: v for k, v in settings.items() if v not in (None, True)})  # only what was set
         print(json.dumps({"model": summary, "results": rows}, indent=2))
         return 0
     print(
         f"# commlab sim collective: {args.op} on {model.nodes} x {model.system.name} "
         f"({model.nranks} ranks), NCCL {model.version} model"
+        + "".join(
+            f", {name}={value}"
+            for name, value in (
+                ("NCCL_NVLS_ENABLE", None if model.nvls else 0),
+                ("NCCL_ALGO", model.algorithms),
+                ("NCCL_PROTO", model.protocols),
+            )
+            if value is not None
+        )
     )
     print(
         f"#{'size':>11} {'count':>11} {'type':>8}  {'nccl algorithm':<20} {'time':>10} {'algbw':>7} "

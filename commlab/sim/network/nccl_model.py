@@ -97,7 +97,8 @@ class Prediction:
 @dataclass(frozen=True)
 class NcclModel:
     """`nodes` nodes of a preset `system` running NCCL `version`; `collnet` when a SHARP (CollNet) plugin
-    is enabled; `nvls` False to model NCCL_NVLS_ENABLE=0. `calibration`: the fitted constants (`FITTED`;
+    is enabled; `nvls` False to model NCCL_NVLS_ENABLE=0; `algorithms`/`protocols` to model NCCL_ALGO and
+    NCCL_PROTO (NCCL's list syntax: the tuner picks among what they allow). `calibration`: the fitted constants (`FITTED`;
     `Calibration()` is NCCL's own model); the 2.7.5 model keeps its own constants."""
 
     system: NodePreset
@@ -106,6 +107,8 @@ class NcclModel:
     calibration: Calibration = FITTED
     collnet: bool = False
     nvls: bool = True
+    algorithms: str | None = None  # NCCL_ALGO as NCCL reads it ("Ring,Tree", "^NVLS"); None: all
+    protocols: str | None = None  # NCCL_PROTO ("Simple", "^LL128"); None: all
 
     @classmethod
     def of(cls, system_name: str | NodePreset, nodes: int, **kwargs) -> NcclModel:
@@ -115,6 +118,10 @@ class NcclModel:
 
     def __post_init__(self) -> None:
         check_version(self.version)
+        if self.version == "2.7.5" and (self.algorithms or self.protocols):
+            raise invalid("version", self.version, "2.27.7 for NCCL_ALGO / NCCL_PROTO settings")
+        tuner.parse_selection("NCCL_ALGO", self.algorithms)  # a bad setting fails here, not at predict
+        tuner.parse_selection("NCCL_PROTO", self.protocols)
 
     @property
     def nranks(self) -> int:
@@ -142,6 +149,8 @@ class NcclModel:
             nvls=self.nvls and self.system.nvswitch,
             collnet=self.collnet,
             cpu_vendor=self.system.cpu_vendor,
+            algorithms=tuner.parse_selection("NCCL_ALGO", self.algorithms),
+            protocols=tuner.parse_selection("NCCL_PROTO", self.protocols),
         )
 
     def choose(self, op: str, nbytes: int) -> tuple[str, str, float]:

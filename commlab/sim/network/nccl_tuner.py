@@ -197,6 +197,8 @@ class TunerInputs:
     collnet: bool = False  # a CollNet (SHARP) plugin, NCCL_COLLNET_ENABLE=1
     nvlink_intra: bool = True  # graph typeIntra is NVLink (else PCI)
     cpu_vendor: str = "intel"
+    algorithms: frozenset[str] = frozenset(ALGORITHMS)  # NCCL_ALGO: the algorithms NCCL may pick
+    protocols: frozenset[str] = frozenset(PROTOCOLS)  # NCCL_PROTO: the protocols NCCL may pick
     extra: dict = field(default_factory=dict)
 
     @property
@@ -272,13 +274,48 @@ def graphs_for(
     return graphs
 
 
+_ENV_NAMES = {
+    "tree": "tree", "ring": "ring", "collnetdirect": "collnet_direct", "collnetchain": "collnet_chain",
+    "nvls": "nvls", "nvlstree": "nvls_tree", "pat": "pat",
+    "ll": "LL", "ll128": "LL128", "simple": "Simple",
+}  # fmt: skip
+
+
+def parse_selection(name: str, text: str | None) -> frozenset[str]:
+    """The algorithms (name "NCCL_ALGO") or protocols ("NCCL_PROTO") a setting allows, as NCCL reads it.
+
+    `text`: NCCL's syntax, a comma-separated list ("Ring,Tree"), or "^" and a list to exclude ("^LL128");
+    case-insensitive; None or "" allows all. (NCCL >= 2.24 also accepts per-function prefixes such as
+    "allreduce:tree"; they are not modelled: such a setting raises an error naming it.)"""
+    allowed = {"NCCL_ALGO": ALGORITHMS, "NCCL_PROTO": PROTOCOLS}
+    if name not in allowed:
+        raise invalid("name", name, list(allowed))
+    everything = frozenset(allowed[name])
+    if text is None or not text.strip():
+        return everything
+    exclude = text.strip().startswith("^")
+    chosen = set()
+    for token in text.strip().lstrip("^").split(","):
+        key = token.strip().lower().replace("_", "")
+        value = _ENV_NAMES.get(key)
+        if value is None or value not in everything:
+            raise invalid(
+                name, text, f"a comma-separated list of {', '.join(allowed[name])}, or ^ and a list"
+            )
+        chosen.add(value)
+    result = everything - chosen if exclude else frozenset(chosen)
+    if not result:
+        raise invalid(name, text, "a setting that leaves at least one choice")
+    return result
+
+
 def _index2(nnodes: int) -> int:
     return 0 if nnodes == 1 else 1 if nnodes == 2 else 2
 
 
 def _enabled(t: TunerInputs, op: str, algorithm: str, protocol: str) -> bool:
     """The candidates NCCL considers (tuning.cc loops and enable matrix; enqueue.cc updateCollCostTable)."""
-    if algorithm not in t.graphs:
+    if algorithm not in t.graphs or algorithm not in t.algorithms or protocol not in t.protocols:
         return False
     if op in ("broadcast", "reduce") and algorithm != "ring":
         return False
