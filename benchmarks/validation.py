@@ -51,10 +51,11 @@ class Case:
     fit: tuple[str, ...] = field(default=())  # what a calibration case fits: launch, efficiency, latency
 
 
-# The A3 Mega run sourced Google's nccl-env-profile.sh for GPUDirect-TCPXO (the create-a3mega README's nccl-tests
-# command); Google's published A3 Mega job scripts with that profile set NCCL_ALGO=Ring,Tree, NCCL_PROTO=Simple and
-# NCCL_NVLS_ENABLE=0, and load a tuner plugin (libnccl-tuner.so, a3plus_tuner_config.textproto) whose rules for
-# 2 x 8 ranks are not in our sources: modelled as NCCL's own choice among what the settings allow.
+# The A3 Mega run sourced Google's nccl-env-profile.sh for GPUDirect-TCPXO (the create-a3mega README's
+# nccl-tests command); Google's published A3 Mega job scripts with that profile set NCCL_ALGO=Ring,Tree,
+# NCCL_PROTO=Simple and NCCL_NVLS_ENABLE=0, and load a tuner plugin (libnccl-tuner.so,
+# a3plus_tuner_config.textproto) whose rules for 2 x 8 ranks are not in our sources: modelled as NCCL's own
+# choice among what the settings allow.
 A3_ENV = {"nvls": False, "algorithms": "Ring,Tree", "protocols": "Simple"}
 A3_ENV_NOTE = (
     "NCCL_ALGO=Ring,Tree, NCCL_PROTO=Simple, NVLS off (Google's TCPXO profile); its tuner plugin not modelled"
@@ -490,9 +491,12 @@ def report(plot_path: Path) -> list[str]:
         "- One-node NVLS and ring cases on other systems than the calibration ones (H200, GB200 host) land",
         "  within a few % at >= 64 MiB: NCCL's model with one efficiency per family transfers across",
         "  Hopper and Blackwell. The largest misses are where the measured curve ramps more slowly than",
-        "  latency + bytes/bandwidth (GB200 NVL72 at 512 MiB, A100 rings at 16-32 MiB) and GCP's",
-        "  GPUDirect-TCPXO system at 16-64 MiB, where NCCL there runs something much slower than the NVLS",
-        "  tree the tuner model picks; none of these is fitted away. See docs/nccl_model.md (Known gaps).",
+        "  latency + bytes/bandwidth (GB200 NVL72 at 512 MiB, A100 rings at 16-32 MiB), and GCP's",
+        "  GPUDirect-TCPXO system, modelled with the NCCL_ALGO/NCCL_PROTO/NVLS settings of Google's profile",
+        "  but not its tuner plugin: too fast at 16-64 MiB, and at >= 1 GiB below a measured busbw no ring",
+        "  can reach there (above 8 x 200 Gb/s / 1.875), so the plugin runs the tree, which NCCL's own",
+        "  model rates at half its 2-node rate. None of these is fitted away. See docs/nccl_model.md",
+        "  (Known gaps).",
         "- Multi-node families (`net`, `nvls_tree`) have no calibration case on a healthy fabric; they are",
         "  NCCL's own model (efficiency 1.0), except the Echo Azure system, whose 4-node run fits its own.",
         "",

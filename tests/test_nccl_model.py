@@ -145,7 +145,7 @@ def test_nccl_algo_and_proto_settings_restrict_the_choice():
             tuner.parse_selection(name, text)
     with pytest.raises(InvalidArgumentError, match="NCCL_ALGO"):
         NcclModel.of("dgx-h100", 1, algorithms="Rung")
-    with pytest.raises(InvalidArgumentError, match="2.27.7"):
+    with pytest.raises(InvalidArgumentError, match=r"2\.27\.7"):
         NcclModel.of("azure-nd-a100-v4", 1, version="2.7.5", algorithms="Ring")
     # a setting that leaves no algorithm for an op: broadcast runs only as a ring
     with pytest.raises(InvalidArgumentError, match="op"):

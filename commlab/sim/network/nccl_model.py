@@ -98,8 +98,8 @@ class Prediction:
 class NcclModel:
     """`nodes` nodes of a preset `system` running NCCL `version`; `collnet` when a SHARP (CollNet) plugin
     is enabled; `nvls` False to model NCCL_NVLS_ENABLE=0; `algorithms`/`protocols` to model NCCL_ALGO and
-    NCCL_PROTO (NCCL's list syntax: the tuner picks among what they allow). `calibration`: the fitted constants (`FITTED`;
-    `Calibration()` is NCCL's own model); the 2.7.5 model keeps its own constants."""
+    NCCL_PROTO (NCCL's list syntax: the tuner picks among what they allow). `calibration`: the fitted
+    constants (`FITTED`; `Calibration()` is NCCL's own model); the 2.7.5 model keeps its own constants."""
 
     system: NodePreset
     nodes: int
