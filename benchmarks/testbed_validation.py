@@ -9,10 +9,10 @@ switches joined by a 2:1 oversubscribed uplink, 400 Mbit/s), it
    intra-host and rails levels where ranks share hosts;
 3. measures allreduce (6 algorithms, hierarchical and multiring included, and auto, 1-8 MiB),
    reduce-scatter and allgather (every algorithm, 2 and 8 MiB) with `commlab bench`'s own worker
-   (`run_worker`) in the hosts' torchrun ranks, auto under the testbed profile, twice in two separate
-   launches, so the spread between the runs is shown beside the model's error; on the two 1 Gbit/s
-   layouts also allreduce at 64 KiB - 64 MiB with auto and every algorithm (auto judged against the
-   measured fastest);
+   (`run_worker`) in the hosts' torchrun ranks, auto under the testbed profile, in --runs (3) separate
+   launches, so the spread between the runs is shown beside the model's error (judged on their median);
+   on the two 1 Gbit/s layouts also allreduce at 64 KiB - 64 MiB with auto and every algorithm (auto
+   judged against the measured fastest);
 4. predicts every case with `simulate_collective(..., fidelity="flow")` (what `commlab sim collective
    --topology <the testbed's topology file>` runs) under two profiles: "wire" (the topology's links at
    the efficiency the check measured, nothing else) and "testbed" (the calibrated profile: software
@@ -209,17 +209,27 @@ def _error(predicted: float, measured: float) -> float:
     return abs(predicted - measured) / measured
 
 
+def central(measured: list[float]) -> float:
+    """A case's measured time: the median of its runs (robust to one run a busy moment slowed)."""
+    return statistics.median(measured)
+
+
+def spread(measured: list[float]) -> float:
+    """How far a case's runs disagree: (slowest - fastest) / median."""
+    return (max(measured) - min(measured)) / central(measured)
+
+
 def validation_rows(case: dict) -> list[dict]:
     return [r for r in case["rows"] if not r["sweep"] and r["algorithm"] != "auto"]
 
 
 def auto_cases(case: dict) -> list[dict]:
     """For every size of the auto sweep: auto's pick, the measured fastest, and whether the pick's measured
-    time (the mean of the two runs of that algorithm) is within 5% of the fastest's."""
+    time (the median of the runs of that algorithm) is within 5% of the fastest's."""
     rows = [r for r in case["rows"] if r["sweep"]]
     found = []
     for size in sorted({r["size"] for r in rows}):
-        means = {r["algorithm"]: statistics.fmean(r["measured"]) for r in rows if r["size"] == size}
+        means = {r["algorithm"]: central(r["measured"]) for r in rows if r["size"] == size}
         auto = next(r for r in rows if r["size"] == size and r["algorithm"] == "auto")
         flat = {k: v for k, v in means.items() if k != "auto"}
         best = min(flat, key=flat.__getitem__)
@@ -239,8 +249,8 @@ def statistics_of(report: dict) -> dict:
     spreads = []
     for case in report["cases"]:
         for row in validation_rows(case):
-            mean = statistics.fmean(row["measured"])
-            spreads.append(abs(row["measured"][0] - row["measured"][1]) / mean)
+            mean = central(row["measured"])
+            spreads.append(spread(row["measured"]))
             for name, value in row["predicted"].items():
                 errors.setdefault(name, []).append(_error(value, mean))
             errors.setdefault("testbed_faster", []).append(
@@ -267,14 +277,15 @@ def write_report(report: dict, path: Path) -> None:
         "(namespaces, bridges, tbf-shaped veth pairs). On each, `commlab calibrate` runs first through",
         "`commlab testbed run` (quick settings): the hosts' software costs, and where ranks share hosts the",
         "intra-host and the rails (cross-host) levels. Then `commlab bench`'s worker measures every case in",
-        "torchrun ranks across the hosts (gloo; auto under that profile), twice in two separate launches;",
+        "torchrun ranks across the hosts (gloo; auto under that profile), in "
+        f"{_runs(report)} separate launches;",
         '`simulate_collective(..., fidelity="flow")` on the testbed\'s own topology file (what `commlab sim',
         "collective --topology FILE` runs) predicts it under two profiles: **wire** (the links at the",
         "efficiency `check` measured, no software cost) and **testbed** (the calibrated profile: software",
         "costs from the calibration's intra-host levels, the wire from the topology; see",
-        "`commlab/sim/network/costs.py`). Error = |predicted - mean of the two runs| / mean; spread =",
-        "|run 1 - run 2| / mean. Sizes are total bytes (the reduce-scatter input, the allgather output),",
-        "all >= 1 MiB.",
+        "`commlab/sim/network/costs.py`). Error = |predicted - median of the runs| / median; spread =",
+        "(slowest run - fastest run) / median. Sizes are total bytes (the reduce-scatter input, the",
+        "allgather output), all >= 1 MiB.",
         "",
         f"Machine: {report['machine']['cores']} cores (load average {_loads(report)}); "
         f"total run time {report.get('seconds', 0):.0f} s; "
@@ -289,8 +300,8 @@ def write_report(report: dict, path: Path) -> None:
     labels = {
         "wire": "prediction error, wire profile",
         "testbed": "prediction error, testbed profile",
-        "testbed_faster": "prediction error, testbed profile, against the faster of the two runs",
-        "spread": "spread between the two runs",
+        "testbed_faster": "prediction error, testbed profile, against the fastest run",
+        "spread": "spread between the runs",
     }
     for name, label in labels.items():
         s = summary[name]
@@ -303,15 +314,15 @@ def write_report(report: dict, path: Path) -> None:
     ]
     for case in report["cases"]:
         rows = validation_rows(case)
-        means = [statistics.fmean(r["measured"]) for r in rows]
+        means = [central(r["measured"]) for r in rows]
         cols = [
             [_error(r["predicted"][name], m) for r, m in zip(rows, means, strict=True)]
             for name in ("wire", "testbed")
         ]
-        spread = [abs(r["measured"][0] - r["measured"][1]) / m for r, m in zip(rows, means, strict=True)]
+        spreads = [spread(r["measured"]) for r in rows]
         lines.append(
             f"| {case['name']} | {case['ranks_per_host']} | "
-            + " | ".join(f"{statistics.median(c):.1%} / {max(c):.1%}" for c in (*cols, spread))
+            + " | ".join(f"{statistics.median(c):.1%} / {max(c):.1%}" for c in (*cols, spreads))
             + " |"
         )
     auto = summary["auto"]
@@ -355,19 +366,19 @@ def write_report(report: dict, path: Path) -> None:
             "",
             f"wire efficiency from the check {case['efficiency']:.1%}.",
             "",
-            "| op | size | algorithm | run 1 (ms) | run 2 (ms) | spread | wire (ms) | error "
-            "| testbed (ms) | error | #wrong |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| op | size | algorithm | runs (ms) | spread | wire (ms) | error | testbed (ms) | error "
+            "| #wrong |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in case["rows"]:
             if r["sweep"]:
                 continue
-            mean = statistics.fmean(r["measured"])
+            mean = central(r["measured"])
             name = r["algorithm"] if r["algorithm"] != "auto" else f"auto ({r['resolved']})"
             w, c = r["predicted"]["wire"], r["predicted"]["testbed"]
+            runs = " / ".join(f"{t * 1e3:.1f}" for t in r["measured"])
             lines.append(
-                f"| {r['op']} | {_size(r['size'])} | {name} | {r['measured'][0] * 1e3:.1f} | "
-                f"{r['measured'][1] * 1e3:.1f} | {abs(r['measured'][0] - r['measured'][1]) / mean:.1%} | "
+                f"| {r['op']} | {_size(r['size'])} | {name} | {runs} | {spread(r['measured']):.1%} | "
                 f"{w * 1e3:.1f} | {_error(w, mean):.1%} | {c * 1e3:.1f} | {_error(c, mean):.1%} | "
                 f"{r['wrong']} |"
             )
@@ -382,7 +393,7 @@ def reading(report: dict, summary: dict) -> list[str]:
     """The report's reading of its own numbers: targets, bias, the spread, what the model changes did."""
     tb, faster, spread = summary["testbed"], summary["testbed_faster"], summary["spread"]
     signed = [
-        (r["predicted"]["testbed"] - statistics.fmean(r["measured"])) / statistics.fmean(r["measured"])
+        (r["predicted"]["testbed"] - central(r["measured"])) / central(r["measured"])
         for case in report["cases"]
         for r in validation_rows(case)
     ]
@@ -396,12 +407,12 @@ def reading(report: dict, summary: dict) -> list[str]:
         f"testbed profile's median error is {tb['median']:.1%}, its max {tb['max']:.1%} (median signed "
         f"error {statistics.median(signed):+.1%}: predictions "
         f"{'below' if statistics.median(signed) < 0 else 'above'} the measurements). The measurement's own "
-        f"spread between two runs of the same case: median {spread['median']:.1%}, max {spread['max']:.1%} "
+        f"spread between the runs of the same case: median {spread['median']:.1%}, max {spread['max']:.1%} "
         f"(load average {_loads(report)}; one slow moment on the 2 cores makes one run of a case several "
-        "times slower, and the largest errors are such cases). Against the faster of the two runs (the "
+        "times slower, and the largest errors are such cases). Against the fastest run (the "
         f"less disturbed one) the median error is {faster['median']:.1%}, the max {faster['max']:.1%}. "
         f"{'The median error is within the run-to-run spread: ' if tb['median'] <= spread['median'] else ''}"
-        "a 5% target cannot be judged more finely than this machine's spread between two runs.",
+        "a 5% target cannot be judged more finely than this machine's spread between runs.",
         "- Model changes from this comparison (commlab/sim/network/costs.py): (1) a calibrated profile "
         "used to price every message by its loopback fit alone, whatever the topology's links (about 8x "
         "too fast on a 1 Gbit/s wire); now a message between hosts puts its real bytes on the wire at the "
@@ -412,7 +423,7 @@ def reading(report: dict, summary: dict) -> list[str]:
         "With one rank per host the calibration's fits already contain the wire (there is no intra-host "
         "level to separate them), so only what exceeds the wire counts as software there; that case stays "
         "biased low.",
-        f"- auto, judged by the measured time of the algorithm it picked (mean of two runs; its own call's "
+        f"- auto, judged by the measured time of the algorithm it picked (median of the runs; its own call's "
         "time where it picked one outside the sweep, `direct`) against the fastest measured algorithm at "
         f"each size: {auto['within_5pct']} of {auto['cases']} within 5% (target >= 95%: not met). The "
         "misses: "
@@ -436,6 +447,12 @@ def reading(report: dict, summary: dict) -> list[str]:
         if any("auto_profile" in case for case in report["cases"])
         else []
     )
+
+
+def _runs(report: dict) -> str:
+    """How many launches measured each case (their count in the stored rows)."""
+    counts = {len(r["measured"]) for case in report["cases"] for r in case["rows"]}
+    return "/".join(str(n) for n in sorted(counts)) or "0"
 
 
 def _loads(report: dict) -> str:
@@ -463,7 +480,7 @@ def _plot(report: dict, path: Path) -> bool:
     for ax, name in zip(axes, ("wire", "testbed"), strict=True):
         for case in report["cases"]:
             rows = validation_rows(case)
-            measured = [statistics.fmean(r["measured"]) * 1e3 for r in rows]
+            measured = [central(r["measured"]) * 1e3 for r in rows]
             predicted = [r["predicted"][name] * 1e3 for r in rows]
             ax.scatter(measured, predicted, s=14, label=f"{case['name']}")
         low, high = ax.get_xlim()
@@ -481,8 +498,8 @@ def _plot(report: dict, path: Path) -> bool:
 
 
 def auto_again(args: argparse.Namespace, scratch: Path, log: Path) -> int:
-    """--auto-only: for every network auto is judged on, calibrate, measure the auto sweep twice and put
-    its rows (and the profile auto used) in place of the stored ones; rewrite the report."""
+    """--auto-only: for every network auto is judged on, calibrate, measure the auto sweep --runs times and
+    put its rows (and the profile auto used) in place of the stored ones; rewrite the report."""
     from commlab.testbed.testbed import Testbed
 
     report = json.loads(Path(args.json).read_text())
@@ -492,13 +509,14 @@ def auto_again(args: argparse.Namespace, scratch: Path, log: Path) -> int:
             calibration = scratch / f"auto-{number}.json"
             calibrate(testbed, calibration, log)
             runs = [
-                measure(testbed, args.quick, True, calibration, args.timeout, log, True) for _ in range(2)
+                measure(testbed, args.quick, True, calibration, args.timeout, log, True)
+                for _ in range(args.runs)
             ]
         rows = [
-            {"op": a["op"], "algorithm": a["algorithm"], "resolved": a["resolved"], "size": a["size"],
-             "sweep": True, "measured": [a["time_us"] * 1e-6, b["time_us"] * 1e-6],
-             "wrong": a["wrong"] + b["wrong"], "predicted": None}
-            for a, b in zip(*runs, strict=True)
+            {"op": same[0]["op"], "algorithm": same[0]["algorithm"], "resolved": same[0]["resolved"],
+             "size": same[0]["size"], "sweep": True, "measured": [r["time_us"] * 1e-6 for r in same],
+             "wrong": sum(r["wrong"] for r in same), "predicted": None}
+            for same in zip(*runs, strict=True)
         ]  # fmt: skip
         stored = next(c for c in report["cases"] if c["name"] == case["name"])
         stored["rows"] = [r for r in stored["rows"] if not r["sweep"]] + rows
@@ -544,11 +562,16 @@ def main() -> int:
         help="predict the rows in --json again with this tree's simulator and their stored profiles",
     )
     parser.add_argument("--quick", action="store_true", help="one network, fewer sizes")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="separate launches per network (default 3; medians are judged)"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "testbed-validation.md"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "testbed_validation.json"))
     parser.add_argument("--timeout", type=float, default=500.0, help="seconds per measurement launch")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --json")
     args = parser.parse_args()
+    if args.runs < 2:
+        parser.error(f"--runs {args.runs}: at least 2 (the spread between runs is part of the report)")
     if args.report_only:
         write_report(json.loads(Path(args.json).read_text()), Path(args.out))
         return 0
@@ -589,7 +612,7 @@ def main() -> int:
             calibrate(testbed, calibration, log)
             print(f"   calibrated in {time.monotonic() - t:.0f} s: {calibration}", flush=True)
             runs = []
-            for attempt in range(2):
+            for attempt in range(args.runs):
                 t = time.monotonic()
                 runs.append(measure(testbed, args.quick, case["auto"], calibration, args.timeout, log))
                 print(
@@ -604,13 +627,14 @@ def main() -> int:
             topology_text = testbed.topology_file.read_text()
             profile_data = json.loads(calibration.read_text())
         rows = []
-        for first, second in zip(runs[0], runs[1], strict=True):
+        for same in zip(*runs, strict=True):
+            first = same[0]
             key = (first["op"], first["algorithm"], first["size"])
             rows.append({
                 "op": first["op"], "algorithm": first["algorithm"], "resolved": first["resolved"],
                 "size": first["size"], "sweep": first["sweep"],
-                "measured": [first["time_us"] * 1e-6, second["time_us"] * 1e-6],
-                "wrong": first["wrong"] + second["wrong"], "predicted": predicted.get(key),
+                "measured": [r["time_us"] * 1e-6 for r in same],
+                "wrong": sum(r["wrong"] for r in same), "predicted": predicted.get(key),
             })  # fmt: skip
         report["cases"].append({
             "name": case["name"], "ranks_per_host": case["rph"], "topology": topology_text,
