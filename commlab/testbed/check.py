@@ -4,7 +4,10 @@ Each direction of each wire is measured on a route between two hosts that crosse
 a partner on the same switch where there is one): the probe's receiver times the bytes, and the result
 is compared with the slowest set rate on that route, which is what TCP can reach there. The round trip
 is compared with the set latencies of the route, out and back (what the probe adds on its own, tens of
-microseconds of veth, bridge and Python, is reported, not subtracted).
+microseconds of veth, bridge and Python, is reported, not subtracted). Where a wire is a user-space delay
+line (no netem), the route's round trip is that relay's: never below the set value, above it by the
+relay's wake-up delays (tens of microseconds idle, more under load). A wire whose relay died fails the
+check with an error naming it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class LinkCheck:
     measured_rate: float
     set_rtt: float  # s: the route's set latencies, out and back
     measured_rtt: float  # s: median probe round trip
+    delay_line: bool = False  # whether the route crosses a user-space delay line (no netem)
 
     @property
     def ratio(self) -> float:
@@ -107,6 +111,18 @@ def check(testbed: Testbed, seconds: float = 1.0, pings: int = 50, timeout: floa
     """Measure both directions of every wire: about `seconds` of TCP traffic at the set rate each."""
     if len(testbed.plan.hosts) < 2:
         raise TestbedError("check needs at least two hosts")
+    dead = testbed.dead_relays()
+    if dead:
+        wires = {w.index: w for w in testbed.plan.wires}
+        names = ", ".join(
+            f"wire {k} ({wires[k].a} <-> {wires[k].b}, relay pid {pid})" for k, pid in sorted(dead.items())
+        )
+        raise TestbedError(
+            f"dead wires: the delay line of {names} no longer runs, so nothing crosses it; "
+            "commlab testbed down, then up again (the relay's log: "
+            f"{testbed.directory}/{testbed.run}.delay*.log)"
+        )
+    relays = testbed.relays()
     results = []
     for wire in testbed.plan.wires:
         src, dst = _pair_for(testbed, wire)
@@ -117,7 +133,10 @@ def check(testbed: Testbed, seconds: float = 1.0, pings: int = 50, timeout: floa
             rtt = _probe(testbed, a, b, ["rtt", str(pings)], timeout)
             rate = sent["bytes"] / sent["seconds"] if sent["seconds"] > 0 else 0.0
             route = f"{a.hostname} -> {b.hostname}"
-            results.append(LinkCheck(wire.index, name, route, set_rate, rate, set_rtt, rtt["median"]))
+            relayed = any(w.index in relays for w, _ in testbed.plan.route(a, b))
+            results.append(
+                LinkCheck(wire.index, name, route, set_rate, rate, set_rtt, rtt["median"], relayed)
+            )
     return results
 
 
@@ -132,6 +151,7 @@ def report(results: list[LinkCheck]) -> list[str]:
             f"{r.wire:>4}  {r.direction:<22} {r.route:<20} {r.set_rate * 8e-6:>6.1f} Mb/s "
             f"{r.measured_rate * 8e-6:>6.1f} Mb/s {r.ratio:>6.1%}  {r.set_rtt * 1e3:>6.3f} ms "
             f"{r.measured_rtt * 1e3:>6.3f} ms  {'yes' if r.passed else 'NO'}"
+            + ("  (delay line)" if r.delay_line else "")
         )
     passed = sum(r.passed for r in results)
     lines.append(f"{passed}/{len(results)} wire directions deliver >= {TARGET:.0%} of their set rate")

@@ -24,7 +24,7 @@ from pathlib import Path
 from commlab.errors import TestbedError, invalid
 from commlab.sim.network.topology import Topology
 from commlab.sim.network.topology_io import parse_topology
-from commlab.testbed import system
+from commlab.testbed import delay_line, system
 from commlab.testbed.plan import (
     HOST_DEVICE,
     Host,
@@ -135,7 +135,9 @@ class Testbed:
             system.write_hosts_file(namespace, entries, host.hostname)
         for wire in self.plan.wires:
             a_end, b_end = self.ends(wire)
-            if wire.host:
+            if self.delayed(wire):
+                self._delay_line(wire)
+            elif wire.host:
                 host = self.plan.host(wire.a)
                 namespace = self.namespace(host)
                 system.ip(fabric, "link", "add", a_end, "type", "veth", "peer", "name", HOST_DEVICE,
@@ -152,8 +154,59 @@ class Testbed:
                 system.shape(fabric, a_end, wire.rate_ab, wire.latency_ab)
                 system.shape(fabric, b_end, wire.rate_ba, wire.latency_ba)
 
+    @staticmethod
+    def delayed(wire: Wire) -> bool:
+        """Whether `wire` is built as a user-space delay line (TAP pair + relay) instead of a veth pair:
+        where it needs latency and the kernel has no netem to give it."""
+        needs = max(wire.latency_ab, wire.latency_ba) > system.LATENCY_FLOOR
+        return needs and not system.has_netem()
+
+    def _delay_line(self, wire: Wire) -> None:
+        """A wire as two TAP devices joined by a relay process (commlab.testbed.delay): the same device
+        names, addresses, bridge ports and token buckets as a veth pair; the relay adds the latency."""
+        fabric = self.fabric
+        a_end, b_end = self.ends(wire)
+        if wire.host:
+            host = self.plan.host(wire.a)
+            a_ns, a_dev, b_ns, b_dev = self.namespace(host), HOST_DEVICE, fabric, a_end
+        else:
+            a_ns, a_dev, b_ns, b_dev = fabric, a_end, fabric, b_end
+        pid = delay_line.start(
+            fabric, (a_ns, a_dev), (b_ns, b_dev), wire.latency_ab, wire.latency_ba,
+            self.directory / f"{self.run}.delay{wire.index}.log",
+        )  # fmt: skip
+        self._record_relay(wire.index, pid)
+        if wire.host:
+            system.ip(a_ns, "addr", "add", f"{host.address}/16", "dev", a_dev)
+            system.ip(a_ns, "link", "set", a_dev, "up")
+            system.ip(fabric, "link", "set", b_dev, "master", self.bridge(wire.b), "up")
+        else:
+            system.ip(fabric, "link", "set", a_dev, "master", self.bridge(wire.a), "up")
+            system.ip(fabric, "link", "set", b_dev, "master", self.bridge(wire.b), "up")
+        system.shape(a_ns, a_dev, wire.rate_ab, 0.0)
+        system.shape(b_ns, b_dev, wire.rate_ba, 0.0)
+
+    def _record_relay(self, wire: int, pid: int) -> None:
+        """Add a relay's pid to the state file at once, so a crash later in the build still finds it."""
+        state = json.loads(self.state_file.read_text())
+        state.setdefault("relays", {})[str(wire)] = pid
+        self.state_file.write_text(json.dumps(state, indent=1))
+
+    def relays(self) -> dict[int, int]:
+        """The pid of each wire's delay line (wire index -> pid), from the state file; {} where none."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {int(k): int(v) for k, v in state.get("relays", {}).items()}
+
+    def dead_relays(self) -> dict[int, int]:
+        """The delay lines that no longer run (wire index -> pid): their wires carry nothing."""
+        return {w: pid for w, pid in self.relays().items() if not delay_line.alive(pid, self.run)}
+
     def down(self) -> None:
-        """Delete every namespace of the run (their veths and bridges go with them) and its files."""
+        """Stop the run's delay lines, delete every namespace of the run (their veths and bridges go with
+        them) and its files."""
         remove_run(self.run, self.directory)
 
     def __enter__(self) -> Testbed:
@@ -253,18 +306,22 @@ def remove_run(run: str, directory: Path | None = None) -> list[str]:
     """Delete a run's namespaces (recorded or found by name) and files; the namespaces deleted."""
     directory = Path(directory) if directory else state_dir()
     state_file = directory / f"{run}.json"
-    recorded = []
+    recorded, relays = [], {}
     if state_file.exists():
         try:
-            recorded = json.loads(state_file.read_text()).get("namespaces", [])
+            state = json.loads(state_file.read_text())
+            recorded, relays = state.get("namespaces", []), state.get("relays", {})
         except (OSError, ValueError):
             recorded = []
+    delay_line.stop([int(pid) for pid in relays.values()], run)
     found = [n for n in system.namespaces() if n.startswith(run + "-")]
     deleted = []
     for namespace in dict.fromkeys([*recorded, *found]):
         system.delete_namespace(namespace)
         deleted.append(namespace)
     for path in (state_file, directory / f"{run}.toml", directory / f"{run}.launch"):
+        path.unlink(missing_ok=True)
+    for path in directory.glob(f"{run}.delay*.log"):
         path.unlink(missing_ok=True)
     return deleted
 
