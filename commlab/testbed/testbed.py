@@ -54,6 +54,7 @@ class Testbed:
     run: str
     plan: NetworkPlan
     directory: Path
+    relay: bool | None = None  # delay lines: None where the kernel lacks netem, True always, False never
 
     # ------------------------------------------------------------------------------------------ names
     @property
@@ -91,16 +92,21 @@ class Testbed:
         topology: str | Topology,
         ranks_per_host: int = 1,
         directory: Path | None = None,
+        relay: bool | None = None,
     ) -> Testbed:
         """Build the emulated cluster of `topology` (a spec, a file, or a Topology). On any failure, or
-        Ctrl-C, while building, whatever was created is removed again."""
+        Ctrl-C, while building, whatever was created is removed again. `relay`: how a wire gets its
+        latency: None, by netem where the kernel has it, else by a user-space delay line; True, always by
+        a delay line; False, only by netem (an error without it)."""
+        if relay not in (None, True, False):
+            raise invalid("relay", relay, [None, True, False])
         system.require_root()
         topo = parse_topology(topology) if isinstance(topology, str) else topology
         topo = with_ranks_per_host(topo, ranks_per_host)
         plan = plan_for(topo)
         directory = Path(directory) if directory else state_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        testbed = cls(PREFIX + secrets.token_hex(3), plan, directory)
+        testbed = cls(PREFIX + secrets.token_hex(3), plan, directory, relay)
         testbed._save(spec=topology if isinstance(topology, str) else topo.name)
         testbed.topology_file.write_text(topology_toml(topo))
         try:
@@ -154,12 +160,13 @@ class Testbed:
                 system.shape(fabric, a_end, wire.rate_ab, wire.latency_ab)
                 system.shape(fabric, b_end, wire.rate_ba, wire.latency_ba)
 
-    @staticmethod
-    def delayed(wire: Wire) -> bool:
+    def delayed(self, wire: Wire) -> bool:
         """Whether `wire` is built as a user-space delay line (TAP pair + relay) instead of a veth pair:
-        where it needs latency and the kernel has no netem to give it."""
+        where it needs latency and netem cannot give it (or `relay` asks for delay lines)."""
         needs = max(wire.latency_ab, wire.latency_ba) > system.LATENCY_FLOOR
-        return needs and not system.has_netem()
+        if not needs or self.relay is False:
+            return False
+        return self.relay is True or not system.has_netem()
 
     def _delay_line(self, wire: Wire) -> None:
         """A wire as two TAP devices joined by a relay process (commlab.testbed.delay): the same device
