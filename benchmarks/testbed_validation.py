@@ -74,14 +74,18 @@ ALLREDUCE = ["auto", "ring", "tree", "halving_doubling", "recursive_doubling", "
 SIZES = {"allreduce": [1 << 20, 2 << 20, 4 << 20, 8 << 20], "reduce_scatter": [2 << 20, 8 << 20]}
 SIZES["allgather"] = SIZES["reduce_scatter"]
 AUTO_SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]  # auto judged over 64 KiB..64 MiB
+# The delay network's latency-bound cases (rows marked "latency", judged apart from the wire-bound ones).
+LATENCY_ALGORITHMS = ["ring", "tree", "halving_doubling", "recursive_doubling", "direct"]
+LATENCY_SIZES = [4 << 10, 16 << 10, 64 << 10]
 
 
 # ------------------------------------------------------------------------------------------ in the ranks
 
 
-def worker(out: str, quick: bool, auto_sweep: bool, auto_only: bool = False) -> None:
+def worker(out: str, quick: bool, auto_sweep: bool, auto_only: bool = False, latency: bool = False) -> None:
     """Every op's sweep with commlab bench's worker in the ranks torchrun started; rank 0 writes `out`.
-    `auto_sweep`: also allreduce with auto and every algorithm at AUTO_SIZES (rows marked "sweep")."""
+    `auto_sweep`: also allreduce with auto and every algorithm at AUTO_SIZES (rows marked "sweep").
+    `latency`: only the latency-bound allreduce cases (LATENCY_SIZES, rows marked "latency")."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -94,13 +98,16 @@ def worker(out: str, quick: bool, auto_sweep: bool, auto_only: bool = False) -> 
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     results = []
     sweeps = [(op, sizes[:1] if quick else sizes, False, 1, 2) for op, sizes in SIZES.items()]
-    sweeps = [] if auto_only else sweeps
+    sweeps = [] if auto_only or latency else sweeps
+    if latency:  # 8 calls per sample, 3 samples: a 4 KiB call takes a few round trips of the delay line
+        sweeps.append(("allreduce", LATENCY_SIZES, False, 8, 3))
     if auto_sweep:  # small sizes: 4 calls per sample, 3 samples (a 64 KiB call takes ~10 ms, noise ~30%)
         sweeps.append(("allreduce", AUTO_SIZES[:3], True, 4, 3))
         sweeps += [] if quick else [("allreduce", AUTO_SIZES[3:], True, 1, 3)]
     with tempfile.TemporaryDirectory() as scratch:
         for number, (op, sizes, sweep, iters, repeats) in enumerate(sweeps):
             algorithms = ALLREDUCE if op == "allreduce" else ["auto", *algorithms_for(op)]
+            algorithms = LATENCY_ALGORITHMS if latency else algorithms
             path = os.path.join(scratch, f"{number}.json")
             config = BenchConfig(
                 op=op, min_bytes=sizes[0], max_bytes=sizes[-1],
@@ -110,7 +117,8 @@ def worker(out: str, quick: bool, auto_sweep: bool, auto_only: bool = False) -> 
             )  # fmt: skip
             run_worker(config)
             if dist.get_rank() == 0:
-                results += [dict(row, sweep=sweep) for row in json.loads(Path(path).read_text())["rows"]]
+                rows = json.loads(Path(path).read_text())["rows"]
+                results += [dict(row, sweep=sweep, latency=latency) for row in rows]
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
     commlab.release()
@@ -120,9 +128,10 @@ def worker(out: str, quick: bool, auto_sweep: bool, auto_only: bool = False) -> 
 # ------------------------------------------------------------------------------------------ the driver
 
 
-def cases(scratch: Path, quick: bool) -> list[dict]:
+def cases(scratch: Path, quick: bool, latency_only: bool = False) -> list[dict]:
     """The networks: 2 hosts x 2 ranks and 4 hosts x 1 rank on one 1 Gbit/s switch (the two host
-    layouts auto is judged on, 64 KiB - 64 MiB), and 4 hosts on two switches joined by a 2:1 uplink."""
+    layouts auto is judged on, 64 KiB - 64 MiB), 4 hosts on two switches joined by a 2:1 uplink, and
+    the delay network (latency-bound cases only; `latency_only` keeps just that one)."""
     uplink = two_switches(scratch / "two-switches.toml", 2, "400Mb/s", "400Mb/s")
     every = [
         {"name": "one switch, 2 hosts x 2 ranks, 1 Gbit/s", "topology": "switch:n=2,bandwidth=1Gb/s",
@@ -133,7 +142,19 @@ def cases(scratch: Path, quick: bool) -> list[dict]:
         {"name": "two switches (4 x 400 Mbit/s hosts, 400 Mbit/s uplink: 2:1)", "topology": uplink, "rph": 1,
          "auto": False},
     ]  # fmt: skip
+    every.append(DELAY_CASE)
+    if latency_only:
+        return [DELAY_CASE]
     return every[:1] if quick else every
+
+
+# Latency on the wires: a user-space delay line (commlab.testbed.delay) where the kernel has no netem, at
+# 100 Mbit/s, well inside what one relay sustains (~40k frames/s). 2 ms per link direction: 4 ms between
+# two hosts, 8 ms round trip, so a 4-64 KiB allreduce (a few ms of wire) is bound by its steps' latency.
+DELAY_CASE = {
+    "name": "delay: one switch, 4 hosts x 1 rank, 100 Mbit/s, 2 ms per link",
+    "topology": "switch:n=4,bandwidth=100Mb/s,latency=2ms", "rph": 1, "auto": False, "latency": True,
+}  # fmt: skip
 
 
 def launch(testbed, command: list[str], timeout: float, log: Path, env: dict | None = None):
@@ -159,7 +180,14 @@ def calibrate(testbed, path: Path, log: Path) -> None:
 
 
 def measure(
-    testbed, quick: bool, auto_sweep: bool, profile: Path, timeout: float, log: Path, auto_only: bool = False
+    testbed,
+    quick: bool,
+    auto_sweep: bool,
+    profile: Path,
+    timeout: float,
+    log: Path,
+    auto_only: bool = False,
+    latency: bool = False,
 ) -> list[dict]:
     """One launch of the worker on every host (auto under the testbed's own profile); its rows. A launch
     that fails is logged (`log`) and run once more: the number of retries is reported with the results."""
@@ -168,6 +196,7 @@ def measure(
         command = ["python", str(Path(__file__).resolve()), "--worker", str(out)]
         command += (["--quick"] if quick else []) + (["--auto-sweep"] if auto_sweep else [])
         command += ["--auto-only"] if auto_only else []
+        command += ["--latency-bound"] if latency else []
         done = launch(testbed, command, timeout, log, {"COMMLAB_PROFILE": str(profile)})
         if done.returncode == 0:
             return json.loads(out.read_text())
@@ -220,7 +249,13 @@ def spread(measured: list[float]) -> float:
 
 
 def validation_rows(case: dict) -> list[dict]:
-    return [r for r in case["rows"] if not r["sweep"] and r["algorithm"] != "auto"]
+    """The wire-bound cases (>= 1 MiB) the simulator is judged on."""
+    return [r for r in case["rows"] if not r["sweep"] and r["algorithm"] != "auto" and not r.get("latency")]
+
+
+def latency_rows(case: dict) -> list[dict]:
+    """The latency-bound cases (allreduce <= 64 KiB on the delay network), judged apart."""
+    return [r for r in case["rows"] if r.get("latency")]
 
 
 def auto_cases(case: dict) -> list[dict]:
@@ -259,7 +294,18 @@ def statistics_of(report: dict) -> dict:
     summary = {
         name: {"median": statistics.median(v), "max": max(v), "count": len(v)} for name, v in errors.items()
     }
-    summary["spread"] = {"median": statistics.median(spreads), "max": max(spreads), "count": len(spreads)}
+    if spreads:  # none where only the delay network ran (--latency-only)
+        summary["spread"] = {"median": statistics.median(spreads), "max": max(spreads), "count": len(spreads)}
+    slow = [r for case in report["cases"] for r in latency_rows(case)]
+    for name in ("wire", "testbed"):
+        values = [_error(r["predicted"][name], central(r["measured"])) for r in slow]
+        if values:
+            summary[f"latency_{name}"] = {"median": statistics.median(values), "max": max(values),
+                                          "count": len(values)}  # fmt: skip
+    if slow:
+        values = [spread(r["measured"]) for r in slow]
+        summary["latency_spread"] = {"median": statistics.median(values), "max": max(values),
+                                     "count": len(values)}  # fmt: skip
     judged = [c for case in report["cases"] for c in auto_cases(case)]
     summary["auto"] = {"within_5pct": sum(c["ok"] for c in judged), "cases": len(judged)}
     return summary
@@ -302,8 +348,13 @@ def write_report(report: dict, path: Path) -> None:
         "testbed": "prediction error, testbed profile",
         "testbed_faster": "prediction error, testbed profile, against the fastest run",
         "spread": "spread between the runs",
+        "latency_wire": "latency-bound (<= 64 KiB, delay network): error, wire profile",
+        "latency_testbed": "latency-bound (<= 64 KiB, delay network): error, testbed profile",
+        "latency_spread": "latency-bound (<= 64 KiB, delay network): spread between the runs",
     }
     for name, label in labels.items():
+        if name not in summary:
+            continue
         s = summary[name]
         lines.append(f"| {label} | {s['median']:.1%} | {s['max']:.1%} | {s['count']} |")
     lines += [
@@ -313,7 +364,9 @@ def write_report(report: dict, path: Path) -> None:
         "|---|---|---|---|---|",
     ]
     for case in report["cases"]:
-        rows = validation_rows(case)
+        rows = validation_rows(case) or latency_rows(case)  # the delay network: its latency-bound cases
+        if not rows:
+            continue
         means = [central(r["measured"]) for r in rows]
         cols = [
             [_error(r["predicted"][name], m) for r, m in zip(rows, means, strict=True)]
@@ -391,6 +444,8 @@ def write_report(report: dict, path: Path) -> None:
 
 def reading(report: dict, summary: dict) -> list[str]:
     """The report's reading of its own numbers: targets, bias, the spread, what the model changes did."""
+    if "testbed" not in summary:  # only the delay network ran (--latency-only)
+        return ["", "## Reading", "", _latency_reading(summary)]
     tb, faster, spread = summary["testbed"], summary["testbed_faster"], summary["spread"]
     signed = [
         (r["predicted"]["testbed"] - central(r["measured"])) / central(r["measured"])
@@ -437,7 +492,7 @@ def reading(report: dict, summary: dict) -> list[str]:
         + ". At these sizes (10-60 ms per call) the candidates' measured times are within the run-to-run "
         "spread of each other, and the calibrated per-step costs (measured minutes earlier, at a different "
         "load) order the doubling algorithms differently from the measurement.",
-        "- No delay topology: this kernel has no netem, so latency-bound cases were not judged.",
+        _latency_reading(summary),
     ] + (
         [
             "- The auto sweeps were measured again after the full run (`--auto-only`: a new calibration "
@@ -446,6 +501,20 @@ def reading(report: dict, summary: dict) -> list[str]:
         ]
         if any("auto_profile" in case for case in report["cases"])
         else []
+    )
+
+
+def _latency_reading(summary: dict) -> str:
+    """The latency-bound cases' line of the reading (target: median <= 10%)."""
+    if "latency_testbed" not in summary:
+        return "- No latency-bound cases in this run (the delay network was not measured)."
+    tb, spread = summary["latency_testbed"], summary["latency_spread"]
+    return (
+        f"- Latency-bound cases (allreduce 4-64 KiB on the delay network, {tb['count']} cases; its wires "
+        "get their latency from netem where the kernel has it, else from the testbed's user-space delay "
+        f"line): testbed profile median error {tb['median']:.1%}, max {tb['max']:.1%} (target median <= "
+        f"10%: **{'met' if tb['median'] <= 0.10 else 'not met'}**); spread between the runs median "
+        f"{spread['median']:.1%}, max {spread['max']:.1%}."
     )
 
 
@@ -562,6 +631,10 @@ def main() -> int:
         help="predict the rows in --json again with this tree's simulator and their stored profiles",
     )
     parser.add_argument("--quick", action="store_true", help="one network, fewer sizes")
+    parser.add_argument("--latency-bound", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only the delay network's latency-bound cases"
+    )
     parser.add_argument(
         "--runs", type=int, default=3, help="separate launches per network (default 3; medians are judged)"
     )
@@ -576,7 +649,7 @@ def main() -> int:
         write_report(json.loads(Path(args.json).read_text()), Path(args.out))
         return 0
     if args.worker:
-        worker(args.worker, args.quick, args.auto_sweep, args.auto_only)
+        worker(args.worker, args.quick, args.auto_sweep, args.auto_only, args.latency_bound)
         return 0
     if args.repredict:
         report = json.loads(Path(args.json).read_text())
@@ -598,7 +671,7 @@ def main() -> int:
         return auto_again(args, scratch, log)
     report = {"cases": [], "machine": {"cores": os.cpu_count(), "load": os.getloadavg()}}
     report["machine"]["load_at_start"] = report["machine"]["load"]
-    for number, case in enumerate(cases(scratch, args.quick)):
+    for number, case in enumerate(cases(scratch, args.quick, args.latency_only)):
         print(f"== {case['name']}, {case['rph']} rank(s) per host", flush=True)
         with Testbed.up(case["topology"], case["rph"], directory=scratch) as testbed:
             links = check(testbed, seconds=0.5, pings=20)
@@ -614,7 +687,11 @@ def main() -> int:
             runs = []
             for attempt in range(args.runs):
                 t = time.monotonic()
-                runs.append(measure(testbed, args.quick, case["auto"], calibration, args.timeout, log))
+                latency = case.get("latency", False)
+                measured = measure(
+                    testbed, args.quick, case["auto"], calibration, args.timeout, log, latency=latency
+                )
+                runs.append(measured)
                 print(
                     f"   run {attempt + 1}: {len(runs[-1])} rows in {time.monotonic() - t:.0f} s", flush=True
                 )
@@ -632,7 +709,7 @@ def main() -> int:
             key = (first["op"], first["algorithm"], first["size"])
             rows.append({
                 "op": first["op"], "algorithm": first["algorithm"], "resolved": first["resolved"],
-                "size": first["size"], "sweep": first["sweep"],
+                "size": first["size"], "sweep": first["sweep"], "latency": first.get("latency", False),
                 "measured": [r["time_us"] * 1e-6 for r in same],
                 "wrong": sum(r["wrong"] for r in same), "predicted": predicted.get(key),
             })  # fmt: skip
