@@ -7,8 +7,11 @@ Layout of a run `commlab-<id>`: a namespace `commlab-<id>-fabric` holds one Linu
 the switch ends of every veth pair (`w<k>` for host wire k, `w<k>a`/`w<k>b` for a switch-switch wire);
 a namespace `commlab-<id>-<hostname>` per host holds the host end, `eth0`, with the host's address. Each
 direction of a wire is shaped on the egress of the end that sends it (tbf rate; netem delay where the
-kernel has it). The state file `<state dir>/<run>.json` is written before anything is created and lists
-every namespace, so `down` removes a crashed run's leftovers too (processes still in them included).
+kernel has it). A wire with latency on a kernel without netem is a delay line instead of a veth pair:
+the same two device names, as TAP devices joined by a relay process (commlab.testbed.delay) that adds
+the latency. The state file `<state dir>/<run>.json` is written before anything is created and lists
+every namespace (and each relay's pid as it starts), so `down` removes a crashed run's leftovers too
+(processes still in them, and relays, included).
 """
 
 from __future__ import annotations
@@ -240,7 +243,8 @@ class Testbed:
         return out
 
     def set_wire(self, wire: Wire, state: str) -> None:
-        """Break or mend a wire: "down" (`ip link set down` on its switch ends: the host sees no carrier),
+        """Break or mend a wire: "down" (`ip link set down` on its switch ends: the host sees no carrier;
+        on a delay line the host keeps its carrier and the relay's frames to the downed end are lost),
         "drop" (its bridge ports disabled: every frame lost while the link stays up, as with 100% loss),
         or "up" (both undone)."""
         if state not in WIRE_STATES:
