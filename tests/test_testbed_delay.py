@@ -104,6 +104,8 @@ def test_delay_topology_round_trip_is_at_least_the_set_latency_and_tcp_crosses_i
         assert sorted(relays) == [0, 1] and _running(list(relays.values()), testbed.run)
         kinds = system.run(["ip", "-n", testbed.fabric, "-d", "link", "show", "dev", "w0"])
         assert "tun type tap" in kinds and "master br0" in kinds
+        described = "\n".join(testbed.describe())
+        assert f"delay line pid {relays[0]} (running)" in described
         results = check(testbed, seconds=0.25, pings=5)
         print("\n".join(report(results)))
         for r in results:

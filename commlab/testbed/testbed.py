@@ -279,10 +279,14 @@ class Testbed:
                 f"  host {host.hostname:<12} {host.address:<12} ranks {ranks:<6} namespace "
                 f"{self.namespace(host)} -> {host.switch}"
             )
+        relays = self.relays()
         for wire in plan.wires:
+            relay = relays.get(wire.index)
+            state = "" if relay is None else "dead" if not delay_line.alive(relay, self.run) else "running"
             lines.append(
                 f"  wire {wire.index}: {wire.a} <-> {wire.b}  {_rate(wire.rate_ab)} / {_rate(wire.rate_ba)}"
                 f"  {wire.latency_ab * 1e3:g} ms / {wire.latency_ba * 1e3:g} ms"
+                + (f"  delay line pid {relay} ({state})" if relay is not None else "")
             )
         return lines
 
