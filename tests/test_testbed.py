@@ -98,6 +98,36 @@ def test_plan_with_ranks_per_host_keeps_ranks_consecutive_and_round_trips_throug
     assert plan_for(again) == plan  # the file `commlab sim` reads is the network the testbed builds
 
 
+def test_uneven_hosts_plan_and_launch_commands(tmp_path) -> None:
+    """3 + 1 ranks: host 0 runs ranks 0..2, host 1 rank 3; the simulator's host map is the same layout;
+    torchrun starts 3 ranks on host 0 and 1 on host 1, hydra places them by host:count; the layout
+    ($COMMLAB_HOSTS '3,1') reaches the ranks (LOCAL_WORLD_SIZE differs between the hosts)."""
+    from commlab.collectives.hosts import HOSTS_ENV
+    from commlab.testbed import launch
+
+    topology = with_ranks_per_host(parse_topology("switch:n=2,bandwidth=1Gb/s"), "3,1")
+    plan = plan_for(topology)
+    assert [h.ranks for h in plan.hosts] == [(0, 1, 2), (3,)] and plan.world_size == 4
+    assert not plan.uniform and plan.host_spec == "3,1" and plan.ranks_per_host == 3
+    assert topology.host_map().hosts == ((0, 1, 2), (3,))
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(topology))
+    assert plan_for(parse_topology(str(path))) == plan
+    testbed = Testbed("cl-test", plan, tmp_path)
+    argvs = launch.torchrun_commands(testbed, ["python", "x.py"])
+    counts = [argv[argv.index("--nproc-per-node") + 1] for argv in argvs]
+    assert counts == ["3", "1"]
+    mpi = launch.mpi_command(testbed, ["python", "x.py"], mpiexec="mpiexec")
+    assert mpi[mpi.index("-hosts") + 1] == "npu0:3,npu1:1" and "-ppn" not in mpi
+    assert launch.layout_environment(plan, {"X": "1"}) == {HOSTS_ENV: "3,1", "X": "1"}
+    uniform = plan_for(with_ranks_per_host(parse_topology("switch:n=2"), "2"))
+    assert uniform.uniform and uniform.host_spec == "2x2"
+    assert launch.layout_environment(uniform, None) == {}  # LOCAL_WORLD_SIZE says it all
+    for bad in ([1, 2, 3], "3,0", "x", True):
+        with pytest.raises(InvalidArgumentError, match="ranks_per_host"):
+            with_ranks_per_host(parse_topology("switch:n=2"), bad)
+
+
 def test_plan_of_two_switches_has_an_uplink_wire(tmp_path) -> None:
     path = tmp_path / "two.toml"
     path.write_text(TWO_SWITCHES)

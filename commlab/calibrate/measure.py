@@ -160,23 +160,25 @@ def permutation_schedule(world: int, successor: dict[int, int], steps: int, redu
 
 
 def host_schedules(hosts: HostMap | None, steps: int) -> dict[str, Schedule]:
-    """Where the ranks span hosts of equal size l: `intra p` (p = 2..l), a ring of the first host's first
-    p ranks; `rails`, every rank sending to the rank of its local index on the next host (receiving
-    from the previous host's), all at once, as the cross-host phases of the topology-aware algorithms do.
-    Nothing on one host, or on hosts of different sizes (the rails would not pair up)."""
-    if hosts is None or hosts.num_hosts < 2 or not hosts.is_uniform:
+    """Where the ranks span hosts (of any sizes): `intra p` (p = 2..L, L the most ranks on one host), a
+    ring of the first p ranks of the first host with L ranks; `rails`, the ranks of every local index
+    that every host has (0..m-1, m the fewest ranks on one host) each sending to the rank of its local
+    index on the next host and receiving from the previous host's, all at once. On hosts of equal size
+    that is every rank; on uneven hosts it is what the cross-host phases of the topology-aware algorithms
+    load the smallest host's link with (its m ranks carry the most rails and cross at once, see
+    docs/calibration.md). Nothing on one host."""
+    if hosts is None or hosts.num_hosts < 2:
         return {}
-    first = list(hosts.hosts[0])
+    largest = list(next(host for host in hosts.hosts if len(host) == hosts.max_local))
     found = {
-        f"intra {p}": permutation_schedule(hosts.world_size, {first[i]: first[(i + 1) % p] for i in range(p)},
-                                           steps)
-        for p in range(2, len(first) + 1)
-    }  # fmt: skip
-    count = hosts.num_hosts
+        f"intra {p}": permutation_schedule(
+            hosts.world_size, {largest[i]: largest[(i + 1) % p] for i in range(p)}, steps
+        )
+        for p in range(2, len(largest) + 1)
+    }
+    count, shared = hosts.num_hosts, min(len(host) for host in hosts.hosts)
     rails = {
-        rank: hosts.hosts[(h + 1) % count][j]
-        for h, host in enumerate(hosts.hosts)
-        for j, rank in enumerate(host)
+        host[j]: hosts.hosts[(h + 1) % count][j] for h, host in enumerate(hosts.hosts) for j in range(shared)
     }
     found["rails"] = permutation_schedule(hosts.world_size, rails, steps)
     return found

@@ -135,7 +135,8 @@ def across_host_levels(measurements: dict, levels: dict[int, Level]) -> tuple[di
     otherwise). Their message fits are their own rings'; launch, reduction and copy costs, step and
     concurrency come from the flat level of as many ranks (the same host's processes: what they
     compute does not depend on where their messages go). The rails level's concurrency is 1: its ring
-    already has every local rank crossing at once."""
+    already has the local ranks crossing at once. Hosts of different sizes are handled alike (the
+    variants `host_schedules` times on them)."""
     if not measurements.get("rails"):
         return {}, None
     intra = {}

@@ -21,11 +21,13 @@ Calibrated with ranks on several hosts (`commlab testbed run -- commlab calibrat
 sets LOCAL_WORLD_SIZE or $COMMLAB_HOSTS), the `levels` above are flat rings over ranks 0..p-1, which cross
 hosts where a flat ring does, and the profile adds two levels (optional keys: profiles without them load
 as before):
-- `intra_host`: levels of p = 2..l ranks of one host exchanging at once (the first host's ranks), the
-  host's own software costs (loopback, shared memory);
-- `inter_host`: one level of every rank sending to the rank of the same local index on the next host
-  and receiving from the previous one, all at once (the rails of `hierarchical` and `multiring`), with
-  `hosts`, the host map it was measured on.
+- `intra_host`: levels of p = 2..L ranks of one host exchanging at once (the ranks of the first host
+  with the most ranks, L), the host's own software costs (loopback, shared memory);
+- `inter_host`: one level of the ranks of every local index all hosts have (0..m-1, m the fewest ranks
+  on a host: every rank where hosts are equal) sending to the rank of the same local index on the next
+  host and receiving from the previous one, all at once (the rails of `hierarchical` and `multiring`,
+  as many crossing at once as on the smallest host, whose ranks carry the most rails), with `hosts`,
+  the host map it was measured on (uneven maps as '3,1').
 `cost_model(p, hosts=...)` then gives `auto` a three-level model (`CostModel.intra`, `CostModel.inter`),
 and the simulator prices every message's software by the intra-host levels, the wire by the topology.
 

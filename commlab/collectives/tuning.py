@@ -12,7 +12,9 @@ did not).
 
 Across hosts (a host map of several hosts) `auto` also weighs the topology-aware algorithms, every
 algorithm priced by its formula at the model's two levels (`CostModel.inter` between hosts): measured
-algorithm times come from one host and do not say what crossing hosts costs.
+algorithm times come from one host and do not say what crossing hosts costs. There the candidates
+predicted within TIE_TOLERANCE of the cheapest are a tie, decided for the fewest messages on the
+critical path (see `choose` and docs/design.md, "auto across hosts").
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ from commlab.errors import InvalidArgumentError, invalid
 
 MAX_PIECES = 16  # slices per chunk at most: each one is a message, with its own latency
 DEFAULT_PIECE_BYTES = 1 << 20  # slice chunks larger than this (see benchmarks/collectives.py)
+TIE_TOLERANCE = 0.15
+"""Across hosts, algorithms predicted within 15% of the cheapest are a tie: the model's own uncertainty
+in ranking two algorithms. On the emulated cluster (two sweeps of 2 layouts x 6 sizes, every measured
+pair of algorithms) the predicted ratio of two algorithms' times missed the measured ratio by 18% in the
+median (30% at <= 1 MiB, 12% above); see docs/design.md, "auto across hosts"."""
+_COUNT_MESSAGES = CostModel(1.0, 0.0)  # a formula under it: the messages on the critical path
 
 
 @dataclass(frozen=True)
@@ -67,21 +75,35 @@ def choose(
 ) -> Choice:
     """The cheapest algorithm for `op` on `world_size` ranks moving `nbytes` per rank: the fastest measured
     one where the model holds measurements of this op (a calibrated profile) and the ranks share a host,
-    else by the formulas (topology-aware algorithms included when `hosts` spans several hosts)."""
+    else by the formulas (topology-aware algorithms included when `hosts` spans several hosts).
+
+    Across hosts, of the algorithms predicted within TIE_TOLERANCE of the cheapest, the one with the
+    fewest messages on its critical path (`critical_messages`), then the cheapest: per-message and
+    per-step costs are what a calibrated model prices least well (on the emulated cluster it predicted
+    calls of <= 1 MiB 1.1-2x too fast, larger ones 1.15-1.2x: medians per layout and run), so of two
+    algorithms it cannot tell apart the one with fewer messages carries less of what it misses."""
     across = _spans_hosts(hosts)
     names = algorithms_for(op, topology_aware=across)
     measured = model.measured_choice(op, nbytes, names) if world_size > 1 and not across else None
     if measured is not None:
         segments = segments_for(measured, op, world_size, nbytes, model)
         return Choice(measured, segments, ALGORITHMS[measured].cost(op, world_size, nbytes, model, segments))
-    best: Choice | None = None
+    candidates = []
     for name in names:
         segments = segments_for(name, op, world_size, nbytes, model, hosts)
         time = ALGORITHMS[name].cost(op, world_size, nbytes, model, segments, hosts)
-        if best is None or time < best.predicted_time:
-            best = Choice(name, segments, time)
-    assert best is not None  # every op has at least one algorithm
-    return best
+        candidates.append(Choice(name, segments, time))
+    best = min(candidates, key=lambda c: c.predicted_time)  # the first of equals, in registry order
+    if not across:
+        return best
+    tied = [c for c in candidates if c.predicted_time <= best.predicted_time * (1 + TIE_TOLERANCE)]
+    return min(tied, key=lambda c: (critical_messages(op, c, world_size, nbytes, hosts), c.predicted_time))
+
+
+def critical_messages(op: str, choice: Choice, world_size: int, nbytes: int, hosts: HostMap | None) -> float:
+    """The messages on the critical path of `choice` (its formula at one second per message, nothing
+    else): 2 lg p for recursive doubling, 2(p-1) for the ring, p-1 per phase for `direct`, ..."""
+    return ALGORITHMS[choice.algorithm].cost(op, world_size, nbytes, _COUNT_MESSAGES, choice.segments, hosts)
 
 
 def piece_bytes_for_host(local_ranks: int, threads_per_rank: int = 2) -> int:

@@ -141,7 +141,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             help="a topology spec or file, as `commlab sim` takes (hosts on switches: switch:n=4,"
             "bandwidth=1Gb/s; fat-tree:k=2; a file with 'nic' nodes for several ranks per host)",
         )
-        p.add_argument("--ranks-per-host", type=int, default=1, help="ranks on every host (1)")
+        p.add_argument(
+            "--ranks-per-host",
+            default="1",
+            help="ranks on every host (1), or one count per host separated by commas ('3,1': uneven hosts)",
+        )
 
     def run_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--run", dest="run_id", help="the run id (default: the newest run)")

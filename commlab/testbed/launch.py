@@ -2,9 +2,11 @@
 
 - `execute(testbed, host, cmd)`: the command in the host's namespace under its hostname.
 - `run(testbed, cmd, launcher="torchrun")`: torchrun on every host, multi-node with a static rendezvous
-  on the first host's address (`--nnodes H --node-rank i --nproc-per-node R`: host i runs ranks
-  i*R .. i*R+R-1, the placement the topology file gives the simulator); `GLOO_SOCKET_IFNAME=eth0`, so
-  gloo's connections leave through the shaped interface.
+  on the first host's address (`--nnodes H --node-rank i --nproc-per-node R_i`: host i runs the R_i
+  ranks after those of hosts 0..i-1, the placement the topology file gives the simulator);
+  `GLOO_SOCKET_IFNAME=eth0`, so gloo's connections leave through the shaped interface. Where hosts run
+  different numbers of ranks, $COMMLAB_HOSTS holds the layout ('3,1'): torchrun's LOCAL_WORLD_SIZE
+  alone would tell each host only its own count, and the ranks would build different host maps.
 - `run(..., launcher="mpi")`: the mpich wheel's hydra `mpiexec`, started on the first host, reaches the
   others through `-launcher ssh -launcher-exec SCRIPT`, where SCRIPT (written per run) drops the
   ssh-style options and runs the proxy in the named host's namespace. `UCX_TLS=tcp`: MPICH's UCX netmod
@@ -26,8 +28,9 @@ import subprocess
 import sys
 import time
 
+from commlab.collectives.hosts import HOSTS_ENV
 from commlab.errors import TestbedError, invalid
-from commlab.testbed.plan import HOST_DEVICE
+from commlab.testbed.plan import HOST_DEVICE, NetworkPlan
 from commlab.testbed.testbed import Testbed
 
 LAUNCHERS = ("torchrun", "mpi")
@@ -66,7 +69,7 @@ def torchrun_commands(testbed: Testbed, command: list[str], max_restarts: int = 
         torchrun = [
             sys.executable, "-m", "torch.distributed.run",
             "--nnodes", str(len(plan.hosts)), "--node-rank", str(index),
-            "--nproc-per-node", str(plan.ranks_per_host),
+            "--nproc-per-node", str(len(host.ranks)),
             "--master-addr", first.hostname, "--master-port", str(MASTER_PORT),
             "--max-restarts", str(max_restarts), *program,
         ]  # fmt: skip
@@ -97,11 +100,13 @@ def mpi_command(testbed: Testbed, command: list[str], mpiexec: str | None = None
     """argv running `command` on every host's ranks under hydra, started in host 0's namespace."""
     plan = testbed.plan
     mpiexec = mpiexec or find_mpiexec()
-    hosts = ",".join(h.hostname for h in plan.hosts)
+    if plan.uniform:
+        hosts = [",".join(h.hostname for h in plan.hosts), "-ppn", str(plan.ranks_per_host)]
+    else:  # hydra's host:count form places each host's own number of ranks
+        hosts = [",".join(f"{h.hostname}:{len(h.ranks)}" for h in plan.hosts)]
     argv = [
         mpiexec, "-launcher", "ssh", "-launcher-exec", launcher_script(testbed),
-        "-hosts", hosts, "-ppn", str(plan.ranks_per_host), "-n", str(plan.world_size),
-        *resolve(command),
+        "-hosts", *hosts, "-n", str(plan.world_size), *resolve(command),
     ]  # fmt: skip
     return testbed.command(plan.hosts[0], argv)
 
@@ -137,7 +142,13 @@ def run(
         env = {**MPI_ENVIRONMENT, **(env or {})}
     else:
         argvs = torchrun_commands(testbed, command, max_restarts)
-    return wait_all(start(argvs, rank_environment(env)), timeout)
+    return wait_all(start(argvs, rank_environment(layout_environment(testbed.plan, env))), timeout)
+
+
+def layout_environment(plan: NetworkPlan, env: dict[str, str] | None) -> dict[str, str]:
+    """`env` with $COMMLAB_HOSTS set to the layout where hosts run different numbers of ranks (the
+    caller's own value wins)."""
+    return dict(env or {}) if plan.uniform else {HOSTS_ENV: plan.host_spec, **(env or {})}
 
 
 def execute(testbed: Testbed, host: str, command: list[str], timeout: float = DEFAULT_TIMEOUT) -> int:

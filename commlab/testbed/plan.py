@@ -6,8 +6,8 @@ This is pure data (no root, no commands), so it is testable anywhere. The rules:
   the links between the nic and its endpoints are inside the host (its local stack), not emulated.
 - Every other node is a **switch** (a Linux bridge). Links between switches must form a tree: bridges
   without spanning tree would loop on a cycle (a fat-tree with k > 2, a torus).
-- A host's ranks must be consecutive in the placement and every host must run as many ranks, because
-  `torchrun --node-rank i --nproc-per-node R` gives host i the ranks i*R .. i*R+R-1.
+- A host's ranks must be consecutive in the placement: torchrun gives node i the ranks after those of
+  nodes 0..i-1 (`--nproc-per-node` may differ per host: uneven layouts such as 3 + 1 ranks).
 - Each direction of a wire gets the rate and latency of the graph edge in that direction.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import networkx as nx
@@ -80,11 +81,23 @@ class NetworkPlan:
     hosts: tuple[Host, ...]
     switches: tuple[str, ...]
     wires: tuple[Wire, ...]
-    ranks_per_host: int
+    ranks_per_host: int  # the most ranks on one host (every host's own count is len(host.ranks))
 
     @property
     def world_size(self) -> int:
-        return len(self.hosts) * self.ranks_per_host
+        return sum(len(host.ranks) for host in self.hosts)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every host runs as many ranks."""
+        return len({len(host.ranks) for host in self.hosts}) == 1
+
+    @property
+    def host_spec(self) -> str:
+        """The layout as a host map spec (`HostMap.parse`): '2x2', or the counts per host ('3,1')."""
+        if self.uniform:
+            return f"{len(self.hosts)}x{self.ranks_per_host}"
+        return ",".join(str(len(host.ranks)) for host in self.hosts)
 
     def host(self, name: str) -> Host:
         """A host by hostname or graph label, or by index ('0', '1', ...)."""
@@ -161,19 +174,17 @@ def plan_for(topology: Topology) -> NetworkPlan:
                 "hosts on switches (ring, torus and fully-connected topologies are not supported)"
             )
     hosts_in_order = sorted(groups, key=lambda h: min(groups[h]))
-    sizes = {len(groups[h]) for h in hosts_in_order}
-    if len(sizes) != 1:
-        raise TopologyError(f"{topology.name}: hosts run different numbers of ranks {sorted(sizes)}")
-    (per_host,) = sizes
     used: set[str] = set()
     hosts, wires = [], []
+    first = 0  # the first rank of the next host
     for index, label in enumerate(hosts_in_order):
         ranks = sorted(groups[label])
-        if ranks != list(range(index * per_host, (index + 1) * per_host)):
+        if ranks != list(range(first, first + len(ranks))):
             raise TopologyError(
                 f"{topology.name}: host {label!r} runs ranks {ranks}; a host's ranks must be consecutive "
-                f"in the placement ({index * per_host}..{(index + 1) * per_host - 1})"
+                f"in the placement ({first}..{first + len(ranks) - 1})"
             )
+        first += len(ranks)
         members = {n for n in topology.placement if rank_of[n] in ranks}
         out = _neighbours(graph, label) - members
         if len(out) != 1 or _kind(graph, next(iter(out))) not in (SWITCH, None):
@@ -200,6 +211,7 @@ def plan_for(topology: Topology) -> NetworkPlan:
             f"{topology.name}: its switches form a cycle ({' - '.join(str(u) for u, _ in cycle)}); the "
             "testbed's bridges need a tree of switches (fat-tree:k=2, or one or two switches)"
         )
+    per_host = max(len(host.ranks) for host in hosts)
     return NetworkPlan(topology.name, tuple(hosts), tuple(map(str, switches)), tuple(wires), per_host)
 
 
@@ -210,20 +222,23 @@ def _wire(graph: nx.DiGraph, index: int, a: object, b: object, host: bool) -> Wi
     return Wire(index, str(a), str(b), ab["bandwidth"], ba["bandwidth"], ab["latency"], ba["latency"], host)
 
 
-def with_ranks_per_host(topology: Topology, ranks: int, local_bandwidth: float = LOCAL_BANDWIDTH) -> Topology:
-    """`topology` with every endpoint turned into a host ('nic' node) running `ranks` ranks ('<host>.r<j>').
+def with_ranks_per_host(
+    topology: Topology, ranks: int | str | Sequence[int], local_bandwidth: float = LOCAL_BANDWIDTH
+) -> Topology:
+    """`topology` with every endpoint turned into a host ('nic' node) running its ranks ('<host>.r<j>'):
+    `ranks` on every host (an int), or one count per endpoint in placement order (a list, or a string
+    such as '3,1': uneven hosts).
 
     The ranks reach their host over links of `local_bandwidth` and no latency: the host's own stack, which
     a profile calibrated on the testbed (`commlab calibrate`) times. 1 returns `topology` unchanged."""
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise invalid("ranks_per_host", ranks, "an integer >= 1")
-    if ranks == 1:
+    counts = rank_counts(ranks, len(topology.placement))
+    if all(count == 1 for count in counts):
         return topology
     graph = nx.DiGraph(topology.graph)
     placement = []
-    for node in topology.placement:
+    for node, count in zip(topology.placement, counts, strict=True):
         graph.nodes[node]["kind"] = NIC
-        for j in range(ranks):
+        for j in range(count):
             rank = f"{node}.r{j}"
             graph.add_node(rank, kind=NPU, layer=0, **{HOST: str(node)})  # Topology.host_map groups them
             graph.add_edge(rank, node, bandwidth=local_bandwidth, latency=0.0, kind="port")
@@ -231,8 +246,26 @@ def with_ranks_per_host(topology: Topology, ranks: int, local_bandwidth: float =
             placement.append(rank)
     for node in graph.nodes:
         graph.nodes[node].setdefault("kind", SWITCH)
-    graph.graph["name"] = f"{topology.name}, {ranks} ranks per host"
+    layout = f"{counts[0]} ranks per host" if len(set(counts)) == 1 else f"{','.join(map(str, counts))} ranks"
+    graph.graph["name"] = f"{topology.name}, {layout}"
     return Topology(graph, placement, topology.routing, graph.graph["name"])
+
+
+def rank_counts(ranks: int | str | Sequence[int], hosts: int) -> list[int]:
+    """The ranks of each of `hosts` hosts from an int (the same on all), a '3,1' string or a list."""
+    accepted = f"an integer >= 1, or {hosts} counts >= 1 separated by commas (one per host, e.g. '3,1')"
+    if isinstance(ranks, str):
+        text = ranks.strip()
+        if not re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
+            raise invalid("ranks_per_host", ranks, accepted)
+        ranks = [int(part) for part in text.split(",")]
+        ranks = ranks[0] if len(ranks) == 1 else ranks
+    if isinstance(ranks, bool) or not isinstance(ranks, (int, Sequence)):
+        raise invalid("ranks_per_host", ranks, accepted)
+    counts = [ranks] * hosts if isinstance(ranks, int) else list(ranks)
+    if len(counts) != hosts or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts):
+        raise invalid("ranks_per_host", ranks, accepted)
+    return counts
 
 
 def topology_toml(topology: Topology) -> str:

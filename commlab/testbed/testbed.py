@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,12 @@ class Testbed:
     def up(
         cls,
         topology: str | Topology,
-        ranks_per_host: int = 1,
+        ranks_per_host: int | str | Sequence[int] = 1,
         directory: Path | None = None,
         relay: bool | None = None,
     ) -> Testbed:
-        """Build the emulated cluster of `topology` (a spec, a file, or a Topology). On any failure, or
+        """Build the emulated cluster of `topology` (a spec, a file, or a Topology) with `ranks_per_host`
+        ranks on every host, or one count per host ('3,1', [3, 1]: uneven hosts). On any failure, or
         Ctrl-C, while building, whatever was created is removed again. `relay`: how a wire gets its
         latency: None, by netem where the kernel has it, else by a user-space delay line; True, always by
         a delay line; False, only by netem (an error without it)."""
@@ -270,7 +272,7 @@ class Testbed:
         """Lines for `commlab testbed status`: hosts, wires with their rates and latencies."""
         plan = self.plan
         lines = [
-            f"run {self.run}: {plan.name}, {len(plan.hosts)} hosts x {plan.ranks_per_host} ranks, "
+            f"run {self.run}: {plan.name}, {len(plan.hosts)} hosts ({plan.host_spec} ranks), "
             f"{len(plan.switches)} switches; topology file {self.topology_file}"
         ]
         for host in plan.hosts:

@@ -30,7 +30,10 @@ Cost (H hosts of l ranks, n bytes, intra-host model a, inter-host model e):
     multiring allreduce          2(p-1) steps of chunks b = n/(kp): each max(e.time(1, b), a.time(k-1,
                                  (k-1) b, steps=1)) + gamma b (one host: a.time(k, k b, steps=1));
                                  reduce_scatter/allgather: (p-1) such steps
-Hosts of different sizes are priced by the smallest host, whose ranks carry the most rails.
+Hosts of different sizes are priced by the smallest host, whose ranks carry the most rails: hierarchical
+with ceil(L / l_min) rails per carrier across hosts; multiring with ceil(k / l_h) of a rank's k messages
+per step leaving a host of l_h ranks (e.time(c, c b, steps=1), c = ceil(k / l_h)) and the rest inside,
+the slowest host's step.
 """
 
 from __future__ import annotations
@@ -326,10 +329,10 @@ def multiring_cost(
     if p == 1:
         return 0.0
     chunk = nbytes / (k * p)
-    across = hosts.num_hosts > 1  # then one of a rank's k messages per step may leave the host
-    inside = k - 1 if across else k
-    crossing = inter.time(1, chunk) if across else 0.0
-    step = max(crossing, intra.time(inside, inside * chunk, steps=1) if inside else 0.0)
+    if hosts.num_hosts == 1:
+        step = intra.time(k, k * chunk, steps=1)
+    else:
+        step = max(_multiring_step(size, k, chunk, intra, inter) for size in {len(h) for h in hosts.hosts})
     if op == "allreduce":
         return 2 * (p - 1) * step + (p - 1) * k * chunk * intra.gamma
     if op == "reduce_scatter":
@@ -337,3 +340,13 @@ def multiring_cost(
     if op == "allgather":
         return (p - 1) * step
     raise invalid("op", op, MULTIRING_OPS)
+
+
+def _multiring_step(size: int, channels: int, chunk: float, intra: CostModel, inter: CostModel) -> float:
+    """One step of the busiest rank of a host of `size` ranks in `channels` rings of `chunk`-byte
+    messages: each channel leaves the host once, from the local rank before its entry (c - 1 mod size),
+    so that rank sends ceil(channels / size) of its messages across hosts and the rest inside, at once."""
+    out = math.ceil(channels / size)
+    inside = channels - out
+    crossing = inter.time(out, out * chunk, steps=1)
+    return max(crossing, intra.time(inside, inside * chunk, steps=1) if inside else 0.0)
