@@ -2,8 +2,8 @@
 
     sudo python benchmarks/testbed_validation.py [--quick] [--out docs/testbed-validation.md]
 
-For each emulated network (one switch with 2 hosts x 2 ranks and with 4 hosts x 1 rank at 1 Gbit/s; two
-switches joined by a 2:1 oversubscribed uplink, 400 Mbit/s), it
+For each emulated network (one switch with 2 hosts x 2 ranks, with 4 hosts x 1 rank and with 2 uneven
+hosts of 3 + 1 ranks at 1 Gbit/s; two switches joined by a 2:1 oversubscribed uplink, 400 Mbit/s), it
 1. builds the testbed and runs `commlab testbed check` (every wire's TCP rate against the set rate);
 2. runs `commlab calibrate` through `commlab testbed run` (quick): the testbed's own profile, with the
    intra-host and rails levels where ranks share hosts;
@@ -11,7 +11,7 @@ switches joined by a 2:1 oversubscribed uplink, 400 Mbit/s), it
    reduce-scatter and allgather (every algorithm, 2 and 8 MiB) with `commlab bench`'s own worker
    (`run_worker`) in the hosts' torchrun ranks, auto under the testbed profile, in --runs (3) separate
    launches, so the spread between the runs is shown beside the model's error (judged on their median);
-   on the two 1 Gbit/s layouts also allreduce at 64 KiB - 64 MiB with auto and every algorithm (auto
+   on the three 1 Gbit/s layouts also allreduce at 64 KiB - 64 MiB with auto and every algorithm (auto
    judged against the measured fastest);
 4. predicts every case with `simulate_collective(..., fidelity="flow")` (what `commlab sim collective
    --topology <the testbed's topology file>` runs) under two profiles: "wire" (the topology's links at
@@ -19,7 +19,8 @@ switches joined by a 2:1 oversubscribed uplink, 400 Mbit/s), it
    costs from the calibration, the wire from the topology), with the pipeline segments the ranks chose.
 It writes the table, the error statistics and a plot to docs/testbed-validation.md (+ .png) and the raw
 numbers to benchmarks/results/testbed_validation.json. Run time about 20 minutes (2 shared cores).
-`--auto-only` measures the auto sweeps again; `--repredict` predicts the stored rows with this tree.
+`--auto-only` measures the auto sweeps again; `--repredict` predicts the stored rows with this tree;
+`--only TEXT` runs the networks whose name holds TEXT and keeps the other stored ones in --json.
 
 Inside the ranks (started by this script through `commlab testbed run`) it runs as `--worker OUT.json`.
 """
@@ -129,8 +130,8 @@ def worker(out: str, quick: bool, auto_sweep: bool, auto_only: bool = False, lat
 
 
 def cases(scratch: Path, quick: bool, latency_only: bool = False) -> list[dict]:
-    """The networks: 2 hosts x 2 ranks and 4 hosts x 1 rank on one 1 Gbit/s switch (the two host
-    layouts auto is judged on, 64 KiB - 64 MiB), 4 hosts on two switches joined by a 2:1 uplink, and
+    """The networks: 2 hosts x 2 ranks, 4 hosts x 1 rank and 3 + 1 ranks on one 1 Gbit/s switch (the
+    host layouts auto is judged on, 64 KiB - 64 MiB), 4 hosts on two switches joined by a 2:1 uplink, and
     the delay network (latency-bound cases only; `latency_only` keeps just that one)."""
     uplink = two_switches(scratch / "two-switches.toml", 2, "400Mb/s", "400Mb/s")
     every = [
@@ -139,6 +140,8 @@ def cases(scratch: Path, quick: bool, latency_only: bool = False) -> list[dict]:
          "auto": True},
         {"name": "one switch, 4 hosts x 1 rank, 1 Gbit/s", "topology": "switch:n=4,bandwidth=1Gb/s", "rph": 1,
          "auto": True},
+        {"name": "one switch, 2 uneven hosts (3 + 1 ranks), 1 Gbit/s",
+         "topology": "switch:n=2,bandwidth=1Gb/s", "rph": "3,1", "auto": True},
         {"name": "two switches (4 x 400 Mbit/s hosts, 400 Mbit/s uplink: 2:1)", "topology": uplink, "rph": 1,
          "auto": False},
     ]  # fmt: skip
@@ -155,6 +158,12 @@ DELAY_CASE = {
     "name": "delay: one switch, 4 hosts x 1 rank, 100 Mbit/s, 2 ms per link",
     "topology": "switch:n=4,bandwidth=100Mb/s,latency=2ms", "rph": 1, "auto": False, "latency": True,
 }  # fmt: skip
+
+
+def selected(scratch: Path, args: argparse.Namespace) -> list[dict]:
+    """The networks to run: `cases`, only those whose name holds --only where given."""
+    every = cases(scratch, args.quick, getattr(args, "latency_only", False))
+    return [c for c in every if not args.only or args.only in c["name"]]
 
 
 def launch(testbed, command: list[str], timeout: float, log: Path, env: dict | None = None):
@@ -603,7 +612,7 @@ def auto_again(args: argparse.Namespace, scratch: Path, log: Path) -> int:
     from commlab.testbed.testbed import Testbed
 
     report = json.loads(Path(args.json).read_text())
-    for number, case in enumerate(c for c in cases(scratch, args.quick) if c["auto"]):
+    for number, case in enumerate(c for c in selected(scratch, args) if c["auto"]):
         print(f"== auto again: {case['name']}", flush=True)
         with Testbed.up(case["topology"], case["rph"], directory=scratch) as testbed:
             calibration = scratch / f"auto-{number}.json"
@@ -669,6 +678,9 @@ def main() -> int:
     parser.add_argument(
         "--runs", type=int, default=3, help="separate launches per network (default 3; medians are judged)"
     )
+    parser.add_argument(
+        "--only", help="run only the networks whose name holds this text (the other stored ones are kept)"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "testbed-validation.md"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "testbed_validation.json"))
     parser.add_argument("--timeout", type=float, default=500.0, help="seconds per measurement launch")
@@ -702,7 +714,13 @@ def main() -> int:
         return auto_again(args, scratch, log)
     report = {"cases": [], "machine": {"cores": os.cpu_count(), "load": os.getloadavg()}}
     report["machine"]["load_at_start"] = report["machine"]["load"]
-    for number, case in enumerate(cases(scratch, args.quick, args.latency_only)):
+    stored, kept = None, []  # --only: the stored report, and its networks not measured again
+    if args.only and Path(args.json).exists():
+        stored = json.loads(Path(args.json).read_text())
+        names = {c["name"] for c in selected(scratch, args)}
+        kept = [c for c in stored["cases"] if c["name"] not in names]
+    report["cases"] = list(kept)
+    for number, case in enumerate(selected(scratch, args)):
         print(f"== {case['name']}, {case['rph']} rank(s) per host", flush=True)
         with Testbed.up(case["topology"], case["rph"], directory=scratch) as testbed:
             links = check(testbed, seconds=0.5, pings=20)
