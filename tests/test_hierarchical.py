@@ -13,7 +13,7 @@ from commlab.cli import main
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule, get_algorithm
 from commlab.collectives.algorithms.hierarchical import channel_orders
 from commlab.collectives.cost import CostModel
-from commlab.collectives.hosts import HostMap, host_map_from_env
+from commlab.collectives.hosts import HostMap, host_map_from_env, most_local_ranks
 from commlab.collectives.schedule import ROOTED_OPS, Schedule, verify
 from commlab.collectives.tuning import choose
 from commlab.errors import InvalidArgumentError
@@ -129,6 +129,10 @@ def test_host_map_from_the_launchers_environment() -> None:
     assert host_map_from_env([1, 3], {"LOCAL_WORLD_SIZE": "2"}) == HostMap.uniform(2, 1)  # a subgroup
     assert host_map_from_env([0, 1, 2], {"COMMLAB_HOSTS": "1,2"}).hosts == ((0,), (1, 2))
     assert host_map_from_env([0, 1], {}) is None
+    # the busiest host's rank count, the same on every rank: on 3 + 1 hosts torchrun's LOCAL_WORLD_SIZE
+    # is 3 on one host and 1 on the other, and a setting taken from it (the pieces) made ranks disagree
+    assert most_local_ranks({"COMMLAB_HOSTS": "3,1", "LOCAL_WORLD_SIZE": "1"}) == 3
+    assert most_local_ranks({"LOCAL_WORLD_SIZE": "2"}) == 2 and most_local_ranks({}) is None
     with pytest.raises(InvalidArgumentError, match="COMMLAB_HOSTS"):
         host_map_from_env([0, 5], {"COMMLAB_HOSTS": "2x2"})
 

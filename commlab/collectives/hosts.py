@@ -127,3 +127,15 @@ def host_map_from_env(global_ranks: Sequence[int], environ: Mapping[str, str] = 
     if local and local.isdigit() and int(local) > 0:
         return HostMap.from_labels([g // int(local) for g in global_ranks])
     return None
+
+
+def most_local_ranks(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The most ranks one host of the job runs, from the launcher's environment: $COMMLAB_HOSTS's
+    largest host, else torchrun's LOCAL_WORLD_SIZE; None where neither is set. The same on every rank,
+    also on uneven hosts (where LOCAL_WORLD_SIZE differs between hosts), so a setting derived from it
+    (the slicing of chunks into pieces) is one that every rank agrees on."""
+    spec = environ.get(HOSTS_ENV)
+    if spec:
+        return HostMap.parse(spec).max_local
+    local = environ.get("LOCAL_WORLD_SIZE")
+    return int(local) if local and local.isdigit() and int(local) > 0 else None

@@ -7,7 +7,6 @@ deadline. Gloo takes CPU tensors message by message; NCCL takes CUDA tensors as 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -16,7 +15,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.distributed as dist
 
-from commlab.collectives.hosts import host_map_from_env
+from commlab.collectives.hosts import host_map_from_env, most_local_ranks
 from commlab.collectives.tuning import piece_bytes_for_host
 from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError
 
@@ -89,7 +88,7 @@ class TorchTransport:
         self.device_type = "cuda" if self.backend == "nccl" else "cpu"
         self.default_timeout = _group_timeout(self.group, self.device_type)
         if self.device_type == "cpu":  # slices overlap only where each rank has cores to spare
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
+            local = most_local_ranks() or self.size  # the busiest host's, alike on every rank (uneven hosts)
             self.piece_bytes = piece_bytes_for_host(min(local, self.size))
 
     def post(self, sends: list[Message], recvs: list[Message]) -> list[TorchRequest]:
