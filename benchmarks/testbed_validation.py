@@ -20,7 +20,8 @@ hosts of 3 + 1 ranks at 1 Gbit/s; two switches joined by a 2:1 oversubscribed up
 It writes the table, the error statistics and a plot to docs/testbed-validation.md (+ .png) and the raw
 numbers to benchmarks/results/testbed_validation.json. Run time about 20 minutes (2 shared cores).
 `--auto-only` measures the auto sweeps again; `--repredict` predicts the stored rows with this tree;
-`--only TEXT` runs the networks whose name holds TEXT and keeps the other stored ones in --json.
+`--only TEXT` runs the networks whose name holds TEXT and keeps the other stored ones in --json (the
+report's machine record stays theirs; the networks run now store their own load averages).
 
 Inside the ranks (started by this script through `commlab testbed run`) it runs as `--worker OUT.json`.
 """
@@ -722,6 +723,7 @@ def main() -> int:
     report["cases"] = list(kept)
     for number, case in enumerate(selected(scratch, args)):
         print(f"== {case['name']}, {case['rph']} rank(s) per host", flush=True)
+        case_load = os.getloadavg()
         with Testbed.up(case["topology"], case["rph"], directory=scratch) as testbed:
             links = check(testbed, seconds=0.5, pings=20)
             efficiency = statistics.median(min(1.0, r.ratio) for r in links)
@@ -770,11 +772,15 @@ def main() -> int:
                  "ratio": r.ratio} for r in links
             ],
             "efficiency": efficiency, "rows": rows, "profile": profile_data,
+            "load_at_start": case_load, "load_at_end": os.getloadavg(),
         })  # fmt: skip
         Path(args.json).write_text(json.dumps(report, indent=1))  # what is done so far, if a later case fails
     report["seconds"] = time.monotonic() - started
     report["machine"]["load_at_end"] = os.getloadavg()
     report["failed_launches"] = RETRIES
+    if kept:  # the machine record stays the full run's; the networks run now carry their own loads
+        assert stored is not None
+        report.update({k: stored[k] for k in ("machine", "seconds", "failed_launches") if k in stored})
     Path(args.json).write_text(json.dumps(report, indent=1))
     write_report(report, Path(args.out))
     print(f"wrote {args.out} and {args.json} in {report['seconds']:.0f} s")
