@@ -33,9 +33,9 @@ MAX_PIECES = 16  # slices per chunk at most: each one is a message, with its own
 DEFAULT_PIECE_BYTES = 1 << 20  # slice chunks larger than this (see benchmarks/collectives.py)
 TIE_TOLERANCE = 0.15
 """Across hosts, algorithms predicted within 15% of the cheapest are a tie: the model's own uncertainty
-in ranking two algorithms. On the emulated cluster (five auto sweeps, 3 host layouts x 6 sizes, every
+in ranking two algorithms. On the emulated cluster (six auto sweeps, 3 host layouts x 6 sizes, every
 measured pair of algorithms) the predicted ratio of two algorithms' times missed the measured ratio by
-19% in the median (32% at <= 1 MiB, 11% above); see docs/design.md, "auto across hosts"."""
+20% in the median (32% at <= 1 MiB, 13% above); see docs/design.md, "auto across hosts"."""
 _COUNT_MESSAGES = CostModel(1.0, 0.0)  # a formula under it: the messages on the critical path
 
 
