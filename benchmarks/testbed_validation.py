@@ -163,7 +163,7 @@ DELAY_CASE = {
 
 def selected(scratch: Path, args: argparse.Namespace) -> list[dict]:
     """The networks to run: `cases`, only those whose name holds --only where given."""
-    every = cases(scratch, args.quick, getattr(args, "latency_only", False))
+    every = cases(scratch, args.quick, args.latency_only)
     return [c for c in every if not args.only or args.only in c["name"]]
 
 
