@@ -10,19 +10,32 @@ so float32 results may differ by rounding: each gradient element is a sum of 4 t
 1e-6 bounds the difference with a wide margin while still failing any real error (a wrong sum is off
 by > 1e-2 in these programs). The `calls` each program returns show that the ops ran on commlab's
 schedules (not on the inner gloo).
+
+The backend's data moves through shared memory by default (every rank here is on one host); the last
+tests check that it does, that $COMMLAB_SHM=0 puts it back on gloo, that each group's segment goes with
+the group (and survives a forked child), and that a peer dying in a collective is a TransportError.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import queue
+import tempfile
+import traceback
+from datetime import timedelta
 
 import pytest
 import torch
 
 import commlab
+from commlab.collectives import shm_segment as seg
+from commlab.collectives.shm import shm_enabled
 from commlab.torch_backend import config
 from tests import torch_clients as clients
 from tests.distributed import RankPool
+
+needs_shm = pytest.mark.skipif(not os.path.isdir(seg.SHM_DIR), reason="needs /dev/shm")
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +249,163 @@ def test_init_process_group_timeout_is_honoured(pools, tmp_path):
         pools(2).close()  # a timed-out gloo pair is unusable: fresh ranks for later tests
     assert results[1] == "skipped"
     assert results[0].startswith("timeout:") and "timeout 2 s" in results[0]
+
+
+# ----- the transport under the backend: shared memory by default -----
+
+
+def _mapped_segments() -> set[str]:
+    """The commlab shared-memory segments this process maps (unlinked files still show in its maps)."""
+    with open("/proc/self/maps") as maps:
+        return {line.split()[5] for line in maps if seg.PREFIX in line and len(line.split()) > 5}
+
+
+def _shut_down_in_child(groups: list) -> None:
+    """What a forked data loader worker's teardown could do: shut its copies of the groups down."""
+    for group in groups:
+        group.shutdown()
+
+
+def shared_memory_lifecycle(store: str) -> dict:
+    """Default group and a subgroup of ranks 0, 1 on backend commlab: their transports and segments while
+    they live, a forked child that shuts them down, collectives after it, and the segments after destroy."""
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["COMMLAB_TEST_RANK"]), int(os.environ["COMMLAB_TEST_WORLD"])
+    dist.init_process_group(
+        "commlab", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        sub = dist.new_group([0, 1], backend="commlab")
+        groups = [dist.group.WORLD] + ([sub] if rank < 2 else [])
+        transports = [type(g.communicator.transport).__name__ for g in groups]
+        paths = [g.communicator.transport._path for g in groups]
+        live = _mapped_segments()
+        child = mp.get_context("fork").Process(target=_shut_down_in_child, args=(groups,))
+        child.start()
+        child.join(30)
+        total = torch.full((1000,), float(rank + 1))
+        dist.all_reduce(total)
+        pair = torch.full((1000,), float(rank + 1))
+        if rank < 2:
+            dist.all_reduce(pair, group=sub)
+    finally:
+        commlab.release()
+        dist.destroy_process_group()
+    return {
+        "transports": transports,
+        "paths": paths,
+        "mapped while alive": [path in live for path in paths],
+        "mapped after destroy": sorted(_mapped_segments() & set(paths)),
+        "child exit code": child.exitcode,
+        "sums": [total[0].item(), pair[0].item()],
+    }
+
+
+@needs_shm
+def test_backend_moves_data_through_shared_memory_and_releases_it(pools, tmp_path):
+    results = pools(4).run(shared_memory_lifecycle, os.path.join(tmp_path, "store-shm"))
+    for rank, got in enumerate(results):
+        groups = 2 if rank < 2 else 1
+        assert got["transports"] == ["SharedMemoryTransport"] * groups
+        assert got["mapped while alive"] == [True] * groups
+        assert got["mapped after destroy"] == []  # destroy_process_group unmapped every segment
+        assert got["child exit code"] == 0
+        # the forked child's shutdown left the groups working: 1+2+3+4, and 1+2 on the pair
+        assert got["sums"] == [10.0, 3.0 if rank < 2 else float(rank + 1)]
+    assert results[0]["paths"][1] == results[1]["paths"][1]  # the subgroup: one segment of its own...
+    assert results[0]["paths"][1] != results[0]["paths"][0]  # ...apart from the default group's
+    assert len({got["paths"][0] for got in results}) == 1
+
+
+def with_environment(env: dict[str, str], backend: str, store: str, program, *args) -> dict:
+    """`clients.on_backend` with `env` set in this rank while the group is made; adds the transport."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        return clients.on_backend(backend, store, _with_transport, program, *args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _with_transport(program, *args) -> dict:
+    import torch.distributed as dist
+
+    result = program(*args)
+    comm = getattr(dist.group.WORLD, "communicator", None)
+    result["transport"] = None if comm is None else type(comm.transport).__name__
+    return result
+
+
+def test_shm_off_runs_on_gloo_and_matches(pools, tmp_path):
+    results = {}
+    for backend in ("gloo", "commlab"):
+        store = os.path.join(tmp_path, f"store-noshm-{backend}")
+        results[backend] = pools(2).run(
+            with_environment, {"COMMLAB_SHM": "0"}, backend, store, clients.ddp, False, False
+        )
+    for gloo, mine in zip(results["gloo"], results["commlab"], strict=True):
+        assert mine["transport"] == "BackendTransport"
+        assert_same(gloo["params"], mine["params"])
+
+
+def test_shm_switch_defaults_on_for_the_backend():
+    assert shm_enabled({}, default=True) and not shm_enabled({}, default=False)
+    assert not shm_enabled({"COMMLAB_SHM": "0"}, default=True)
+    with pytest.raises(commlab.InvalidArgumentError, match="COMMLAB_SHM"):
+        shm_enabled({"COMMLAB_SHM": "on"}, default=True)
+
+
+# ----- a rank that dies in a collective: own processes, since a dead rank breaks a pool's group -----
+
+
+def _rank_of_a_dying_pair(rank: int, store: str, results: mp.Queue) -> None:
+    """Rank 1 exits (as a crash) once the group is made; rank 0 is in an all_reduce it never joins."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "commlab", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+        )
+        transport = type(dist.group.WORLD.communicator.transport).__name__
+        if rank == 1:
+            os._exit(3)  # no cleanup, no goodbye
+        try:
+            # async, as DDP's buckets: the call runs on the communicator's worker thread
+            dist.all_reduce(torch.ones(1000), async_op=True).wait()
+            results.put(f"no error ({transport})")
+        except BaseException as error:
+            results.put(f"{type(error).__name__} ({transport}): {error}")
+    except BaseException as error:
+        results.put(f"setup failed: {error}\n{traceback.format_exc()}")
+    results.close()
+    results.join_thread()  # the answer is written before the exit below
+    os._exit(0)  # the group's other member is gone: skip the teardown
+
+
+@needs_shm
+def test_dead_peer_in_a_backend_collective_raises_transport_error():
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    with tempfile.TemporaryDirectory(prefix="commlab-backend-test-") as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [context.Process(target=_rank_of_a_dying_pair, args=(r, store, results)) for r in range(2)]
+        for proc in procs:
+            proc.start()
+        try:
+            message = results.get(timeout=120)
+        except queue.Empty:
+            message = "no answer from rank 0 within 120 s"
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    # a TransportError, not a CollectiveTimeoutError: rank 0 noticed before its 60 s deadline
+    assert message.startswith("TransportError (SharedMemoryTransport)"), message
+    assert "rank 1" in message and "exited" in message, message

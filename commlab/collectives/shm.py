@@ -30,8 +30,10 @@ visible before it; a locked instruction (a lock acquire) after each copy also or
 stores that large memcpys use.
 
 `SharedMemoryTransport(group)` is collective over the gloo `group` (every rank must make it): the group
-carries the setup (process ids, the host check, the segment's name). `communicator()` picks it for a gloo
-group on one host when $COMMLAB_SHM allows (see `shm_enabled`).
+carries the setup (process ids, the host check, the segment's name). `SharedMemoryTransport.over_backend`
+sets up over a raw c10d Backend instead (the torch backend's private gloo; see `shm_setup`). After setup
+nothing travels over the group or backend. `communicator()` picks the transport for a gloo group on one
+host when $COMMLAB_SHM allows (see `shm_enabled`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ from commlab.collectives import cma, futex
 from commlab.collectives import shm_segment as seg
 from commlab.collectives.cost import CostModel
 from commlab.collectives.hosts import host_map_from_env
-from commlab.collectives.transport import _ALL_GATHER, Message, TorchRequest, _group_timeout
+from commlab.collectives.shm_setup import BackendChannel, GroupChannel, SetupChannel
+from commlab.collectives.transport import Message, TorchRequest
 from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError, invalid
 
 SHM_ENV = "COMMLAB_SHM"  # 1: use shared memory within a host for gloo groups, 0: never
@@ -82,11 +85,14 @@ class NotOneHostError(CommlabError):
     """The ranks of a group are not all on one host, so they cannot share memory."""
 
 
-def shm_enabled(environ: dict[str, str] | None = None) -> bool:
-    """Whether $COMMLAB_SHM allows the shared-memory transport ('1' on, '0' off, unset: DEFAULT_ON)."""
+def shm_enabled(environ: dict[str, str] | None = None, default: bool = DEFAULT_ON) -> bool:
+    """Whether $COMMLAB_SHM allows the shared-memory transport ('1' on, '0' off, unset: `default`).
+
+    `communicator()` passes DEFAULT_ON; the torch backend passes True (its setup is collective anyway).
+    """
     value = (environ if environ is not None else os.environ).get(SHM_ENV, "").strip()
     if value == "":
-        return DEFAULT_ON
+        return default
     if value not in ("0", "1"):
         raise invalid(SHM_ENV, value, "'1' (shared memory within a host) or '0' (never)")
     return value == "1"
@@ -147,7 +153,8 @@ class SharedMemoryTransport:
     `group`: the torch.distributed group (default: the world), which must use gloo; `timeout`: default
     seconds per collective (default: the group's); `ring_bytes`: ring size per ordered pair of ranks (a
     multiple of 16, at least 4096; default `default_ring_bytes`); `cma`: read long messages from the
-    sender's memory where the OS allows (default: yes unless $COMMLAB_SHM_CMA=0). Raises NotOneHostError
+    sender's memory where the OS allows (default: yes unless $COMMLAB_SHM_CMA=0); `channel`: what carries
+    the setup instead of `group` (see `shm_setup`; `over_backend` makes one). Raises NotOneHostError
     if the group's ranks are on several hosts. `close()` releases the segment (also at garbage collection).
     """
 
@@ -163,26 +170,24 @@ class SharedMemoryTransport:
         timeout: float | None = None,
         ring_bytes: int | None = None,
         cma: bool | None = None,
+        *,
+        channel: SetupChannel | None = None,
     ) -> None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise CommlabError(
-                "the shared-memory transport sets up over torch.distributed: initialize it first"
-            )
-        self.group = group if group is not None else dist.group.WORLD
-        if str(dist.get_backend(self.group)).lower() != "gloo":
-            raise invalid("group", dist.get_backend(self.group), "a gloo process group")
-        self.rank = dist.get_rank(self.group)
-        self.size = dist.get_world_size(self.group)
-        if self.rank < 0:
-            raise CommlabError("this process is not a member of the group it was asked to communicate in")
+        if channel is None:
+            channel = GroupChannel(group)
+        elif group is not None:
+            raise invalid("group", group, "None when a setup channel is given (the channel names the group)")
+        self.group: dist.ProcessGroup | None = getattr(channel, "group", None)  # None over a raw Backend
+        self.rank = channel.rank
+        self.size = channel.size
         if timeout is not None and not timeout > 0:
             raise invalid("timeout", timeout, "a positive number of seconds, or None for the group's own")
         ring = default_ring_bytes(self.size) if ring_bytes is None else ring_bytes
         if not isinstance(ring, int) or ring < 4096 or ring % 16:
             raise invalid("ring_bytes", ring_bytes, "an integer >= 4096 and a multiple of 16, or None")
-        self.global_ranks = [dist.get_global_rank(self.group, r) for r in range(self.size)]
+        self.global_ranks = list(channel.global_ranks)
         self.hosts = host_map_from_env(self.global_ranks)
-        self.default_timeout = float(timeout) if timeout is not None else _group_timeout(self.group, "cpu")
+        self.default_timeout = float(timeout) if timeout is not None else channel.timeout
         self.layout = seg.Layout(self.size, ring)
         spare = self.size <= _cores()  # spinning or yielding only helps where every rank has a core
         self.spin, self.yield_s = (SPIN_S, YIELD_S) if spare else (0.0, 0.0)
@@ -199,8 +204,28 @@ class SharedMemoryTransport:
         self._mm: mmap.mmap | None = None
         self.cma = False
         want_cma = (os.environ.get(CMA_ENV, "1") != "0") if cma is None else bool(cma)
-        self.pids, self._started = self._setup()
-        self.cma = self._agree_on_cma(want_cma)
+        self.pids, self._started = self._setup(channel)
+        self.cma = self._agree_on_cma(want_cma, channel)
+
+    @classmethod
+    def over_backend(
+        cls,
+        backend: torch._C._distributed_c10d.Backend,
+        rank: int,
+        size: int,
+        timeout: float,
+        global_ranks: list[int] | None = None,
+        ring_bytes: int | None = None,
+        cma: bool | None = None,
+    ) -> SharedMemoryTransport:
+        """The transport of the ranks of a c10d `backend` (not a registered group), set up over it.
+
+        Collective over the backend. `rank`, `size`: this rank's and the group's, as the backend knows
+        them; `timeout`: seconds per setup exchange and default per collective; `global_ranks`: the
+        group's ranks in the world, for the host map (default 0..size-1).
+        """
+        channel = BackendChannel(backend, rank, size, timeout, global_ranks)
+        return cls(timeout=timeout, ring_bytes=ring_bytes, cma=cma, channel=channel)
 
     # ----- setup and teardown -----
 
@@ -210,16 +235,18 @@ class SharedMemoryTransport:
         except (CollectiveTimeoutError, TransportError) as error:
             raise type(error)(f"setting up the shared-memory transport ({what}): {error}") from error
 
-    def _setup(self) -> tuple[list[int], list[int]]:
-        """Gather pids and host ids over the group, make or map the segment, then unlink it."""
+    def _setup(self, channel: SetupChannel) -> tuple[list[int], list[int]]:
+        """Gather pids and host ids over the channel, make or map the segment, then unlink it."""
         me = os.getpid()
         host = int.from_bytes(hashlib.blake2b(seg.host_identity(), digest_size=7).digest(), "little")
         mine = torch.tensor([me, seg.start_time(me) or 0, host], dtype=torch.int64)
         table = torch.zeros(3 * self.size, dtype=torch.int64)
-        self._group_call("gathering process ids", _ALL_GATHER(table, mine, group=self.group, async_op=True))
+        self._group_call("gathering process ids", channel.allgather(table, mine))
         rows = table.view(self.size, 3).tolist()
         if len({row[2] for row in rows}) > 1:
-            raise NotOneHostError(f"the ranks of {self.group} are on more than one host: no shared memory")
+            raise NotOneHostError(
+                f"the ranks of {channel.describe()} are on more than one host: no shared memory"
+            )
         pids, started = [row[0] for row in rows], [row[1] for row in rows]
 
         def path_of(token: int) -> str:
@@ -236,10 +263,7 @@ class SharedMemoryTransport:
                 self._map_views()
             except OSError as error:
                 token[0], failure = -1, f"rank 0 could not create a {nbytes}-byte segment: {error}"
-        root = self.global_ranks[0]
-        self._group_call(
-            "agreeing on the segment", dist.broadcast(token, root, group=self.group, async_op=True)
-        )
+        self._group_call("agreeing on the segment", channel.broadcast(token))
         if self.rank != 0 and int(token[0]) > 0:
             try:
                 self._mm = seg.attach(path_of(int(token[0])), nbytes)
@@ -249,7 +273,7 @@ class SharedMemoryTransport:
         ok = torch.tensor([0 if failure or int(token[0]) <= 0 else 1], dtype=torch.int64)
         oks = torch.zeros(self.size, dtype=torch.int64)
         try:
-            self._group_call("mapping the segment", _ALL_GATHER(oks, ok, group=self.group, async_op=True))
+            self._group_call("mapping the segment", channel.allgather(oks, ok))
         finally:
             if self.rank == 0 and int(token[0]) > 0:
                 seg.unlink(path_of(int(token[0])))  # every rank has it mapped (or gave up): nothing to leak
@@ -270,7 +294,7 @@ class SharedMemoryTransport:
         self._base_address = self._bytes.data_ptr()
         self._words[self.layout.base_word(self.rank)] = self._base_address
 
-    def _agree_on_cma(self, wanted: bool) -> bool:
+    def _agree_on_cma(self, wanted: bool, channel: SetupChannel) -> bool:
         """Whether every rank can read every peer's memory (process_vm_readv), agreed over the group.
 
         Each rank reads each peer's base address from the peer's own mapping of the segment and compares
@@ -287,7 +311,7 @@ class SharedMemoryTransport:
                 ok = got == 8 and int(probe[0]) == remote_base
         flags = torch.zeros(self.size, dtype=torch.int64)
         mine = torch.tensor([int(ok)], dtype=torch.int64)
-        self._group_call("checking cma", _ALL_GATHER(flags, mine, group=self.group, async_op=True))
+        self._group_call("checking cma", channel.allgather(flags, mine))
         return bool(flags.all())
 
     def close(self) -> None:
@@ -893,17 +917,46 @@ def shared_memory_transport(group: dist.ProcessGroup | None) -> SharedMemoryTran
     group = group if group is not None else dist.group.WORLD
     if str(dist.get_backend(group)).lower() != "gloo" or dist.get_world_size(group) < 2:
         return None
-    hosts = host_map_from_env([dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))])
+    global_ranks = [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))]
+    return _one_host_or_none(global_ranks, lambda: SharedMemoryTransport(group))
+
+
+def backend_shared_memory_transport(
+    backend: torch._C._distributed_c10d.Backend,
+    rank: int,
+    size: int,
+    timeout: float,
+    global_ranks: list[int] | None = None,
+) -> SharedMemoryTransport | None:
+    """The shared-memory transport of a raw c10d `backend`'s ranks if they share a host, else None.
+
+    As `shared_memory_transport`, but set up over the backend (`over_backend`) and not consulting
+    $COMMLAB_SHM (the caller decides). Collective over the backend; every rank gets the same answer.
+    """
+    if size < 2:
+        return None
+    ranks = list(range(size)) if global_ranks is None else list(global_ranks)
+    return _one_host_or_none(
+        ranks, lambda: SharedMemoryTransport.over_backend(backend, rank, size, timeout, ranks)
+    )
+
+
+def _one_host_or_none(
+    global_ranks: list[int], make: Callable[[], SharedMemoryTransport]
+) -> SharedMemoryTransport | None:
+    """`make()` unless the host map says several hosts, there is no /dev/shm, the ranks turn out to be on
+    several hosts, or the segment could not be made (warned); every rank decides alike."""
+    hosts = host_map_from_env(global_ranks)
     if hosts is not None and hosts.num_hosts > 1:
         return None
     if not os.path.isdir(seg.SHM_DIR):
         return None
     try:
-        return SharedMemoryTransport(group)
+        return make()
     except NotOneHostError:
         return None
     except TransportError as error:  # every rank learned it in setup: all fall back together
         if "setup failed" not in str(error):
             raise
-        warnings.warn(f"commlab: no shared memory ({error}); using gloo", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"commlab: no shared memory ({error}); using gloo", RuntimeWarning, stacklevel=3)
         return None

@@ -2,16 +2,19 @@
 
 torch.distributed's Python functions call the group's methods by name (`group.allreduce(...)`), and C++
 clients (DDP's reducer) reach them through the ProcessGroup trampoline; every collective below runs
-commlab's schedule for its op on the group's Communicator, over a private gloo Backend (`_data`) that
-carries only commlab's traffic. Ops the group does not define (gather, scatter, send, recv,
+commlab's schedule for its op on the group's Communicator. Its transport: shared memory when every rank
+of the group is on one host (`SharedMemoryTransport`, a segment per group, set up over `_native` while
+the group is being made), unless $COMMLAB_SHM=0; else a private gloo Backend (`_data`) that carries only
+commlab's traffic (`BackendTransport`). Ops the group does not define (gather, scatter, send, recv,
 recv_anysource, monitored_barrier) and ops torch's C++ dispatcher issues itself (functional collectives,
-used by DTensor) are served by a second gloo Backend registered for the CPU device (`_native`): gloo's
-own algorithms, on connections apart from commlab's, so the two never mix messages.
+used by DTensor) are served by a gloo Backend registered for the CPU device (`_native`): gloo's own
+algorithms, on connections apart from commlab's, so the two never mix messages.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,6 +24,7 @@ import torch.distributed as dist
 
 import commlab.collectives.api as api
 from commlab.collectives.communicator import Communicator, Work
+from commlab.collectives.shm import SharedMemoryTransport, backend_shared_memory_transport, shm_enabled
 from commlab.errors import InvalidArgumentError, UnsupportedOperationError
 from commlab.torch_backend import config
 from commlab.torch_backend.convert import (
@@ -58,10 +62,20 @@ class CommlabProcessGroup(dist.ProcessGroup):
         self._group_name = ""
         self._group_desc = ""
         self.timeout_s = timeout.total_seconds()
+        self._pid = os.getpid()  # shutdown in a forked child (a data loader worker) leaves the group be
         self._native = dist.ProcessGroupGloo(dist.PrefixStore("commlab/native", store), rank, size, timeout)
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._native)
-        self._data = dist.ProcessGroupGloo(dist.PrefixStore("commlab/data", store), rank, size, timeout)
-        transport = BackendTransport(self._data, rank, size, self.timeout_s, global_ranks)
+        self._data: dist.ProcessGroupGloo | None = None
+        # shared memory if allowed and every rank is on this host: set up over _native, which nothing
+        # else uses before this constructor returns (every rank makes the group, so every rank sets up)
+        transport = None
+        if shm_enabled(default=True):
+            transport = backend_shared_memory_transport(
+                self._native, rank, size, self.timeout_s, global_ranks
+            )
+        if transport is None:
+            self._data = dist.ProcessGroupGloo(dist.PrefixStore("commlab/data", store), rank, size, timeout)
+            transport = BackendTransport(self._data, rank, size, self.timeout_s, global_ranks)
         self.communicator = Communicator(transport, timeout=self.timeout_s)
 
     # --- identity -------------------------------------------------------------------------------------
@@ -81,11 +95,19 @@ class CommlabProcessGroup(dist.ProcessGroup):
         self._group_desc = desc
 
     def shutdown(self) -> None:
-        """Stop commlab's worker and both gloo backends (destroy_process_group calls this)."""
+        """Stop commlab's worker, release the shared-memory segment (this rank's mapping) and the gloo
+        backends (destroy_process_group calls this). In a forked child of the rank (a data loader worker)
+        it does nothing: the worker thread, the segment and the connections are the parent's."""
+        if os.getpid() != self._pid:
+            return
         self.communicator.close()
+        transport = self.communicator.transport
+        if isinstance(transport, SharedMemoryTransport):
+            transport.close()
         for backend in (self._data, self._native):
-            with contextlib.suppress(RuntimeError):  # already shut down
-                backend.shutdown()
+            if backend is not None:
+                with contextlib.suppress(RuntimeError):  # already shut down
+                    backend.shutdown()
 
     # --- reductions -----------------------------------------------------------------------------------
     def allreduce(self, tensors: list[torch.Tensor], opts: object = None) -> CommlabWork:
