@@ -260,15 +260,36 @@ def _mapped_segments() -> set[str]:
         return {line.split()[5] for line in maps if seg.PREFIX in line and len(line.split()) > 5}
 
 
-def _shut_down_in_child(groups: list) -> None:
-    """What a forked data loader worker's teardown could do: shut its copies of the groups down."""
-    for group in groups:
-        group.shutdown()
+def _fork_and_shut_down(groups: list, timeout: float = 30.0) -> int | None:
+    """Fork a child that does what a careless data loader worker's teardown could: shut its copies of
+    the groups down, then exit. Its exit code (None: still running after `timeout`, then killed)."""
+    import time
+
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            for group in groups:
+                group.shutdown()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return None
 
 
 def shared_memory_lifecycle(store: str) -> dict:
-    """Default group and a subgroup of ranks 0, 1 on backend commlab: their transports and segments while
-    they live, a forked child that shuts them down, collectives after it, and the segments after destroy."""
+    """The default group and subgroups {0, 1} and {2, 3} on backend commlab: their transports and segments
+    while they live, a forked child that shuts them down, collectives after it (in {2, 3} a broadcast from
+    global rank 3 and a reduce to global rank 2: torch hands the group its own ranks, 1 and 0), and the
+    segments after destroy."""
     import torch.distributed as dist
 
     rank, world = int(os.environ["COMMLAB_TEST_RANK"]), int(os.environ["COMMLAB_TEST_WORLD"])
@@ -276,19 +297,22 @@ def shared_memory_lifecycle(store: str) -> dict:
         "commlab", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
-        sub = dist.new_group([0, 1], backend="commlab")
-        groups = [dist.group.WORLD] + ([sub] if rank < 2 else [])
+        lower = dist.new_group([0, 1], backend="commlab")
+        upper = dist.new_group([2, 3], backend="commlab")
+        mine = lower if rank < 2 else upper
+        groups = [dist.group.WORLD, mine]
         transports = [type(g.communicator.transport).__name__ for g in groups]
         paths = [g.communicator.transport._path for g in groups]
         live = _mapped_segments()
-        child = mp.get_context("fork").Process(target=_shut_down_in_child, args=(groups,))
-        child.start()
-        child.join(30)
+        child_exit_code = _fork_and_shut_down(groups)
         total = torch.full((1000,), float(rank + 1))
         dist.all_reduce(total)
         pair = torch.full((1000,), float(rank + 1))
         if rank < 2:
-            dist.all_reduce(pair, group=sub)
+            dist.all_reduce(pair, group=lower)
+        else:
+            dist.broadcast(pair, src=3, group=upper)
+            dist.reduce(pair, dst=2, group=upper)
     finally:
         commlab.release()
         dist.destroy_process_group()
@@ -297,7 +321,7 @@ def shared_memory_lifecycle(store: str) -> dict:
         "paths": paths,
         "mapped while alive": [path in live for path in paths],
         "mapped after destroy": sorted(_mapped_segments() & set(paths)),
-        "child exit code": child.exitcode,
+        "child exit code": child_exit_code,
         "sums": [total[0].item(), pair[0].item()],
     }
 
@@ -305,17 +329,18 @@ def shared_memory_lifecycle(store: str) -> dict:
 @needs_shm
 def test_backend_moves_data_through_shared_memory_and_releases_it(pools, tmp_path):
     results = pools(4).run(shared_memory_lifecycle, os.path.join(tmp_path, "store-shm"))
-    for rank, got in enumerate(results):
-        groups = 2 if rank < 2 else 1
-        assert got["transports"] == ["SharedMemoryTransport"] * groups
-        assert got["mapped while alive"] == [True] * groups
+    for got in results:
+        assert got["transports"] == ["SharedMemoryTransport"] * 2
+        assert got["mapped while alive"] == [True, True]
         assert got["mapped after destroy"] == []  # destroy_process_group unmapped every segment
         assert got["child exit code"] == 0
-        # the forked child's shutdown left the groups working: 1+2+3+4, and 1+2 on the pair
-        assert got["sums"] == [10.0, 3.0 if rank < 2 else float(rank + 1)]
-    assert results[0]["paths"][1] == results[1]["paths"][1]  # the subgroup: one segment of its own...
-    assert results[0]["paths"][1] != results[0]["paths"][0]  # ...apart from the default group's
-    assert len({got["paths"][0] for got in results}) == 1
+    # the forked child's shutdown left the groups working: 1+2+3+4 on the world; 1+2 on {0, 1}; on
+    # {2, 3} rank 3's 4 broadcast, then reduced to rank 2 (4 + 4), rank 3 keeping its input
+    assert [got["sums"] for got in results] == [[10.0, 3.0], [10.0, 3.0], [10.0, 8.0], [10.0, 4.0]]
+    world, lower, upper = {results[0]["paths"][0]}, results[0]["paths"][1], results[2]["paths"][1]
+    assert {got["paths"][0] for got in results} == world  # one segment per group, shared by its ranks
+    assert results[1]["paths"][1] == lower and results[3]["paths"][1] == upper
+    assert len(world | {lower, upper}) == 3
 
 
 def with_environment(env: dict[str, str], backend: str, store: str, program, *args) -> dict:

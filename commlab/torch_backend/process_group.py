@@ -141,7 +141,9 @@ class CommlabProcessGroup(dist.ProcessGroup):
         source = tensor if factor is None else tensor * factor
 
         def launch(async_op: bool) -> Work | None:
-            return api.reduce(source, root, op, self.communicator, self._algorithm("reduce"), async_op)
+            return api.reduce(
+                source, self._global(root), op, self.communicator, self._algorithm("reduce"), async_op
+            )
 
         def after() -> None:
             if source is not tensor and self.rank() == root:
@@ -211,7 +213,9 @@ class CommlabProcessGroup(dist.ProcessGroup):
         buffer = movable(tensor)
 
         def launch(async_op: bool) -> Work | None:
-            return api.broadcast(buffer, root, self.communicator, self._algorithm("broadcast"), async_op)
+            return api.broadcast(
+                buffer, self._global(root), self.communicator, self._algorithm("broadcast"), async_op
+            )
 
         return self._start("broadcast", [tensor], launch, opts)
 
@@ -333,6 +337,14 @@ class CommlabProcessGroup(dist.ProcessGroup):
     # --- plumbing -------------------------------------------------------------------------------------
     def _algorithm(self, op: str) -> str:
         return config.settings().algorithm(op)
+
+    def _global(self, root: int) -> int:
+        """The global rank of group rank `root`: torch hands the group its own ranks, while commlab's API
+        takes global ranks (torch.distributed's convention) and maps them back by the transport's list."""
+        ranks = self.communicator.transport.global_ranks
+        if not isinstance(root, int) or not 0 <= root < len(ranks):
+            raise InvalidArgumentError(f"commlab backend: root {root!r} is not a rank of 0..{len(ranks) - 1}")
+        return ranks[root]
 
     def _start(
         self,

@@ -31,13 +31,13 @@ class BackendTransport:
         self.inner = backend
         self.rank = rank
         self.size = size
-        self.global_ranks = list(range(size))  # the torch backend passes group ranks already
+        self.global_ranks = list(range(size)) if global_ranks is None else list(global_ranks)
         self.backend = "gloo"  # for the calibrated profile auto ranks algorithms by
         self.device_type = "cpu"
         self.default_timeout = timeout_s
         self.piece_bytes = piece_bytes_for_host(size)
         # which ranks share a host ($COMMLAB_HOSTS or torchrun's LOCAL_WORLD_SIZE), for auto across hosts
-        self.hosts = host_map_from_env(global_ranks if global_ranks is not None else range(size))
+        self.hosts = host_map_from_env(self.global_ranks)
 
     def post(self, sends: list[Message], recvs: list[Message]) -> list[TorchRequest]:
         """Post a step's receives, then its sends; the requests come back in that order."""
