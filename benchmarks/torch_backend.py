@@ -3,11 +3,14 @@
     python benchmarks/torch_backend.py             # DDP, FSDP2 tokens/s and per-op busbw, 2 and 4 ranks
     python benchmarks/torch_backend.py --quick         # a smoke run: 2 trials, fewer steps
     python benchmarks/torch_backend.py --world 2 --trials 7
+    python benchmarks/torch_backend.py --backends gloo commlab commlab-p2p   # + commlab without shared memory
 
 Each rank process runs, per trial, every (part, backend) pair: `init_process_group(backend)` on a fresh
 file store, the unmodified torch program, `destroy_process_group()`. The backend order alternates from
 trial to trial, so both see the same drift of a shared machine; the table gives the median over trials
-and the ratio commlab / gloo (targets from issue 19: DDP >= 1.0, FSDP2 >= 0.95).
+and the ratio commlab / gloo (targets from issue 19: DDP >= 1.0, FSDP2 >= 0.95). Backend `commlab` moves
+its data through shared memory (the ranks share a host); `commlab-p2p` is the same backend with
+$COMMLAB_SHM=0, over its private gloo's send/recv (given with --backends, it gets its own column and ratio).
 
 Parts:
   ddp     torch DistributedDataParallel on commlab's GPT ('small' preset), SGD, global batch --batch windows
@@ -41,7 +44,7 @@ from commlab.models import GPT, GPTConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from training import machine
 
-BACKENDS = ("gloo", "commlab")
+BACKENDS = ("gloo", "commlab", "commlab-p2p")  # commlab-p2p: backend commlab with $COMMLAB_SHM=0
 OPS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
 BUS_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather_into_tensor": lambda p: (p - 1) / p}
 BUS_FACTOR["reduce_scatter_tensor"] = BUS_FACTOR["all_gather_into_tensor"]
@@ -111,11 +114,12 @@ def _rank(rank: int, world: int, directory: str, args: argparse.Namespace) -> No
     torch.set_num_threads(1)
     rows = []
     for trial in range(args.trials):
-        order = BACKENDS if trial % 2 == 0 else BACKENDS[::-1]
+        order = args.backends if trial % 2 == 0 else args.backends[::-1]
         for backend in order:
             store = os.path.join(directory, f"store-{trial}-{backend}")
+            os.environ["COMMLAB_SHM"] = "0" if backend == "commlab-p2p" else "1"  # read at group creation
             dist.init_process_group(
-                backend,
+                backend.removesuffix("-p2p"),
                 init_method=f"file://{store}",
                 rank=rank,
                 world_size=world,
@@ -152,14 +156,14 @@ def run(world: int, args: argparse.Namespace) -> list[dict]:
         return json.loads(Path(directory, "rows.json").read_text())
 
 
-def summarize(world: int, rows: list[dict]) -> list[dict]:
-    """Median per (part, size) and backend, and the ratio commlab / gloo."""
+def summarize(world: int, rows: list[dict], backends: list[str]) -> list[dict]:
+    """Median per (part, size) and backend, and the ratio of each commlab variant to gloo."""
     table = []
     keys = sorted({(r["part"], r.get("bytes", 0)) for r in rows}, key=lambda k: (k[0] in OPS, k))
     for part, nbytes in keys:
         metric = "busbw_GBps" if part in OPS else "tokens_per_s"
         medians = {}
-        for backend in BACKENDS:
+        for backend in backends:
             values = [
                 r[metric]
                 for r in rows
@@ -172,9 +176,8 @@ def summarize(world: int, rows: list[dict]) -> list[dict]:
                 "part": part,
                 "bytes": nbytes or None,
                 "metric": metric,
-                "gloo": medians["gloo"],
-                "commlab": medians["commlab"],
-                "ratio": medians["commlab"] / medians["gloo"],
+                **medians,
+                **{f"{b} / gloo": medians[b] / medians["gloo"] for b in backends if b != "gloo"},
                 "trials": len(values),
             }
         )
@@ -195,27 +198,33 @@ def main() -> None:
     parser.add_argument("--op-bytes", type=parse_size, nargs="+", default=[64 << 10, 4 << 20])
     parser.add_argument("--op-iters", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 trials, 2 steps, 3 op calls")
+    parser.add_argument("--backends", nargs="+", default=["gloo", "commlab"], choices=BACKENDS)
     parser.add_argument("--json", type=Path, default=Path("torch_backend.json"))
     args = parser.parse_args()
     if args.quick:
         args.trials, args.steps, args.op_iters = 2, 2, 3
+    if "gloo" not in args.backends or len(set(args.backends)) < 2:
+        parser.error("--backends: gloo and at least one of commlab, commlab-p2p (ratios are to gloo)")
+    args.backends = list(dict.fromkeys(args.backends))
     description = machine()
     tables, samples = [], []
     for world in args.world:
         rows = run(world, args)
         samples += [{"world": world, **row} for row in rows]
-        tables += summarize(world, rows)
+        tables += summarize(world, rows, args.backends)
     print(
         f"# backend commlab vs gloo, median of {args.trials} interleaved trials; load average at start "
         f"{description['load_average_start']}"
     )
-    print(f"# {'ranks':>5}  {'part':<24}{'size':>10}  {'metric':<12}{'gloo':>10}{'commlab':>10}{'ratio':>8}")
+    variants = [b for b in args.backends if b != "gloo"]
+    header = "".join(f"{b:>12}" for b in ["gloo", *variants])
+    ratios = "".join(f"{b + '/gloo':>18}" for b in variants)
+    print(f"# {'ranks':>5}  {'part':<24}{'size':>10}  {'metric':<12}{header}{ratios}")
     for row in tables:
         size = "" if row["bytes"] is None else str(row["bytes"])
-        print(
-            f"  {row['world']:>5}  {row['part']:<24}{size:>10}  {row['metric']:<12}{row['gloo']:>10.3f}"
-            f"{row['commlab']:>10.3f}{row['ratio']:>8.2f}"
-        )
+        values = "".join(f"{row[b]:>12.3f}" for b in ["gloo", *variants])
+        quotients = "".join(f"{row[f'{b} / gloo']:>18.2f}" for b in variants)
+        print(f"  {row['world']:>5}  {row['part']:<24}{size:>10}  {row['metric']:<12}{values}{quotients}")
     description["load_average_end"] = os.getloadavg()
     args.json.write_text(
         json.dumps(
