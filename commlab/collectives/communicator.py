@@ -352,7 +352,7 @@ class Communicator:
 
         def verify(first: Any) -> None:
             try:
-                agree = exchange.finish(deadline)
+                agree = exchange.finish(deadline, first)
             except (CollectiveTimeoutError, TransportError) as error:
                 raise type(error)(f"{call.label} argument check, rank {self.rank}: {error}") from error
             if agree:

@@ -889,17 +889,24 @@ class SignatureExchange:
         sequence = transport._gathers + 1
         word = self._slots[sequence % 2][transport.rank]
         self._mm[word * 8 + 8 : word * 8 + 8 + len(self._mine)] = self._mine
-        view = self._view
-        view[word] = sequence  # after the values: a peer that sees the sequence sees them
+        self._view[word] = sequence  # after the values: a peer that sees the sequence sees them
         with transport._fence:
             pass
-        for peer, flag in self._peer_flags:
-            if view[flag]:
-                transport._ring(peer)
         transport._hold_receives = True
 
-    def finish(self, deadline: float) -> bool:
+    def finish(self, deadline: float, first: list[_Transfer] | None = None) -> bool:
+        """Whether every rank's signature equals this one's, waiting for them until `deadline`.
+
+        `first`: step 0's transfers, posted since `start`. Sleeping peers are woken here rather than in
+        `start`, so a peer waiting for this rank wakes once, to this rank's signature and step 0's data
+        together (woken at `start` it would find the slot, miss the data and sleep again). A peer that
+        step 0 already sent to was woken by that send if it slept (the slot was written before).
+        """
         transport, view = self.transport, self._view
+        sent = {t.peer for t in first if t.header} if first else ()  # (receives are held: sends only)
+        for peer, flag in self._peer_flags:
+            if view[flag] and peer not in sent:
+                transport._ring(peer)
         sequence = transport._gathers + 1
         slots = self._slots[sequence % 2]
         try:
