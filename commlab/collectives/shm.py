@@ -17,8 +17,10 @@ every rank may read every peer; where not, everything goes through the rings.
 A receive may reduce on receipt (`Message.reduce`, `reduces_on_receipt`): the bytes are added into the
 receiving tensor instead of stored in it. From a ring the reduction reads the ring itself (no copy out);
 from a descriptor the receiver reads the sender's memory in pieces of REDUCE_PIECE_BYTES into a scratch
-that stays in the core's L2 cache and adds each piece while it is there, so the reduction reads one
-operand from cache instead of a whole message's scratch from DRAM (and no scratch is written back).
+that stays in cache and adds each piece while it is there, so the reduction reads one operand from
+cache instead of a whole message's scratch from DRAM (and no scratch is written back). The piece size
+is measured (benchmarks/shm_bandwidth.py): smaller pieces pay a system call and a torch add per piece
+(~6 us each), larger ones fall out of the caches.
 
 Progress happens in the calling thread: posting and every wait move every posted transfer as far as the
 rings allow (as an MPI progress engine does), so a wait never blocks a transfer another step needs.
@@ -502,7 +504,7 @@ class SharedMemoryTransport:
             remote, local, nbytes = remote + got, local + got, nbytes - got
 
     def _read_and_reduce(self, t: _Transfer, remote: int) -> None:
-        """Reduce the peer's bytes at `remote` into t.data, a piece at a time through an L2-sized scratch."""
+        """Reduce the peer's bytes at `remote` into t.data, a piece at a time through a cached scratch."""
         dtype = t.data.dtype
         size = t.data.element_size()
         if self._reduce_pieces is None:
@@ -912,10 +914,9 @@ class SignatureExchange:
         try:
             for word in slots:
                 if view[word] < sequence:
-                    transport._gather_finish(self.width, deadline)  # waits; ends the round
+                    self._wait(slots, sequence, deadline)
                     break
-            else:
-                transport._gathers = sequence
+            transport._gathers = sequence
         except BaseException:
             transport._hold_receives = False
             raise
@@ -931,6 +932,23 @@ class SignatureExchange:
                 return False
         transport._hold_receives = False  # the executor's wait moves the held receives
         return True
+
+    def _wait(self, slots: list[int], sequence: int, deadline: float) -> None:
+        """Wait (the transport's poll: spin, yield, sleep; dead peers; deadline) for every slot."""
+        view = self._view
+
+        def arrived() -> bool:
+            return all(view[word] >= sequence for word in slots)
+
+        def waiting() -> list[tuple[int, int]]:
+            return [(r, r) for r, word in enumerate(slots) if view[word] < sequence]
+
+        transport = self.transport
+        transport._poll(transport._progress, arrived, deadline, waiting, self._describe)
+
+    @staticmethod
+    def _describe(rank: int) -> str:
+        return f"the argument check with rank {rank}"
 
     def _stop_if_a_peer_gave_up(self, peer: int, sequence: int) -> None:
         """Raise if `peer` gave up in this call after writing its slot (a timeout in this very check).
