@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from commlab.collectives import schedule as ir
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule
 from commlab.collectives.executor import REDUCERS, bind, compile_program, execute, posting_order, run
 from commlab.collectives.schedule import ROOTED_OPS, subdivide, verify
@@ -34,6 +35,8 @@ class Mailboxes:
     def __init__(self) -> None:
         self.boxes: dict[tuple[int, int, int], torch.Tensor] = {}
         self.taken: set[tuple[int, int, int]] = set()
+        self.reducing: dict[tuple[int, int, int], tuple] = {}  # reducing receives waiting for their send
+        self.reduced: set[tuple[int, int, int]] = set()  # reducing receives done, not yet waited for
         self.ready = threading.Condition()
 
     def wait_for(self, predicate, timeout: float, what: str) -> None:
@@ -81,20 +84,78 @@ class InMemoryTransport:
                 assert key not in self.mail.boxes, f"tag {m.tag} reused between {self.rank} and {m.peer}"
                 self.mail.boxes[key] = m.tensor
             self.mail.ready.notify_all()
+        assert not any(m.reduce for m in recvs), "a reducing receive on a transport that does not reduce"
         requests = [Receive(self.mail, (m.peer, self.rank, m.tag), m.tensor) for m in recvs]
         return requests + [Send(self.mail, (self.rank, m.peer, m.tag)) for m in sends]
 
 
-def run_everywhere(schedule, inputs: list[torch.Tensor], window: int) -> list[torch.Tensor]:
-    """Execute `schedule` on every rank (one thread each); the buffers afterwards."""
+class Reduced:
+    """A reducing receive of EagerReducingTransport: done once its sender's post has reduced it."""
+
+    def __init__(self, mail: Mailboxes, key: tuple[int, int, int]) -> None:
+        self.mail, self.key = mail, key
+
+    def wait(self, timeout: float) -> None:
+        with self.mail.ready:
+            self.mail.wait_for(lambda: self.key in self.mail.reduced, timeout, f"receive {self.key}")
+            self.mail.reduced.discard(self.key)
+
+
+class EagerReducingTransport(InMemoryTransport):
+    """Reduces on receipt (`Message.reduce`) at the earliest moment it may: as soon as both the send and
+    the reducing receive are posted, whichever comes second does the reduction into the receiver's buffer.
+    So a fused receive that the executor posted too early (before an earlier step finished writing or
+    sending its chunks) changes values a correct program would not have let it touch yet. Plain
+    receives still copy at the latest moment, as in InMemoryTransport."""
+
+    reduces_on_receipt = True
+
+    def post(self, sends: list[Message], recvs: list[Message]) -> list:
+        mail = self.mail
+        requests: list = []
+        with mail.ready:
+            for m in recvs:
+                key = (m.peer, self.rank, m.tag)
+                if m.reduce is None:
+                    requests.append(Receive(mail, key, m.tensor))
+                    continue
+                requests.append(Reduced(mail, key))
+                if key in mail.boxes:
+                    self._reduce(key, m.tensor, m.reduce, mail.boxes.pop(key))
+                else:
+                    mail.reducing[key] = (m.tensor, m.reduce)
+            for m in sends:
+                key = (self.rank, m.peer, m.tag)
+                assert key not in mail.boxes, f"tag {m.tag} reused between {self.rank} and {m.peer}"
+                if key in mail.reducing:
+                    self._reduce(key, *mail.reducing.pop(key), m.tensor)
+                else:
+                    mail.boxes[key] = m.tensor
+                requests.append(Send(mail, key))
+            mail.ready.notify_all()
+        return requests
+
+    def _reduce(self, key, into: torch.Tensor, reduce, payload: torch.Tensor) -> None:
+        assert payload.numel() == into.numel(), (key, payload.numel(), into.numel())
+        reduce(into, payload.clone())
+        self.mail.taken.add(key)  # the send is complete
+        self.mail.reduced.add(key)  # and so is the receive
+
+
+def run_everywhere(
+    schedule, inputs: list[torch.Tensor], window: int, fuse: bool = False
+) -> list[torch.Tensor]:
+    """Execute `schedule` on every rank (one thread each); the buffers afterwards. `fuse`: programs with
+    reducing receives fused, on EagerReducingTransport."""
     mail = Mailboxes()
     buffers = [x.clone() for x in inputs]
     errors: list[BaseException] = []
 
     def rank_main(rank: int) -> None:
         try:
-            plan = compile_program(schedule, rank, buffers[rank].numel(), window)
-            transport = InMemoryTransport(mail, rank, schedule.world_size)
+            plan = compile_program(schedule, rank, buffers[rank].numel(), window, fuse)
+            kind = EagerReducingTransport if fuse else InMemoryTransport
+            transport = kind(mail, rank, schedule.world_size)
             execute(plan, buffers[rank], transport, REDUCERS["sum"], time.monotonic() + 30)
         except BaseException as error:  # surfaced below
             errors.append(error)
@@ -126,7 +187,9 @@ def expected(op: str, inputs: list[torch.Tensor], root: int | None) -> list[torc
     return [total[r * block : (r + 1) * block] for r in range(p)]  # reduce_scatter: block r only
 
 
-def check(name: str, op: str, p: int, numel: int, pieces: int, window: int, segments: int = 1) -> None:
+def check(
+    name: str, op: str, p: int, numel: int, pieces: int, window: int, segments: int = 1, fuse: bool = False
+) -> None:
     root = (p - 1) // 2 if op in ROOTED_OPS else None
     schedule = subdivide(build_schedule(op, name, p, root, segments), pieces)
     if op in ("reduce_scatter", "allgather"):
@@ -134,7 +197,7 @@ def check(name: str, op: str, p: int, numel: int, pieces: int, window: int, segm
     if op == "alltoall":  # p x p blocks: block (s, d) is what s sends to d
         numel = numel * p * p
     inputs = [torch.randint(-50, 50, (numel,)).to(torch.float64) for _ in range(p)]
-    got = run_everywhere(schedule, inputs, window)
+    got = run_everywhere(schedule, inputs, window, fuse)
     if op == "alltoall":
         b = numel // (p * p)
         for rank in range(p):
@@ -158,6 +221,74 @@ def test_every_algorithm_with_lookahead_and_pieces(name: str, op: str) -> None:
     for p in (2, 3, 4, 5):
         for pieces, window in ((1, 1), (1, 3), (3, 2), (4, 5)):
             check(name, op, p, 37, pieces, window, segments=2)
+
+
+@pytest.mark.parametrize(("name", "op"), CASES, ids=[f"{a}-{o}" for a, o in CASES])
+def test_every_algorithm_with_reductions_fused_on_receipt(name: str, op: str) -> None:
+    """Reducing receives land reduced in the buffer, at the earliest moment a transport may reduce them
+    (EagerReducingTransport): the values are exact (integers in float64), so a fused receive posted
+    before its chunks were free, or two reductions into a chunk taken out of order, would show."""
+    for p in (2, 3, 4, 5):
+        for pieces, window in ((1, 1), (1, 3), (3, 2)):
+            check(name, op, p, 37, pieces, window, segments=2, fuse=True)
+
+
+def test_fusion_only_where_no_other_transfer_of_the_step_touches_the_chunks() -> None:
+    """Ring allreduce fuses its reduce-scatter receives; recursive doubling sends the very chunks it
+    reduces into in the same step, so it must keep them in scratch (the send carries the unreduced
+    values); without fuse_reduce nothing is fused."""
+
+    def fused(name: str, fuse: bool) -> list[bool]:
+        plan = compile_program(build_schedule("allreduce", name, 4), 0, 4000, 3, fuse)
+        return [r.reduce and r.scratch_offset < 0 for step in plan.steps for r in step.recvs]
+
+    assert fused("ring", True) == [True] * 3 + [False] * 3
+    assert fused("recursive_doubling", True) == [False, False]
+    assert not any(fused("ring", False))
+
+
+def test_a_fused_receive_waits_until_its_chunks_are_sent() -> None:
+    """Rank 0 sends chunk 0 to rank 1 in step 0 and reduces rank 2's chunk 0 into it in step 1: the
+    fused receive of step 1 must not be posted (and so reduced, on a transport that reduces at once)
+    before step 0's send is complete, or rank 1 would receive x0 + x2 instead of x0. Rank 1 starts last
+    (after rank 0 had every chance to post step 1 early), and reads what it receives at its wait."""
+    schedule = ir.Schedule(
+        "allreduce",
+        "custom",
+        3,
+        1,
+        (
+            (ir.Step(sends=(ir.Send(1, (0,)),)), ir.Step(recvs=(ir.Recv(2, (0,), True),))),
+            (ir.Step(recvs=(ir.Recv(0, (0,), True),)),),
+            (ir.Step(sends=(ir.Send(0, (0,)),)),),
+        ),
+    )
+    plan = compile_program(schedule, 0, 8, 3, True)
+    assert plan.steps[1].after == 0 and plan.steps[1].recvs[0].scratch_offset < 0
+    mail = Mailboxes()
+    inputs = [torch.full((8,), float(10**r)) for r in range(3)]
+    buffers = [x.clone() for x in inputs]
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            plan = compile_program(schedule, rank, 8, 3, True)
+            transport = EagerReducingTransport(mail, rank, 3)
+            execute(plan, buffers[rank], transport, REDUCERS["sum"], time.monotonic() + 30)
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+
+    threads = {r: threading.Thread(target=rank_main, args=(r,)) for r in range(3)}
+    threads[2].start()
+    threads[0].start()
+    with mail.ready:  # a wrong plan reduces rank 2's chunk at once; a right one never before rank 1 runs
+        mail.ready.wait_for(lambda: (2, 0, 0) in mail.reduced, timeout=0.5)
+    threads[1].start()
+    for thread in threads.values():
+        thread.join(30)
+    assert not errors, errors
+    assert torch.equal(buffers[1], inputs[1] + inputs[0])
+    assert torch.equal(buffers[0], inputs[0] + inputs[2])
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, database=None)

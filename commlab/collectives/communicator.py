@@ -163,6 +163,8 @@ class Communicator:
         self._bound: OrderedDict[tuple, BoundProgram] = OrderedDict()
         self.choices: dict[tuple, tuple] = {}  # api's resolved (algorithm, segments, pieces, signature)
         self.persistent = callable(getattr(transport, "prepare", None))
+        # reducing receives land reduced in the buffer where the transport can (see executor)
+        self.fuse_reduce = bool(getattr(transport, "reduces_on_receipt", False)) and not self.persistent
         self._exchange: Any = None  # the transport's signature exchange, made on first use
         self._scratch: dict[tuple, Any] = {}  # scratch per (dtype, device); argument-check buffers
 
@@ -184,7 +186,9 @@ class Communicator:
             schedule = build_schedule(
                 call.op, call.algorithm, self.size, call.root, call.segments, self.hosts
             )
-            plan = compile_program(subdivide(schedule, call.pieces), self.rank, key[-1], self.window)
+            plan = compile_program(
+                subdivide(schedule, call.pieces), self.rank, key[-1], self.window, self.fuse_reduce
+            )
             self._programs[key] = plan
             if len(self._programs) > _PLAN_CACHE:
                 self._programs.popitem(last=False)
@@ -348,7 +352,7 @@ class Communicator:
 
         def verify(first: Any) -> None:
             try:
-                agree = exchange.finish(deadline)
+                agree = exchange.finish(deadline, first)
             except (CollectiveTimeoutError, TransportError) as error:
                 raise type(error)(f"{call.label} argument check, rank {self.rank}: {error}") from error
             if agree:

@@ -16,6 +16,15 @@ made once, and a transport with persistent requests (MPI: `prepare`/`start`) mak
 `run` costs a few Python operations per step. `run` can also call a `verify` right after posting step 0
 (the argument check that rides beside the first step; see Communicator).
 
+On a transport that reduces on receipt (`reduces_on_receipt`, shared memory), a program compiled with
+`fuse_reduce` lets a reducing receive land in the buffer itself: the transport reduces the incoming bytes
+into the buffer range piece by piece as they arrive (a cache-sized piece read, then added while it is
+still in cache), instead of the whole message going to scratch and being added after the wait. Such a
+receive counts as an overwrite of its chunks for `after` (the reduction may run any time after posting),
+and it is fused only where no other transfer of its step touches its chunks: a step that sends the chunks
+it reduces into (recursive doubling's swap) must send them unreduced, and two reductions into one chunk
+keep the schedule's order (so every rank adds in the same order, whatever the timing).
+
 The posting order does not depend on timing, so compilation also lays out scratch: each step's region is
 live from its posting to its completion and regions live at once never overlap. The caller passes a
 scratch tensor of at least `plan.scratch_numel` elements (the communicator keeps one and reuses it).
@@ -64,7 +73,10 @@ Ranges = tuple[tuple[int, int], ...]
 
 @dataclass(frozen=True)
 class ProgramTransfer:
-    """One message of a step: peer, per-pair ordinal (the tag offset), element ranges and where it lands."""
+    """One message of a step: peer, per-pair ordinal (the tag offset), element ranges and where it lands.
+
+    A receive with `reduce` and `scratch_offset` -1 is fused: the transport reduces it into its one
+    buffer range on receipt (see `compile_program`'s `fuse_reduce`)."""
 
     peer: int
     ordinal: int
@@ -111,8 +123,15 @@ def _merge(bounds: list[tuple[int, int]], chunks: tuple[int, ...]) -> Ranges:
 
 
 @functools.lru_cache(maxsize=512)
-def compile_program(schedule: Schedule, rank: int, numel: int, window: int = DEFAULT_WINDOW) -> Program:
-    """Turn rank `rank`'s steps into element ranges, tags, dependencies and scratch for a `numel` buffer."""
+def compile_program(
+    schedule: Schedule, rank: int, numel: int, window: int = DEFAULT_WINDOW, fuse_reduce: bool = False
+) -> Program:
+    """Turn rank `rank`'s steps into element ranges, tags, dependencies and scratch for a `numel` buffer.
+
+    `fuse_reduce`: reducing receives into one contiguous range that no other transfer of their step
+    touches land in the buffer, reduced on receipt by the transport (see the module docstring); only for
+    a transport whose `reduces_on_receipt` is True.
+    """
     if not isinstance(window, int) or window < 1:
         raise invalid("window", window, "an integer >= 1")
     bounds = chunk_bounds(numel, schedule.num_chunks, schedule.num_blocks)
@@ -125,13 +144,15 @@ def compile_program(schedule: Schedule, rank: int, numel: int, window: int = DEF
         offset = 0
         sends, recvs = [], []
         reads, writes, direct_writes = set(), set(), set()
+        shared = _shared_chunks(step) if fuse_reduce else set()
         for recv in step.recvs:
             ordinal = received.get(recv.peer, 0)
             received[recv.peer] = ordinal + 1
             writes.update(recv.chunks)
             ranges = _merge(bounds, recv.chunks)
             size = sum(e - s for s, e in ranges)
-            direct = not recv.reduce and len(ranges) <= 1
+            fused = fuse_reduce and recv.reduce and len(ranges) == 1 and shared.isdisjoint(recv.chunks)
+            direct = (not recv.reduce and len(ranges) <= 1) or fused
             if direct:
                 direct_writes.update(recv.chunks)
             if size:
@@ -163,6 +184,17 @@ def compile_program(schedule: Schedule, rank: int, numel: int, window: int = DEF
     steps, scratch_numel = _lay_out_scratch(steps, window)
     tags = max([*sent.values(), *received.values(), 0])
     return Program(rank, numel, tuple(steps), scratch_numel, tags, window)
+
+
+def _shared_chunks(step) -> set[int]:
+    """Chunks that more than one transfer of a step touches (sent, or received more than once)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for transfer in (*step.sends, *step.recvs):
+        chunks = set(transfer.chunks)
+        shared |= seen & chunks
+        seen |= chunks
+    return shared
 
 
 def posting_order(steps: list[ProgramStep] | tuple[ProgramStep, ...], window: int) -> list[int]:
@@ -231,11 +263,12 @@ class BoundStep:
     the gathers that fill scattered sends, the reductions to apply, and the transport's persistent
     handle of its transfers (None: posted afresh each call)."""
 
-    __slots__ = ("applies", "describe", "gathers", "handle", "recvs", "sends", "step")
+    __slots__ = ("applies", "describe", "fused", "gathers", "handle", "recvs", "sends", "step")
 
     def __init__(self, step: ProgramStep, buffer: torch.Tensor, scratch: torch.Tensor) -> None:
         self.step = step
         self.recvs = [Message(_region(buffer, scratch, r), r.peer, r.ordinal) for r in step.recvs]
+        self.fused = [r.reduce and r.scratch_offset < 0 for r in step.recvs]  # reduced on receipt
         self.sends = [Message(_region(buffer, scratch, s), s.peer, s.ordinal) for s in step.sends]
         self.gathers = [
             (message.tensor, [buffer[a:b] for a, b in send.ranges])
@@ -309,7 +342,7 @@ def bind(plan: Program, buffer: torch.Tensor, scratch: torch.Tensor | None = Non
     return BoundProgram(plan, buffer, scratch)
 
 
-def _post(bound: BoundStep, transport: Transport, tag_base: int, persistent: bool):
+def _post(bound: BoundStep, transport: Transport, tag_base: int, persistent: bool, reducer: Reducer):
     """Post a step's receives and sends (gathering scattered sends into scratch first)."""
     for payload, sources in bound.gathers:
         torch.cat(sources, out=payload)
@@ -317,7 +350,11 @@ def _post(bound: BoundStep, transport: Transport, tag_base: int, persistent: boo
         return transport.start(bound.handle) if bound.handle is not None else None  # type: ignore[attr-defined]
     if not bound.sends and not bound.recvs:
         return None
-    return transport.post(_tagged(bound.sends, tag_base), _tagged(bound.recvs, tag_base))
+    recvs = [
+        Message(m.tensor, m.peer, tag_base + m.tag, reducer if fused else None)
+        for m, fused in zip(bound.recvs, bound.fused, strict=True)
+    ]
+    return transport.post(_tagged(bound.sends, tag_base), recvs)
 
 
 def _apply(bound: BoundStep, reducer: Reducer) -> None:
@@ -377,12 +414,12 @@ def _run_steps(
     posted = 0
     if verify is not None:
         if count:
-            in_flight[0] = _post(steps[0], transport, tag_base, persistent)
+            in_flight[0] = _post(steps[0], transport, tag_base, persistent, reducer)
             posted = 1
         verify(in_flight[0] if count else None)
     for k in range(count):
         while posted < count and posted - k < window and steps[posted].step.after < k:
-            in_flight[posted] = _post(steps[posted], transport, tag_base, persistent)
+            in_flight[posted] = _post(steps[posted], transport, tag_base, persistent, reducer)
             posted += 1
         step = steps[k]
         requests = in_flight[k]

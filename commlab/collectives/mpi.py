@@ -457,8 +457,9 @@ class SignatureExchange:
             self._last = signature
         self.transport.start(self.step)
 
-    def finish(self, deadline: float) -> bool:
-        """Wait for every rank's signature; whether all agree (the rows are in `table`)."""
+    def finish(self, deadline: float, first: Any = None) -> bool:
+        """Wait for every rank's signature; whether all agree (the rows are in `table`). (`first`, step
+        0's requests, is for transports that need it.)"""
         self.transport.wait_all(self.step, deadline, self._describe)
         return self.table.tobytes() == self._expected
 

@@ -14,6 +14,14 @@ the receiver copies the bytes straight out of the sender's memory (`cma`, proces
 instead of two); the send completes when the receiver has passed the descriptor. Setup probes whether
 every rank may read every peer; where not, everything goes through the rings.
 
+A receive may reduce on receipt (`Message.reduce`, `reduces_on_receipt`): the bytes are added into the
+receiving tensor instead of stored in it. From a ring the reduction reads the ring itself (no copy out);
+from a descriptor the receiver reads the sender's memory in pieces of REDUCE_PIECE_BYTES into a scratch
+that stays in cache and adds each piece while it is there, so the reduction reads one operand from
+cache instead of a whole message's scratch from DRAM (and no scratch is written back). The piece size
+is measured (benchmarks/shm_bandwidth.py): smaller pieces pay a system call and a torch add per piece
+(~6 us each), larger ones fall out of the caches.
+
 Progress happens in the calling thread: posting and every wait move every posted transfer as far as the
 rings allow (as an MPI progress engine does), so a wait never blocks a transfer another step needs.
 Waiting polls the counters: on the main thread a short spin (none when the host runs more ranks than it has
@@ -74,6 +82,7 @@ CHECK_S = 0.05  # how often a waiting rank checks that its peers still run
 MAX_GATHER = seg.GATHER_WORDS - 1
 CMA_ENV = "COMMLAB_SHM_CMA"  # 0: every message through the rings, even where cma works
 CMA_MIN_BYTES = 64 << 10  # messages this long or longer are read from the sender's memory (see cma)
+REDUCE_PIECE_BYTES = 1 << 20  # a reducing cma receive reads and adds this much at a time (in cache)
 
 _memmove = ctypes.memmove  # a plain memcpy with the GIL released; torch's copy_ costs more per call
 
@@ -118,12 +127,18 @@ class _Transfer:
     """One posted send or receive: the bytes, the peer, the tag, and how far it has got."""
 
     __slots__ = (
-        "address", "cma", "data", "done", "footprint", "header", "nbytes", "peer", "release", "tag",
-        "transport",
+        "address", "cma", "data", "done", "footprint", "header", "nbytes", "peer", "reduce", "release",
+        "tag", "transport",
     )  # fmt: skip
 
     def __init__(
-        self, transport: SharedMemoryTransport, tensor: torch.Tensor, peer: int, tag: int, cma: bool
+        self,
+        transport: SharedMemoryTransport,
+        tensor: torch.Tensor,
+        peer: int,
+        tag: int,
+        cma: bool,
+        reduce: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     ) -> None:
         self.transport = transport
         self.data = tensor  # kept alive until the transfer completes
@@ -136,6 +151,7 @@ class _Transfer:
         self.header = False
         self.done = 0  # footprint bytes moved
         self.release = 0  # a cma send: the tail the receiver must pass (it has read the bytes); then 0
+        self.reduce = reduce  # a receive that reduces into `data` instead of overwriting it
 
     @property
     def complete(self) -> bool:
@@ -162,6 +178,8 @@ class SharedMemoryTransport:
     backend = "shm"  # no shipped calibration: `auto` prices algorithms with cost_model
     cost_model = SHM_COST_MODEL
     piece_bytes = 0  # copies run on the caller's thread: slices add messages, not overlap
+    reduces_on_receipt = True  # a receive may carry Message.reduce (see the module docstring)
+    _reduce_pieces: dict[torch.dtype, torch.Tensor] | None = None  # scratch of _read_and_reduce, per dtype
     max_tag = (1 << 62) - 1
 
     def __init__(
@@ -372,7 +390,10 @@ class SharedMemoryTransport:
                 if not 0 <= m.peer < self.size or m.peer == self.rank:
                     raise invalid("peer", m.peer, f"another rank of 0..{self.size - 1}")
                 cma = self.cma and tensor.numel() * tensor.element_size() >= CMA_MIN_BYTES
-                transfer = _Transfer(self, tensor, m.peer, m.tag, cma)
+                reduce = m.reduce if queues is self._recvs else None
+                if reduce is not None and tensor.dim() != 1:
+                    raise invalid("tensor", f"{tensor.dim()}-d", "a 1-d tensor for a reducing receive")
+                transfer = _Transfer(self, tensor, m.peer, m.tag, cma, reduce)
                 queue = queues.get(m.peer)
                 if queue is None:
                     queue = queues[m.peer] = deque()
@@ -474,7 +495,10 @@ class SharedMemoryTransport:
         self._check_header(t, int(words[at]), int(words[at + 1]), -1 - t.nbytes)
         self._consumed[t.peer] += 1
         address = int(words[(base + (tail + 16) % ring) // 8])
-        self._read_peer(t.peer, address, t.address, t.nbytes)
+        if t.reduce is None:
+            self._read_peer(t.peer, address, t.address, t.nbytes)
+        else:
+            self._read_and_reduce(t, address)
         tail += 32
         self._publish(layout.tail_word(t.peer, self.rank), tail, t.peer)
         self._tails[t.peer] = tail
@@ -502,6 +526,21 @@ class SharedMemoryTransport:
                 what = "exited" if error == errno.ESRCH else f"could not be read: {os.strerror(error)}"
                 raise TransportError(f"rank {peer} (pid {pid}) {what}")
             remote, local, nbytes = remote + got, local + got, nbytes - got
+
+    def _read_and_reduce(self, t: _Transfer, remote: int) -> None:
+        """Reduce the peer's bytes at `remote` into t.data, a piece at a time through a cached scratch."""
+        dtype = t.data.dtype
+        size = t.data.element_size()
+        if self._reduce_pieces is None:
+            self._reduce_pieces = {}  # this transport's own (made on first use, kept)
+        piece = self._reduce_pieces.get(dtype)
+        if piece is None:
+            piece = self._reduce_pieces[dtype] = torch.empty(REDUCE_PIECE_BYTES // size, dtype=dtype)
+        local, step, total = piece.data_ptr(), piece.numel(), t.data.numel()
+        for start in range(0, total, step):
+            count = min(step, total - start)
+            self._read_peer(t.peer, remote + start * size, local, count * size)
+            t.reduce(t.data[start : start + count], piece[:count])
 
     def _pull(self, t: _Transfer) -> bool:
         """Copy out what has arrived of a receive; publish the tail after each piece."""
@@ -532,8 +571,10 @@ class SharedMemoryTransport:
                     break
             n = min(avail, t.footprint - t.done, COPY_BYTES)
             data = min(n, t.nbytes - t.done)
-            if data > 0:
+            if data > 0 and t.reduce is None:
                 self._copy_out(base, tail % ring, t.address + t.done, data)
+            elif data > 0:
+                self._reduce_out(t, base + tail % ring, data)
             t.done += n
             tail += n
             avail -= n
@@ -560,6 +601,22 @@ class SharedMemoryTransport:
         _memmove(dst, self._base_address + base + at, first)
         if first < n:
             _memmove(dst + first, self._base_address + base, n - first)
+
+    def _reduce_out(self, t: _Transfer, at: int, n: int) -> None:
+        """Reduce n bytes of the ring from segment offset `at` (wrapping) into t.data, past t.done.
+
+        Ring positions and piece ends are multiples of 16 bytes (only a message's last piece ends
+        sooner, on an element), so both parts of a wrapped piece hold whole elements.
+        """
+        ring, size, dtype = self.layout.ring_bytes, t.data.element_size(), t.data.dtype
+        ring_start = self.layout.ring_offset(t.peer, self.rank)
+        first = min(n, ring_start + ring - at)
+        element = t.done // size
+        t.reduce(t.data[element : element + first // size], self._bytes[at : at + first].view(dtype))
+        if first < n:
+            element += first // size
+            rest = self._bytes[ring_start : ring_start + n - first].view(dtype)
+            t.reduce(t.data[element : element + (n - first) // size], rest)
 
     def _publish(self, word: int, value: int, peer: int) -> None:
         """Store a counter between two fences and ring `peer`'s doorbell if it sleeps.
@@ -823,9 +880,13 @@ class SignatureExchange:
 
     `start` writes this rank's slot (no message) and holds the receives: step 0's sends go out at once,
     but no receive reads a ring until `finish` has seen every rank's signature agree, so a message of a
-    disagreeing peer is never taken for this rank's own (`discard` drops such messages instead). The
-    slots and state words are read through numpy views made once, so a call whose peers have already
-    written their slots costs a few array operations.
+    disagreeing peer is never taken for this rank's own (`discard` drops such messages instead).
+
+    Why plain Python on a memoryview and the mmap: the check runs on every call, and a numpy operation
+    on a few words costs about a microsecond, while indexing a memoryview or slicing the mmap costs tens
+    of nanoseconds. The signature is packed into bytes once per distinct call; a call then writes it
+    with one slice assignment and its sequence number with one store, and compares each rank's slot
+    with one bytes comparison: about 3 + 3p such operations when the peers are already there.
     """
 
     def __init__(self, transport: SharedMemoryTransport, width: int) -> None:
@@ -833,76 +894,101 @@ class SignatureExchange:
             raise invalid("width", width, f"at most {MAX_GATHER} values")
         self.transport = transport
         self.width = width
-        size, words, layout = transport.size, transport._words, transport.layout
-        first = layout.gather_word(0, 0)
-        self._slots = words[first : first + size * 2 * seg.GATHER_WORDS].reshape(size, 2, seg.GATHER_WORDS)
-        per_rank = seg.STATUS_BYTES // 8
-        self._states = words[: size * per_rank].reshape(size, per_rank)  # [:, 0] state, [:, 1] sleeping
-        self._mine = np.zeros(width, dtype=np.int64)
+        size, layout = transport.size, transport.layout
+        assert transport._mm is not None
+        self._mm = transport._mm
+        self._view = memoryview(transport._mm).cast("q")  # the segment as int64 words
+        self._slots = [[layout.gather_word(r, parity) for r in range(size)] for parity in (0, 1)]
+        peers = [r for r in range(size) if r != transport.rank]
+        self._peer_states = [(r, layout.status_word(r)) for r in peers]
+        self._peer_flags = [(r, layout.waiting_word(r)) for r in peers]
         self._last: tuple[int, ...] | None = None
-        self._expected = b""
-        self._rows: np.ndarray | None = None
+        self._mine = b""  # this rank's signature, packed
+        self._rows: list[list[int]] | None = None
 
     def start(self, signature: tuple[int, ...]) -> None:
         transport = self.transport
         transport._check_usable()
         if signature != self._last:
-            self._mine[:] = signature
+            self._mine = np.array(signature, dtype=np.int64).tobytes()
             self._last = signature
-            self._expected = self._mine.tobytes() * transport.size
         sequence = transport._gathers + 1
-        slot = self._slots[transport.rank, sequence % 2]
-        slot[1 : 1 + self.width] = self._mine
-        slot[0] = sequence  # after the values: a peer that sees the sequence sees them
+        word = self._slots[sequence % 2][transport.rank]
+        self._mm[word * 8 + 8 : word * 8 + 8 + len(self._mine)] = self._mine
+        self._view[word] = sequence  # after the values: a peer that sees the sequence sees them
         with transport._fence:
             pass
-        if self._states[:, 1].any():
-            for peer in np.flatnonzero(self._states[:, 1]).tolist():
-                if peer != transport.rank:
-                    transport._ring(peer)
         transport._hold_receives = True
 
-    def finish(self, deadline: float) -> bool:
-        transport = self.transport
+    def finish(self, deadline: float, first: list[_Transfer] | None = None) -> bool:
+        """Whether every rank's signature equals this one's, waiting for them until `deadline`.
+
+        `first`: step 0's transfers, posted since `start`. Sleeping peers are woken here rather than in
+        `start`, so a peer waiting for this rank wakes once, to this rank's signature and step 0's data
+        together (woken at `start` it would find the slot, miss the data and sleep again). A peer that
+        step 0 already sent to was woken by that send if it slept (the slot was written before).
+        """
+        transport, view = self.transport, self._view
+        sent = {t.peer for t in first if t.header} if first else ()  # (receives are held: sends only)
+        for peer, flag in self._peer_flags:
+            if view[flag] and peer not in sent:
+                transport._ring(peer)
         sequence = transport._gathers + 1
-        parity = sequence % 2
+        slots = self._slots[sequence % 2]
         try:
-            if bool((self._slots[:, parity, 0] >= sequence).all()):
-                transport._gathers = sequence
-            else:
-                transport._gather_finish(self.width, deadline)
+            for word in slots:
+                if view[word] < sequence:
+                    self._wait(slots, sequence, deadline)
+                    break
+            transport._gathers = sequence
         except BaseException:
             transport._hold_receives = False
             raise
-        rows = self._slots[:, parity, 1 : 1 + self.width]
-        if bool((self._states[:, 0] == seg.FAILED).any()):
-            self._stop_if_a_peer_gave_up(sequence)
-        agree = rows.tobytes() == self._expected
-        if agree:
-            transport._hold_receives = False
-            transport._progress()
-        else:
-            self._rows = rows.copy()
-        return agree
+        for peer, state in self._peer_states:
+            if view[state] == seg.FAILED:
+                self._stop_if_a_peer_gave_up(peer, sequence)
+        mm, mine, n = self._mm, self._mine, len(self._mine)
+        for word in slots:
+            if mm[word * 8 + 8 : word * 8 + 8 + n] != mine:
+                self._rows = [
+                    np.frombuffer(mm[w * 8 + 8 : w * 8 + 8 + n], dtype=np.int64).tolist() for w in slots
+                ]
+                return False
+        transport._hold_receives = False  # the executor's wait moves the held receives
+        return True
 
-    def _stop_if_a_peer_gave_up(self, sequence: int) -> None:
-        """Raise if a peer gave up in this call after writing its slot (a timeout in this very check).
+    def _wait(self, slots: list[int], sequence: int, deadline: float) -> None:
+        """Wait (the transport's poll: spin, yield, sleep; dead peers; deadline) for every slot."""
+        view = self._view
+
+        def arrived() -> bool:
+            return all(view[word] >= sequence for word in slots)
+
+        def waiting() -> list[tuple[int, int]]:
+            return [(r, r) for r, word in enumerate(slots) if view[word] < sequence]
+
+        transport = self.transport
+        transport._poll(transport._progress, arrived, deadline, waiting, self._describe)
+
+    @staticmethod
+    def _describe(rank: int) -> str:
+        return f"the argument check with rank {rank}"
+
+    def _stop_if_a_peer_gave_up(self, peer: int, sequence: int) -> None:
+        """Raise if `peer` gave up in this call after writing its slot (a timeout in this very check).
 
         Its first step may have been sent: stop rather than take its data for a call it abandoned. A peer
         that has moved on to the next call has written the next round's slot, and one that closed after
         finishing its part of this call did not give up.
         """
         transport = self.transport
-        for peer in range(transport.size):
-            if peer == transport.rank or int(self._states[peer, 0]) != seg.FAILED:
-                continue
-            if int(self._slots[peer, (sequence + 1) % 2, 0]) <= sequence:
-                transport._hold_receives = False
-                transport._check_peers([(peer, peer)], lambda p: f"the argument check with rank {p}")
+        if self._view[self._slots[(sequence + 1) % 2][peer]] <= sequence:
+            transport._hold_receives = False
+            transport._check_peers([(peer, peer)], lambda p: f"the argument check with rank {p}")
 
     def rows(self) -> list[list[int]]:
         assert self._rows is not None
-        return self._rows.tolist()
+        return self._rows
 
 
 def shared_memory_transport(group: dist.ProcessGroup | None) -> SharedMemoryTransport | None:

@@ -23,11 +23,17 @@ DEFAULT_TIMEOUT_S = 60.0  # a call's deadline unless the group, the communicator
 
 
 class Message(NamedTuple):
-    """One posted transfer: a contiguous tensor, the peer's rank in the group, and the tag."""
+    """One posted transfer: a contiguous tensor, the peer's rank in the group, and the tag.
+
+    `reduce` (receives only, and only on a transport whose `reduces_on_receipt` is True): the incoming
+    bytes are not stored in `tensor` but reduced into it, `reduce(tensor_part, incoming_part)`, as they
+    arrive (see executor.compile_program's `fuse_reduce`).
+    """
 
     tensor: torch.Tensor
     peer: int
     tag: int
+    reduce: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
 
 class Request(Protocol):
@@ -39,7 +45,8 @@ class Transport(Protocol):
 
     Optional, used when present: `wait_all(requests, deadline, describe)` (wait for a step's requests
     at once), `allgather_int64(send, out, deadline)` (a native allgather for the argument check),
-    `max_tag`, `cost_model` and `piece_bytes` (see Communicator).
+    `max_tag`, `cost_model` and `piece_bytes` (see Communicator), `reduces_on_receipt` (receives
+    may carry a `Message.reduce`).
     """
 
     rank: int
