@@ -16,7 +16,8 @@ hosts of 3 + 1 ranks at 1 Gbit/s; two switches joined by a 2:1 oversubscribed up
 4. predicts every case with `simulate_collective(..., fidelity="flow")` (what `commlab sim collective
    --topology <the testbed's topology file>` runs) under two profiles: "wire" (the topology's links at
    the efficiency the check measured, nothing else) and "testbed" (the calibrated profile: software
-   costs from the calibration, the wire from the topology), with the pipeline segments the ranks chose.
+   costs from the calibration, the wire from the topology), with the pipeline segments the ranks chose
+   and gloo's argument check (a ring allgather of the call's signature, `argument_check=True`).
 It writes the table, the error statistics and a plot to docs/testbed-validation.md (+ .png) and the raw
 numbers to benchmarks/results/testbed_validation.json. Run time about 20 minutes (2 shared cores).
 `--auto-only` measures the auto sweeps again; `--repredict` predicts the stored rows with this tree;
@@ -237,7 +238,13 @@ def predict(topology_file: Path, rows: list[dict], profiles: dict, calibration) 
         segments = resolve(row["op"], row["resolved"], p, row["size"], model, 0, hosts).segments
         predictions[key] = {
             name: simulate_collective(
-                row["op"], row["resolved"], topology, row["size"], profile=profile, segments=segments
+                row["op"],
+                row["resolved"],
+                topology,
+                row["size"],
+                profile=profile,
+                segments=segments,
+                argument_check=True,  # the worker's calls run with the check on (the runtime's default)
             ).time
             for name, profile in profiles.items()
         }

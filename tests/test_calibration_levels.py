@@ -255,3 +255,24 @@ def test_calibrate_across_two_emulated_hosts(tmp_path) -> None:
     model = cal.cost_model(4, hosts=HostMap.parse("3,1"))
     assert model.intra is not None and model.inter is not None
     assert choose("allreduce", 4, 16 << 20, model, HostMap.parse("3,1")).predicted_time > 0
+
+
+def test_route_latency_counted_once_and_the_argument_check_priced_as_a_ring_allgather() -> None:
+    """Two hosts of one rank on a switch with 2 ms per link (a 4 ms route). A profile calibrated there (one
+    rank per host) has fits that already hold the route's latency: its 10 ms alpha is the whole one-way
+    message, so a 2-rank ring allreduce of 8 bytes (2 steps, one message each) takes 2 x 10 ms, not
+    2 x (10 + 4) ms. gloo's argument check is a native ring allgather of the 8-int64 signatures: on 2 ranks
+    one step, whose message crosses the route twice (gloo's ready notice, then the data): 2 x 4 ms,
+    whatever the profile (gloo's native call does not pay commlab's software)."""
+    topology = parse_topology("switch:n=2,bandwidth=1Gb/s,latency=2ms")
+    one_step = Level(2, LinkFit((Segment(math.inf, 10e-3, 0.0),)), 0.0, (("float32", 0.0),))
+    calibration = Calibration("gloo", {2: one_step}, inter_host=one_step, hosts="2x1")
+    assert calibration.levels_include_wire
+    check = 2 * 4e-3  # two crossings (the 64-byte signature's wire time, under 1 us, is within rel=1e-2)
+    for profile, steps in ((Profile.from_calibration(calibration), 2 * 10e-3), (Profile(), 2 * 4e-3)):
+        plain = simulate_collective("allreduce", "ring", topology, 8, profile=profile, fidelity="flow")
+        assert plain.time == pytest.approx(steps, rel=1e-3)  # calibrated: was 2 x 14 ms (latency twice)
+        checked = simulate_collective(
+            "allreduce", "ring", topology, 8, profile=profile, fidelity="flow", argument_check=True
+        )
+        assert checked.time - plain.time == pytest.approx(check, rel=1e-2)

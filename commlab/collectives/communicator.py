@@ -485,7 +485,7 @@ def encode_signature(
     segments: int,
     pieces: int = 1,
 ) -> tuple[int, ...]:
-    """The integers every rank must agree on for one call."""
+    """The integers every rank must agree on for one call (`shared.ops.SIGNATURE_INTS` of them)."""
     reduce_code = -1 if reduce_op is None else REDUCE_CODES.index(reduce_op)
     return (
         OPS.index(op),

@@ -52,6 +52,10 @@ OP_TABLE: dict[str, OpInfo] = {
 OPS = tuple(OP_TABLE)
 ROOTED_OPS = tuple(name for name, info in OP_TABLE.items() if info.rooted)
 BLOCKED_OPS = tuple(name for name, info in OP_TABLE.items() if info.blocked)
+SIGNATURE_INTS = 8
+"""The integers of one call's signature, which every rank's argument check compares (op, reduction, dtype,
+count, root, algorithm, segments, pieces: `collectives.communicator.encode_signature`); the simulator prices
+gloo's check as a ring allgather of this many int64 per rank."""
 
 
 def op_info(op: str) -> OpInfo:

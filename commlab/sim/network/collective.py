@@ -17,6 +17,7 @@ What a message costs is in `engine.py` (plain profiles) and `costs.py` (calibrat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 
@@ -29,7 +30,7 @@ from commlab.collectives.array_schedule import ArraySchedule
 from commlab.collectives.hosts import HostMap
 from commlab.collectives.schedule import Schedule
 from commlab.errors import invalid
-from commlab.shared.ops import BLOCKED_OPS, ROOTED_OPS
+from commlab.shared.ops import BLOCKED_OPS, ROOTED_OPS, SIGNATURE_INTS
 from commlab.sim.network.analytic import link_model, segments_of, simulate_analytic
 from commlab.sim.network.compiled import usable_bytes
 from commlab.sim.network.congestion import run_congestion
@@ -165,13 +166,17 @@ def simulate_collective(
     fidelity: str = "flow",
     profile: Profile = IDEAL,
     hosts: HostMap | None = None,
+    argument_check: bool = False,
 ) -> SimResult:
     """Simulate `algorithm`'s `op` on the topology's ranks (all of them unless `world_size` says fewer).
 
     Rooted ops default to root 0. Pipelined algorithms take `segments`, or by default the count their cost
     formula finds best under the analytic link model of this topology. The analytic fidelity builds no
     schedule: the formula prices the op directly. Topology-aware algorithms build from `hosts`, by
-    default the topology's own host map (`Topology.host_map`).
+    default the topology's own host map (`Topology.host_map`). `argument_check`: add what a gloo call with
+    its argument check on (the runtime's default) spends before its first step, `argument_check_time`;
+    a calibrated profile is measured with the check off, and on MPI and shared memory the check rides the
+    first step's messages instead, so it is off by default.
     """
     _check_fidelity(fidelity)
     topology = as_topology(topology)
@@ -190,6 +195,39 @@ def simulate_collective(
         numel = int(nbytes) // itemsize
         if op in BLOCKED_OPS:
             numel -= numel % p
-        return simulate_analytic(op, entry.name, topology, p, numel * itemsize, segments, dtype, profile)
-    schedule = build_array_schedule(op, entry.name, p, root, segments, hosts)  # rows where regular
-    return simulate(schedule, topology, nbytes, dtype=dtype, fidelity=fidelity, profile=profile)
+        result = simulate_analytic(op, entry.name, topology, p, numel * itemsize, segments, dtype, profile)
+    else:
+        schedule = build_array_schedule(op, entry.name, p, root, segments, hosts)  # rows where regular
+        result = simulate(schedule, topology, nbytes, dtype=dtype, fidelity=fidelity, profile=profile)
+    if not argument_check:
+        return result
+    check = argument_check_time(topology, p, fidelity, profile)
+    return dataclasses.replace(
+        result,
+        time=result.time + check,
+        step_start=None if result.step_start is None else result.step_start + check,
+        step_end=None if result.step_end is None else result.step_end + check,
+        msg_start=None if result.msg_start is None else result.msg_start + check,
+        msg_end=None if result.msg_end is None else result.msg_end + check,
+    )
+
+
+def argument_check_time(topology: Topology, world_size: int, fidelity: str, profile: Profile) -> float:
+    """Seconds gloo's argument check takes before a call's first step: one native gloo allgather of every
+    rank's signature (`SIGNATURE_INTS` int64), which gloo runs as a ring of p-1 steps. Each step's message
+    crosses its route twice, as gloo's point-to-point does (the receiver's ready notice, then the data:
+    a 4 KiB exchange measured 10.6 ms on 2 ms links, 2.65 one-way trips of 4 ms); the native call's own
+    CPU time (tens of us, C++) is left out, and so is the profile's software cost: commlab's calibrated
+    per-step costs are Python's, which the native call does not pay (priced with them the check came out
+    1-3 ms too slow per call on the 1 Gbit/s testbed). Why at all: on 2 ms links the check measured about
+    30 ms per call on 4 ranks, which a profile calibrated with the check off cannot contain."""
+    if world_size < 2:
+        return 0.0
+    schedule = build_array_schedule("allgather", "ring", world_size, None, 1, None)
+    nbytes = world_size * SIGNATURE_INTS * 8
+    wire = Profile(efficiency=profile.efficiency)
+    ring = simulate(schedule, topology, nbytes, dtype="float64", fidelity=fidelity, profile=wire)
+    if ring.routed is None:  # the closed form
+        return 2 * ring.time
+    notice = float(ring.routed.routes.latency[ring.routed.msg_pair].max(initial=0.0))
+    return ring.time + (world_size - 1) * notice  # each of the p-1 steps waits for a ready notice first
