@@ -434,3 +434,25 @@ def test_dead_peer_in_a_backend_collective_raises_transport_error():
     # a TransportError, not a CollectiveTimeoutError: rank 0 noticed before its 60 s deadline
     assert message.startswith("TransportError (SharedMemoryTransport)"), message
     assert "rank 1" in message and "exited" in message, message
+
+
+@pytest.mark.parametrize(
+    "first", ["commlab.collectives.shm", "commlab.torch_backend.process_group", "commlab"]
+)
+def test_backend_registered_whatever_commlab_module_is_imported_before_torch(first):
+    """Registration runs from a hook at the end of `import torch`; a commlab module that imports torch may
+    be half-loaded then (`import commlab.collectives.shm` in a fresh interpreter). The hook must import
+    nothing of commlab's, or registration fails (it warned "not registered" before; -W error makes any
+    such warning fail here)."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import {first}\n"
+        "import torch.distributed as dist\n"
+        "assert 'COMMLAB' in dist.Backend._plugins, sorted(dist.Backend._plugins)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

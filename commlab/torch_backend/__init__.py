@@ -9,16 +9,39 @@ algorithm per op; the rest is `auto`.
 
 from __future__ import annotations
 
-import torch.distributed as dist
+import importlib
+from typing import TYPE_CHECKING
 
-from commlab.torch_backend.config import configure
-from commlab.torch_backend.process_group import BACKEND_NAME, CommlabProcessGroup
+if TYPE_CHECKING:
+    from commlab.torch_backend.process_group import CommlabProcessGroup
+
+BACKEND_NAME = "commlab"
 
 __all__ = ["BACKEND_NAME", "CommlabProcessGroup", "configure", "register_backend"]
+
+# Loaded on first use, not here: registration runs from a hook at the end of `import torch`, possibly while
+# a commlab module that imports torch is itself half-loaded (`import commlab.collectives.shm` first), so
+# registering must import nothing of commlab's (the group's modules load when torch creates a group), and
+# this package imports torch only inside its functions (it may itself be the module being loaded).
+_LAZY = {
+    "CommlabProcessGroup": "commlab.torch_backend.process_group",
+    "configure": "commlab.torch_backend.config",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'commlab.torch_backend' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def _create(options: object, backend_options: object = None) -> CommlabProcessGroup:
     """torch's creator hook (extended API): one CommlabProcessGroup per group torch makes."""
+    from commlab.torch_backend.process_group import CommlabProcessGroup
+
     global_ranks = list(getattr(options, "global_ranks_in_group", []) or range(options.group_size))
     return CommlabProcessGroup(
         options.store, options.group_rank, options.group_size, options.timeout, global_ranks
@@ -27,6 +50,8 @@ def _create(options: object, backend_options: object = None) -> CommlabProcessGr
 
 def register_backend() -> bool:
     """Register backend "commlab" with torch.distributed (CPU tensors); False if it already was."""
+    import torch.distributed as dist
+
     if not dist.is_available():
         return False
     if BACKEND_NAME.upper() in dist.Backend._plugins:
