@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from commlab.torch_backend.name import BACKEND_NAME
+
 if TYPE_CHECKING:
     from commlab.torch_backend.process_group import CommlabProcessGroup
-
-BACKEND_NAME = "commlab"
 
 __all__ = ["BACKEND_NAME", "CommlabProcessGroup", "configure", "register_backend"]
 

@@ -26,7 +26,7 @@ import commlab.collectives.api as api
 from commlab.collectives.communicator import Communicator, Work
 from commlab.collectives.shm import SharedMemoryTransport, backend_shared_memory_transport, shm_enabled
 from commlab.errors import InvalidArgumentError, UnsupportedOperationError
-from commlab.torch_backend import BACKEND_NAME, config
+from commlab.torch_backend import config
 from commlab.torch_backend.convert import (
     movable,
     one,
@@ -37,6 +37,7 @@ from commlab.torch_backend.convert import (
     unflatten,
     uniform,
 )
+from commlab.torch_backend.name import BACKEND_NAME
 from commlab.torch_backend.transport import BackendTransport
 from commlab.torch_backend.work import CommlabWork
 
