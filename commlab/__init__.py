@@ -23,6 +23,7 @@ from commlab.errors import (
     TransportError,
     UnsupportedOperationError,
 )
+from commlab.shared import lazy
 
 # name -> module it lives in; loaded on first access (PEP 562), as each of them imports torch
 _API = ("all_gather", "all_reduce", "all_to_all", "broadcast", "communicator", "reduce", "reduce_scatter")
@@ -36,12 +37,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'commlab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return lazy.load(__name__, _LAZY, globals(), name)
 
 
 def __dir__() -> list[str]:

@@ -9,9 +9,9 @@ algorithm per op; the rest is `auto`.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from commlab.shared import lazy
 from commlab.torch_backend.name import BACKEND_NAME
 
 if TYPE_CHECKING:
@@ -30,12 +30,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'commlab.torch_backend' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return lazy.load(__name__, _LAZY, globals(), name)
 
 
 def _create(options: object, backend_options: object = None) -> CommlabProcessGroup:

@@ -269,6 +269,14 @@ def _intra_time(hosts: HostMap, nbytes: float, model: CostModel, reduce: bool) -
     return worst
 
 
+def _carried(hosts: HostMap, n: float) -> tuple[int, float]:
+    """The rails the busiest carrier rank takes across hosts (the smallest host's ranks carry all L
+    rails), and the bytes it sends per ring pass over the hosts: its rails' share of n x (H - 1) / H."""
+    rails, num_hosts = hosts.max_local, hosts.num_hosts
+    per_carrier = math.ceil(rails / min(len(host) for host in hosts.hosts))
+    return per_carrier, per_carrier * n / rails * (num_hosts - 1) / num_hosts
+
+
 def cost(
     op: str,
     hosts: HostMap,
@@ -284,8 +292,7 @@ def cost(
         phases = _allreduce_phases(hosts, nbytes / segments, intra, inter)
         return sum(phases) + (segments - 1) * max(phases[1], phases[0] + phases[2])
     n, num_hosts, rails = nbytes, hosts.num_hosts, hosts.max_local
-    per_carrier = math.ceil(rails / min(len(host) for host in hosts.hosts))  # rails on the busiest carrier
-    across = per_carrier * n / rails * (num_hosts - 1) / num_hosts
+    per_carrier, across = _carried(hosts, n)
     ring_steps = num_hosts - 1
     if op == "allreduce":
         return sum(_allreduce_phases(hosts, n, intra, inter))
@@ -306,10 +313,8 @@ def _allreduce_phases(
     hosts: HostMap, n: float, intra: CostModel, inter: CostModel
 ) -> tuple[float, float, float]:
     """Seconds of hierarchical allreduce's three phases on n bytes: inside, across, inside again."""
-    num_hosts, rails = hosts.num_hosts, hosts.max_local
-    per_carrier = math.ceil(rails / min(len(host) for host in hosts.hosts))
-    across = per_carrier * n / rails * (num_hosts - 1) / num_hosts
-    steps = 2 * (num_hosts - 1)
+    per_carrier, across = _carried(hosts, n)
+    steps = 2 * (hosts.num_hosts - 1)
     crossing = inter.time(steps * per_carrier, 2 * across, across, steps=steps)
     return _intra_time(hosts, n, intra, True), crossing, _intra_time(hosts, n, intra, False)
 
