@@ -243,6 +243,45 @@ def mismatches(comm) -> list[str]:
     return failures
 
 
+def replays(comm) -> list[str]:
+    """Repeated blocking calls replay their kept call (persistent requests started again): each repeat sees
+    its inputs anew, and a rank that changes an argument while the other replays is caught on both."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    communicator = commlab.communicator(None)
+    failures = []
+    base = float(sum(range(world)))
+    for numel in (10, 100_000):  # eager and rendezvous messages
+        tensor, block, gathered = torch.zeros(numel), torch.zeros(numel), torch.zeros(world * numel)
+        for i in range(3):
+            tensor.fill_(rank + i)
+            commlab.all_reduce(tensor, algorithm="ring")
+            if not bool((tensor == base + world * i).all()):
+                failures.append(f"replayed all_reduce {numel} call {i}: {tensor[:3].tolist()}")
+            block.fill_(rank * 10 + i)
+            commlab.all_gather(gathered, block)
+            want = torch.tensor([r * 10.0 + i for r in range(world)]).repeat_interleave(numel)
+            if not torch.equal(gathered, want):
+                failures.append(f"replayed all_gather {numel} call {i}: {gathered[::numel].tolist()}")
+    if not communicator._replays:
+        failures.append("no call was kept for replay")
+    if world > 1:
+        for numel in (10, 100_000):
+            tensor = torch.ones(numel)
+            commlab.all_reduce(tensor, algorithm="ring")
+            try:
+                commlab.all_reduce(tensor, algorithm="halving_doubling" if rank == 1 else "ring")
+            except CollectiveMismatchError as error:
+                if "algorithm" not in str(error):
+                    failures.append(f"mismatch on replay {numel}: message {error}")
+            else:
+                failures.append(f"mismatch on replay {numel}: no error on rank {rank}")
+            tensor.fill_(1.0)
+            commlab.all_reduce(tensor, algorithm="ring")  # the drained mismatch leaves the replay usable
+            if not bool((tensor == world).all()):
+                failures.append(f"replay after a mismatch {numel}: {tensor[:3].tolist()}")
+    return failures
+
+
 def absent_peer(comm) -> list[str]:
     """Rank 1 joins late; rank 0 must time out within its timeout, naming the collective and the peer."""
     rank = comm.Get_rank()
@@ -315,6 +354,7 @@ def main() -> None:
         ("layouts, numpy, async", lambda: layouts_numpy_async(comm)),
         ("sub-communicators", lambda: sub_communicators(comm)),
         ("mismatches", lambda: mismatches(comm) if world > 1 else []),
+        ("replays", lambda: replays(comm)),
         ("absent peer", lambda: absent_peer(comm) if world > 1 else []),
         ("unchecked mismatch", lambda: unchecked_mismatch(comm) if world == 2 else []),
         ("late transport", lambda: late_transport(comm) if world == 2 else []),

@@ -311,6 +311,71 @@ def test_release_closes_the_cached_communicators(rank_pools):
         assert value == 2.0  # (0 + 1) summed twice over 2 ranks
 
 
+def replayed_calls() -> tuple[list[bool], int]:
+    """Repeated blocking calls on the same tensors take the replay path (`Communicator.replay`); every
+    repeat must see its inputs anew: all_gather's and reduce_scatter's inputs are copied in again."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = commlab.communicator(None)
+    taken: list[bool] = []
+    replay = comm.replay
+    comm.replay = lambda *args: taken.append(replay(*args)) or taken[-1]
+    ok = []
+    tensor, block, gathered = torch.zeros(1000), torch.zeros(7), torch.zeros(world * 7)
+    rs_in, rs_out, root_data = torch.zeros(world * 5), torch.zeros(5), torch.zeros(9)
+    base = float(sum(range(world)))
+    try:
+        for i in range(3):
+            tensor.fill_(rank + i)
+            commlab.all_reduce(tensor, algorithm="ring")
+            ok.append(torch.equal(tensor, torch.full((1000,), base + world * i)))
+            block.fill_(rank * 10 + i)
+            commlab.all_gather(gathered, block)
+            want = torch.tensor([r * 10.0 + i for r in range(world)]).repeat_interleave(7)
+            ok.append(torch.equal(gathered, want))
+            rs_in.copy_(torch.arange(world * 5.0) + rank + i)
+            commlab.reduce_scatter(rs_out, rs_in)
+            want = torch.arange(world * 5.0) * world + base + world * i
+            ok.append(torch.equal(rs_out, want[rank * 5 : (rank + 1) * 5]))
+            root_data.fill_(rank + 100 * i)
+            commlab.broadcast(root_data, src=1)
+            ok.append(torch.equal(root_data, torch.full((9,), 1.0 + 100 * i)))
+        view = tensor.view(10, 100)  # another tensor over the same memory replays the same call
+        view.fill_(1.0)
+        commlab.all_reduce(view, algorithm="ring")
+        ok.append(torch.equal(tensor, torch.full((1000,), float(world))))
+        comm.release_scratch()  # releases every binding: the next call binds anew, then replays
+        for _ in range(2):
+            tensor.fill_(2.0)
+            commlab.all_reduce(tensor, algorithm="ring")
+            ok.append(torch.equal(tensor, torch.full((1000,), 2.0 * world)))
+    finally:
+        del comm.replay
+    return ok, sum(taken)
+
+
+def test_repeated_calls_replay_and_see_new_inputs(rank_pools):
+    for ok, replays in rank_pools(3).run(replayed_calls):
+        assert all(ok), ok
+        assert replays >= 9  # each collective's 2nd and 3rd call, the view, the call after the rebind
+
+
+def mismatch_after_replay() -> str:
+    """Rank 0 repeats a kept call (the replay path) while rank 1 changes the algorithm: both must raise."""
+    tensor = torch.ones(10)
+    for _ in range(2):
+        commlab.all_reduce(tensor, algorithm="ring")
+    try:
+        commlab.all_reduce(tensor, algorithm="tree" if dist.get_rank() == 1 else "ring")
+    except CollectiveMismatchError as error:
+        return str(error)
+    return "no error"
+
+
+def test_mismatch_is_caught_on_the_replay_path(rank_pools):
+    for message in rank_pools(2).run(mismatch_after_replay):
+        assert "algorithm" in message and "rank 0: ring" in message and "rank 1: tree" in message, message
+
+
 def mismatched_call(field: str) -> str:
     """Rank 1 calls with one argument different; every rank must raise CollectiveMismatchError."""
     rank = dist.get_rank()

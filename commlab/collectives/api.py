@@ -49,7 +49,11 @@ def communicator(group: Group = None) -> Communicator:
     if isinstance(group, Communicator):
         return group
     if group is None and _runs_on_mpi():
-        group = sys.modules["mpi4py.MPI"].COMM_WORLD
+        world = sys.modules["mpi4py.MPI"].COMM_WORLD  # never freed: no reuse check needed
+        comm = _COMMUNICATORS.get(_world_key(world))
+        if comm is not None:
+            return comm
+        group = world
     if is_mpi_comm(group):
         key = comm_key(group)
         comm = _COMMUNICATORS.get(key)
@@ -96,6 +100,16 @@ def release(group: Group = None) -> None:
 
 
 atexit.register(release)
+
+
+def _world_key(world: Any) -> tuple[str, int]:
+    """COMM_WORLD's key in `_COMMUNICATORS` (its handle, as `comm_key` gives), computed once."""
+    if not _WORLD_KEY:
+        _WORLD_KEY.append(comm_key(world))
+    return _WORLD_KEY[0]
+
+
+_WORLD_KEY: list[tuple[str, int]] = []
 
 
 def _freed_and_reused(comm: Communicator, group: Any) -> bool:
@@ -185,11 +199,14 @@ def _submit(
     timeout: float | None,
     check: bool | None,
     nbytes: int | None = None,
+    replay_key: tuple | None = None,
+    before: Any = None,
 ) -> Work | None:
     """Resolve the algorithm for `nbytes` (default: the buffer's; the cost formulas' convention) and run.
 
     The resolved choice and the call's signature are kept per communicator, keyed by everything they
-    depend on, so a repeated call skips the cost model.
+    depend on, so a repeated call skips the cost model. `replay_key`, `before`: a blocking call is kept
+    for `Communicator.replay` under this key (see `_replay_key`).
     """
     if nbytes is None:
         nbytes = buffer.numel() * buffer.element_size()
@@ -209,7 +226,30 @@ def _submit(
         comm.choices[key] = cached
     name, segments, pieces, signature = cached
     call = Call(op, reduce_op, buffer, name, segments, root, label, finish, signature, pieces)
-    return comm.run(call, async_op, timeout, check)
+    return comm.run(call, async_op, timeout, check, replay_key, before)
+
+
+def _replay_key(name: str, async_op: bool, arguments: tuple, *tensors: object) -> tuple | None:
+    """The key a blocking call is kept under for replay, or None if it is not kept.
+
+    Everything the call's checks, algorithm choice and buffers depend on: the collective, its plain
+    arguments (reduction, algorithm, root: strings and ints only, so the key is hashable and compares by
+    value) and each tensor's address, dtype, element count and device. Only contiguous torch tensors are
+    kept: their flat views cover exactly the memory the key names, so a repeat on any tensor with the same
+    key works on the same memory (the kept call holds the first one's storage, so its address cannot be
+    reused by another allocation meanwhile).
+    """
+    if async_op:
+        return None
+    for argument in arguments:
+        if type(argument) not in (str, int):
+            return None
+    key: list = [name, *arguments]
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_contiguous():
+            return None
+        key += (tensor.data_ptr(), tensor.dtype, tensor.numel(), tensor.device)
+    return tuple(key)
 
 
 _ALGORITHM_INDEX = {name: index for index, name in enumerate(ALGORITHMS)}
@@ -242,6 +282,9 @@ def all_reduce(
 ) -> Work | None:
     """Reduce `tensor` across the group in place on every rank (op: sum, avg, max, min, prod)."""
     comm = communicator(group)
+    key = _replay_key("all_reduce", async_op, (op, algorithm), tensor)
+    if key is not None and comm.replay(key, timeout, check):
+        return None
     tensor = _check_tensor("tensor", tensor, comm)
     reduce_op = _check_reduce(op, tensor.dtype)
     buffer, is_view = _flat_work(tensor)
@@ -253,7 +296,18 @@ def all_reduce(
             tensor.copy_(buffer.view(tensor.shape))
 
     return _submit(
-        comm, "all_reduce", "allreduce", reduce_op, buffer, algorithm, None, finish, async_op, timeout, check
+        comm,
+        "all_reduce",
+        "allreduce",
+        reduce_op,
+        buffer,
+        algorithm,
+        None,
+        finish,
+        async_op,
+        timeout,
+        check,
+        replay_key=key,
     )
 
 
@@ -269,6 +323,9 @@ def reduce_scatter(
 ) -> Work | None:
     """Reduce `input` (world_size x output's elements) across ranks; rank r's output gets block r."""
     comm = communicator(group)
+    key = _replay_key("reduce_scatter", async_op, (op, algorithm), output, input)
+    if key is not None and comm.replay(key, timeout, check):
+        return None
     output = _check_tensor("output", output, comm)
     input = _check_tensor("input", input, comm)
     reduce_op = _check_reduce(op, input.dtype)
@@ -282,6 +339,9 @@ def reduce_scatter(
             block.div_(comm.size)
         output.copy_(block.view(output.shape))
 
+    def before() -> None:  # a replay's private copy of the input (the schedule overwrites its buffer)
+        buffer.copy_(input.view(-1))
+
     return _submit(
         comm,
         "reduce_scatter",
@@ -294,6 +354,8 @@ def reduce_scatter(
         async_op,
         timeout,
         check,
+        replay_key=key,
+        before=before,
     )
 
 
@@ -308,19 +370,38 @@ def all_gather(
 ) -> Work | None:
     """Gather every rank's `input` into `output` (world_size x input's elements), rank r's at block r."""
     comm = communicator(group)
+    key = _replay_key("all_gather", async_op, (algorithm,), output, input)
+    if key is not None and comm.replay(key, timeout, check):
+        return None
     output = _check_tensor("output", output, comm)
     input = _check_tensor("input", input, comm)
     _check_pair(input, output, comm.size, "output", "input")
     buffer, is_view = _flat_work(output)
     n = input.numel()
-    buffer[comm.rank * n : (comm.rank + 1) * n].copy_(input.reshape(-1))
+    block = buffer[comm.rank * n : (comm.rank + 1) * n]
+    block.copy_(input.reshape(-1))
 
     def finish() -> None:
         if not is_view:
             output.copy_(buffer.view(output.shape))
 
+    def before() -> None:  # a replay's copy of this rank's input into its block
+        block.copy_(input.view(-1))
+
     return _submit(
-        comm, "all_gather", "allgather", None, buffer, algorithm, None, finish, async_op, timeout, check
+        comm,
+        "all_gather",
+        "allgather",
+        None,
+        buffer,
+        algorithm,
+        None,
+        finish,
+        async_op,
+        timeout,
+        check,
+        replay_key=key,
+        before=before,
     )
 
 
@@ -335,6 +416,9 @@ def broadcast(
 ) -> Work | None:
     """Copy `tensor` from rank `src` (a global rank, as in torch.distributed) to every rank, in place."""
     comm = communicator(group)
+    key = _replay_key("broadcast", async_op, (src, algorithm), tensor)
+    if key is not None and comm.replay(key, timeout, check):
+        return None
     tensor = _check_tensor("tensor", tensor, comm)
     root = _group_rank(comm, src, "src", group)
     buffer, is_view = _flat_work(tensor)
@@ -344,7 +428,18 @@ def broadcast(
             tensor.copy_(buffer.view(tensor.shape))
 
     return _submit(
-        comm, "broadcast", "broadcast", None, buffer, algorithm, root, finish, async_op, timeout, check
+        comm,
+        "broadcast",
+        "broadcast",
+        None,
+        buffer,
+        algorithm,
+        root,
+        finish,
+        async_op,
+        timeout,
+        check,
+        replay_key=key,
     )
 
 

@@ -46,6 +46,7 @@ _CHECK_TAGS = 64
 _PLAN_CACHE = 256  # compiled programs kept per communicator
 _BOUND_CACHE = 8  # programs bound to a buffer kept per communicator (each keeps its buffer alive)
 _BOUND_BYTES = 128 << 20  # ...and the buffers they keep alive hold at most this much (the newest stays)
+_REPLAY_CACHE = 64  # blocking calls kept for replay per communicator (each holds a bound program)
 
 
 @dataclass
@@ -161,6 +162,7 @@ class Communicator:
         self._queue: queue.Queue | None = None
         self._programs: OrderedDict[tuple, Program] = OrderedDict()
         self._bound: OrderedDict[tuple, BoundProgram] = OrderedDict()
+        self._replays: dict[tuple, _Replay] = {}  # see replay()
         self.choices: dict[tuple, tuple] = {}  # api's resolved (algorithm, segments, pieces, signature)
         self.persistent = callable(getattr(transport, "prepare", None))
         # reducing receives land reduced in the buffer where the transport can (see executor)
@@ -215,20 +217,27 @@ class Communicator:
         transport = self.transport if self.persistent else None
         bound = BoundProgram(plan, buffer, scratch, transport, _CHECK_TAGS)
         old = self._bound.pop(key, None)
-        if old is not None:
-            old.release()
         self._bound[key] = bound
         held = sum(b.buffer.numel() * b.buffer.element_size() for b in self._bound.values())
         while len(self._bound) > 1 and (len(self._bound) > _BOUND_CACHE or held > _BOUND_BYTES):
             oldest = self._bound.popitem(last=False)[1]
             held -= oldest.buffer.numel() * oldest.buffer.element_size()
-            oldest.release()
+            self._forget(oldest)
+        if old is not None:
+            self._forget(old)
         return bound
+
+    def _forget(self, bound: BoundProgram) -> None:
+        """Release a bound program and drop the replays that run it (they would keep its buffer alive)."""
+        bound.release()
+        for key in [k for k, replay in self._replays.items() if replay.bound is bound]:
+            del self._replays[key]
 
     def _release_bound(self) -> None:
         for bound in self._bound.values():
             bound.release()
         self._bound.clear()
+        self._replays.clear()
 
     def scratch(self, like: torch.Tensor, numel: int) -> torch.Tensor:
         """A scratch tensor of at least `numel` elements of `like`'s dtype and device, reused across calls.
@@ -263,8 +272,20 @@ class Communicator:
         self._release_bound()
         self._scratch.clear()
 
-    def run(self, call: Call, async_op: bool, timeout: float | None, check: bool | None) -> Work | None:
-        """Run (or queue) a call; return a Work when async_op, else None after completion."""
+    def run(
+        self,
+        call: Call,
+        async_op: bool,
+        timeout: float | None,
+        check: bool | None,
+        replay_key: tuple | None = None,
+        before: Callable[[], None] | None = None,
+    ) -> Work | None:
+        """Run (or queue) a call; return a Work when async_op, else None after completion.
+
+        `replay_key`: a blocking call that runs inline is kept under this key for `replay`, with `before`
+        (what the caller did to its buffer before the call, e.g. copying an input in; None: nothing).
+        """
         timeout = self.timeout if timeout is None else timeout
         if not timeout > 0:
             raise invalid("timeout", timeout, "a positive number of seconds")
@@ -274,21 +295,84 @@ class Communicator:
             self._calls += 1
             inline = not async_op and self._pending == 0
             self._pending += 1
-        job = _Job(self, call, sequence, timeout, check)
         if inline:
             try:
-                job()
+                bound = self._execute(call, sequence, timeout, check)
             finally:
                 with self._lock:
                     self._pending -= 1
+            if replay_key is not None:
+                if len(self._replays) >= _REPLAY_CACHE:
+                    self._replays.clear()
+                self._replays[replay_key] = _Replay(call, bound, before)
             return None
         future: Future = Future()
-        self._worker_queue().put((job, future))
+        self._worker_queue().put((_Job(self, call, sequence, timeout, check), future))
         work = Work(future, call.label)
         if async_op:
             return work
         work.wait()
         return None
+
+    def replay(self, key: tuple, timeout: float | None, check: bool | None) -> bool:
+        """Run again the blocking call kept under `key` (see `run`); False if there is none to run.
+
+        The fast path of a repeated call: the caller's key holds everything the call's arguments decide
+        (collective, reduction, algorithm, and each tensor's address, dtype, size and device), so the
+        checks, the algorithm choice, the program and its binding (MPI: the persistent requests) are the
+        first call's, and a repeat costs a dict lookup, the argument check (if on) and the steps. False
+        while an asynchronous call is pending (calls stay in order through the worker) or when the kept
+        binding was released (the caller then takes the full path, which keeps the call anew).
+        """
+        replay = self._replays.get(key)
+        if replay is None:
+            return False
+        if replay.bound.released:
+            del self._replays[key]
+            return False
+        if timeout is None:
+            timeout = self.timeout
+        elif not timeout > 0:
+            raise invalid("timeout", timeout, "a positive number of seconds")
+        lock = self._lock
+        with lock:
+            if self._pending:
+                return False
+            sequence = self._calls
+            self._calls = sequence + 1
+            self._pending = 1
+        try:
+            if replay.before is not None:
+                replay.before()
+            check = self.check if check is None else check
+            self._execute(replay.call, sequence, timeout, check, replay.bound)
+        finally:
+            with lock:
+                self._pending -= 1
+        return True
+
+    def _execute(
+        self, call: Call, sequence: int, timeout: float, check: bool, bound: BoundProgram | None = None
+    ) -> BoundProgram:
+        """Run one call on this thread: the argument check, then the bound program (made unless given:
+        a replay's); then the call's `finish`. Returns the bound program (for `run` to keep)."""
+        deadline = time.monotonic() + timeout
+        tag_base = (sequence % self.tag_calls) * _TAG_WINDOW
+        try:
+            plan = self.program(call) if bound is None else bound.plan
+            verify = None
+            if check and self.size > 1:
+                verify = self.signature_check(call, deadline)
+                if verify is None:
+                    self.check_signature(call, deadline, tag_base)
+            if bound is None:
+                bound = self.bound(call, plan)
+            reducer = REDUCERS[call.reduce_op or "sum"]
+            run(bound, self.transport, reducer, deadline, tag_base + _CHECK_TAGS, call.describe, verify)
+        except CollectiveTimeoutError as error:
+            raise CollectiveTimeoutError(f"{error} [timeout {timeout:g} s]") from error
+        call.finish()
+        return bound
 
     def _worker_queue(self) -> queue.Queue:
         with self._lock:
@@ -425,7 +509,19 @@ def _host_map(hosts: HostMap | str | None, size: int) -> HostMap:
 
 
 @dataclass
+class _Replay:
+    """A blocking call kept for `Communicator.replay`: the call, its bound program, and what to redo on
+    the buffer before each run (None: nothing)."""
+
+    call: Call
+    bound: BoundProgram
+    before: Callable[[], None] | None
+
+
+@dataclass
 class _Job:
+    """A queued call (asynchronous, or behind one): run on the communicator's worker thread."""
+
     comm: Communicator
     call: Call
     sequence: int
@@ -433,23 +529,7 @@ class _Job:
     check: bool
 
     def __call__(self) -> None:
-        comm, call = self.comm, self.call
-        deadline = time.monotonic() + self.timeout
-        tag_base = (self.sequence % comm.tag_calls) * _TAG_WINDOW
-        try:
-            plan = comm.program(call)
-            verify = None
-            if self.check and comm.size > 1:
-                verify = comm.signature_check(call, deadline)
-                if verify is None:
-                    comm.check_signature(call, deadline, tag_base)
-            bound = comm.bound(call, plan)
-            reducer = REDUCERS[call.reduce_op or "sum"]
-            tags = tag_base + _CHECK_TAGS
-            run(bound, comm.transport, reducer, deadline, tags, call.describe, verify)
-        except CollectiveTimeoutError as error:
-            raise CollectiveTimeoutError(f"{error} [timeout {self.timeout:g} s]") from error
-        call.finish()
+        self.comm._execute(self.call, self.sequence, self.timeout, self.check)
 
 
 # Signature fields, in order; codes index these tuples so every rank encodes alike.

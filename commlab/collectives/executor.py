@@ -309,6 +309,7 @@ class BoundProgram:
         prepare = getattr(transport, "prepare", None) if transport is not None else None
         self.transport = transport if prepare is not None else None
         self.tag_base = tag_base
+        self.released = False  # release() was called: a holder must bind anew
         if prepare is not None:
             for bound in self.steps:
                 if bound.sends or bound.recvs:
@@ -319,7 +320,9 @@ class BoundProgram:
         return self.transport is not None
 
     def release(self) -> None:
-        """Free the transport's persistent requests (unless a timeout left them in flight)."""
+        """Free the transport's persistent requests (unless a timeout left them in flight); the program
+        must not run after this."""
+        self.released = True
         if self.transport is None:
             return
         for bound in self.steps:
