@@ -346,7 +346,8 @@ def bind(plan: Program, buffer: torch.Tensor, scratch: torch.Tensor | None = Non
 
 
 def _post(bound: BoundStep, transport: Transport, tag_base: int, persistent: bool, reducer: Reducer):
-    """Post a step's receives and sends (gathering scattered sends into scratch first)."""
+    """Post a step's receives and sends (gathering scattered sends into scratch first); None: the step
+    has no transfers."""
     for payload, sources in bound.gathers:
         torch.cat(sources, out=payload)
     if persistent:
@@ -426,16 +427,18 @@ def _run_steps(
             posted += 1
         step = steps[k]
         requests = in_flight[k]
-        if requests:
+        if requests is not None:
             try:
                 wait(requests, deadline, step.describe)
             except (CollectiveTimeoutError, TransportError) as error:
                 name = label() if callable(label) else label
                 raise type(error)(f"{name}, rank {plan.rank}, step {k}: {error}") from error
             in_flight[k] = None
-            _apply(step, reducer)
-        else:
-            in_flight[k] = None
+            for dst, src, reduce in step.applies:  # (inlined _apply: this loop is the call's hot path)
+                if reduce:
+                    reducer(dst, src)
+                else:
+                    dst.copy_(src)
 
 
 def execute(
