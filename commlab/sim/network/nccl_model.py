@@ -180,7 +180,7 @@ class NcclModel:
         if self.version == "2.7.5":
             # The earlier model: NCCL 2.7.5's choice, its schedule run in the flow engine.
             legacy = NcclCluster(
-                self.nodes, self.system.gpu, self.system.nic, self.system.gpus, launch=cal.launch
+                self.nodes, self.system.gpu, self.system.nic, self.system.gpus, launch=launch
             )
             result, _, _ = simulate_nccl_allreduce(legacy, nbytes)
             time = result.time
