@@ -21,7 +21,7 @@ from commlab.sim.network.nccl import NcclCluster
 from commlab.sim.network.nccl_model import VERSIONS, Calibration, NcclModel, check_version
 from commlab.sim.network.systems import SYSTEMS, NodePreset
 
-GIB = 1 << 30
+MIB, GIB = 1 << 20, 1 << 30
 
 
 def close(a: float, b: float) -> bool:
@@ -193,6 +193,21 @@ def test_prediction_applies_calibration_and_alltoall_model():
     block = 1024 * 1024
     assert close(a2a.time, 14e-6 + block * 8 / 50e9)
     assert a2a.algorithm == "p2p"
+
+
+def test_launch_scales_with_the_gpus_one_thread_drives(capsys):
+    # nccl-tests -g g: one thread launches g kernels per call, so the call costs g launches (3 us each here)
+    cal = Calibration(launch=3e-6)
+    one = NcclModel.of("dgx-h100", 1, calibration=cal).predict("allreduce", MIB)
+    four = NcclModel.of("dgx-h100", 1, calibration=cal, gpus_per_thread=4).predict("allreduce", MIB)
+    assert close(four.time - one.time, 9e-6)  # (4 - 1) x 3 us
+    assert close(one.time, one.nccl_time + 3e-6)  # Calibration's scale and efficiencies are 1 here
+    for bad in (0, 9, True, 2.0):  # a DGX H100 node has 8 GPUs
+        with pytest.raises(InvalidArgumentError, match="gpus_per_thread"):
+            NcclModel.of("dgx-h100", 1, gpus_per_thread=bad)
+    args = ["sim", "collective", "--nccl-version", "2.27.7", "--system", "dgx-h100", "--size", "1M", "--json"]
+    assert main([*args, "--gpus-per-thread", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["gpus_per_thread"] == 8
 
 
 def test_versions_and_errors():

@@ -51,6 +51,12 @@ def add_nccl_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --nccl-version: NCCL_PROTO as NCCL reads it, e.g. Simple or ^LL128 (default: all)",
     )
+    parser.add_argument(
+        "--gpus-per-thread",
+        type=int,
+        default=1,
+        help="with --nccl-version: GPUs one host thread drives (nccl-tests -g; default 1: a process per GPU)",
+    )
 
 
 def model_from_args(args: argparse.Namespace) -> NcclModel:
@@ -81,6 +87,7 @@ def model_from_args(args: argparse.Namespace) -> NcclModel:
         nvls=not args.no_nvls,
         algorithms=args.nccl_algo,
         protocols=args.nccl_proto,
+        gpus_per_thread=args.gpus_per_thread,
     )
 
 
@@ -112,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         summary = {"system": model.system.name, "nodes": model.nodes, "nccl_version": model.version}
         settings = {"nvls": model.nvls, "nccl_algo": model.algorithms, "nccl_proto": model.protocols}
         summary.update({k: v for k, v in settings.items() if v not in (None, True)})  # only what was set
+        if model.gpus_per_thread != 1:
+            summary["gpus_per_thread"] = model.gpus_per_thread
         print(json.dumps({"model": summary, "results": rows}, indent=2))
         return 0
     print(

@@ -7,7 +7,9 @@ kinds of fitted constants, fitted only on calibration cases (`benchmarks/validat
 - `efficiency[family]`: achieved / modelled bandwidth for a family of algorithms (`FAMILIES`: NVLink rings
   and trees on one node, NVLS on one node, rings/trees/PAT/CollNet across nodes, NVLS tree across
   nodes), optionally per system (a system whose measured fabric is slower than its datasheet);
-- `launch`: seconds per call outside NCCL's model (kernel launch, nccl-tests' thread driving its GPUs);
+- `launch`: seconds per call and per GPU its host thread drives, outside NCCL's model: one thread that
+  drives g GPUs (nccl-tests `-g g`, a single-process launcher) launches their g kernels one after
+  another in each call (ncclGroupStart/End), so the call costs g launches (`NcclModel.gpus_per_thread`);
 - `latency_scale`: one factor on NCCL's modelled latencies (its per-step hop latencies are coarse).
 All-to-all, which NCCL runs as grouped sends and receives without a tuner, is priced as one round of
 concurrent point-to-point transfers: each rank's bytes to peers on its node over NVLink, to other nodes
@@ -50,8 +52,8 @@ def family(algorithm: str, nnodes: int) -> str:
 @dataclass(frozen=True)
 class Calibration:
     """Fitted constants: efficiency per family (default 1: NCCL's own model), per-system overrides
-    ({system name: {family: efficiency}}), launch seconds per call, and a scale on NCCL's modelled
-    latencies (1: NCCL's own)."""
+    ({system name: {family: efficiency}}), launch seconds per call and driven GPU, and a scale on NCCL's
+    modelled latencies (1: NCCL's own)."""
 
     efficiency: dict[str, float] = field(default_factory=dict)
     per_system: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -64,12 +66,13 @@ class Calibration:
 
 
 # The constants `python benchmarks/validation.py` fitted on its calibration cases (2026-12-07): what the
-# CLI uses. Refit there and copy here when cases or the model change.
+# CLI uses. Refit there and copy here when cases or the model change. `launch` is per GPU a host thread
+# drives (NcclModel.gpus_per_thread; 1 for the usual one process per GPU).
 FITTED = Calibration(
-    efficiency={"nvlink": 0.885, "nvls": 0.773},
-    per_system={"azure-nd-a100-v4": {"net": 0.665}},
-    launch=19.30e-6,
-    latency_scale=1.109,
+    efficiency={"nvlink": 0.951, "nvls": 0.797},
+    per_system={"azure-nd-a100-v4": {"net": 0.662}},
+    launch=2.772e-6,
+    latency_scale=0.735,
 )
 
 
@@ -109,6 +112,7 @@ class NcclModel:
     nvls: bool = True
     algorithms: str | None = None  # NCCL_ALGO as NCCL reads it ("Ring,Tree", "^NVLS"); None: all
     protocols: str | None = None  # NCCL_PROTO ("Simple", "^LL128"); None: all
+    gpus_per_thread: int = 1  # GPUs one host thread drives (nccl-tests -g): launches per call
 
     @classmethod
     def of(cls, system_name: str | NodePreset, nodes: int, **kwargs) -> NcclModel:
@@ -121,6 +125,9 @@ class NcclModel:
         if self.version == "2.7.5" and (self.algorithms or self.protocols):
             raise invalid("version", self.version, "2.27.7 for NCCL_ALGO / NCCL_PROTO settings")
         tuner.parse_selection("NCCL_ALGO", self.algorithms)  # a bad setting fails here, not at predict
+        g = self.gpus_per_thread
+        if not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.system.gpus:
+            raise invalid("gpus_per_thread", g, f"an integer from 1 to {self.system.gpus} (GPUs per node)")
         tuner.parse_selection("NCCL_PROTO", self.protocols)
 
     @property
@@ -169,23 +176,22 @@ class NcclModel:
         """Predicted seconds of `op` on a buffer of `nbytes` (nccl-tests' size), NCCL's choice, its time."""
         algorithm, protocol, nccl_time = self.choose(op, nbytes)
         cal = self.calibration
+        launch = cal.launch * self.gpus_per_thread
         if self.version == "2.7.5":
             # The earlier model: NCCL 2.7.5's choice, its schedule run in the flow engine.
             legacy = NcclCluster(
-                self.nodes, self.system.gpu, self.system.nic, self.system.gpus, launch=cal.launch
+                self.nodes, self.system.gpu, self.system.nic, self.system.gpus, launch=launch
             )
             result, _, _ = simulate_nccl_allreduce(legacy, nbytes)
             time = result.time
         elif self.nranks == 1:
-            time = nccl_time + cal.launch
+            time = nccl_time + launch
         elif op == "alltoall":
-            time = (
-                self._alltoall(nbytes, cal.factor(self.system.name, family("ring", self.nodes))) + cal.launch
-            )
+            time = self._alltoall(nbytes, cal.factor(self.system.name, family("ring", self.nodes))) + launch
         else:
             lat, bw = tuner.time_parts(self.inputs(), op, algorithm, protocol, nbytes)
             eff = cal.factor(self.system.name, family(algorithm, self.nodes))
-            time = (lat * cal.latency_scale + nbytes / (1000 * bw * eff)) * 1e-6 + cal.launch
+            time = (lat * cal.latency_scale + nbytes / (1000 * bw * eff)) * 1e-6 + launch
         return Prediction(op, nbytes, self.nranks, time, algorithm, protocol, nccl_time)
 
     def _alltoall(self, nbytes: int, efficiency: float) -> float:
