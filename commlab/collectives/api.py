@@ -46,14 +46,21 @@ DTYPE_NAMES = tuple(str(d).replace("torch.", "") for d in DTYPES)
 
 def communicator(group: Group = None) -> Communicator:
     """The Communicator of a ProcessGroup or MPI communicator (None: the default), created once and reused."""
+    if group is None and _MPI_DEFAULT:  # the common case of an MPI program, checked in few operations
+        MPI, comm = _MPI_DEFAULT
+        if not _dist_initialized() and not MPI.Is_finalized():
+            return comm
+        _MPI_DEFAULT.clear()
     if isinstance(group, Communicator):
         return group
     if group is None and _runs_on_mpi():
-        world = sys.modules["mpi4py.MPI"].COMM_WORLD  # never freed: no reuse check needed
+        MPI = sys.modules["mpi4py.MPI"]
+        world = MPI.COMM_WORLD  # never freed: no reuse check needed
         comm = _COMMUNICATORS.get(_world_key(world))
-        if comm is not None:
-            return comm
-        group = world
+        if comm is None:
+            comm = _COMMUNICATORS[_world_key(world)] = Communicator(MPITransport(world))
+        _MPI_DEFAULT[:] = [MPI, comm]
+        return comm
     if is_mpi_comm(group):
         key = comm_key(group)
         comm = _COMMUNICATORS.get(key)
@@ -80,6 +87,7 @@ def release(group: Group = None) -> None:
     interpreter exit, so no process group outlives the interpreter through commlab's cache (gloo may abort a
     process whose group is destroyed during finalization: "terminate called without an active exception").
     """
+    _MPI_DEFAULT.clear()
     if group is None:
         comms = list(_COMMUNICATORS.values())
         _COMMUNICATORS.clear()
@@ -110,6 +118,11 @@ def _world_key(world: Any) -> tuple[str, int]:
 
 
 _WORLD_KEY: list[tuple[str, int]] = []
+_MPI_DEFAULT: list = []  # [mpi4py.MPI, COMM_WORLD's Communicator] once `communicator(None)` found MPI's
+
+
+def _dist_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _freed_and_reused(comm: Communicator, group: Any) -> bool:
@@ -120,7 +133,7 @@ def _freed_and_reused(comm: Communicator, group: Any) -> bool:
 
 def _runs_on_mpi() -> bool:
     """True when torch.distributed is not initialized but the program has initialized MPI (mpi4py)."""
-    if dist.is_available() and dist.is_initialized():
+    if _dist_initialized():
         return False
     MPI = sys.modules.get("mpi4py.MPI")
     return MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
@@ -234,22 +247,24 @@ def _replay_key(name: str, async_op: bool, arguments: tuple, *tensors: object) -
 
     Everything the call's checks, algorithm choice and buffers depend on: the collective, its plain
     arguments (reduction, algorithm, root: strings and ints only, so the key is hashable and compares by
-    value) and each tensor's address, dtype, element count and device. Only contiguous torch tensors are
-    kept: their flat views cover exactly the memory the key names, so a repeat on any tensor with the same
-    key works on the same memory (the kept call holds the first one's storage, so its address cannot be
-    reused by another allocation meanwhile).
+    value) and each tensor's address, dtype and element count. Only contiguous CPU-or-device torch tensors
+    are kept: their flat views cover exactly the memory the key names (an address names one device: CUDA
+    shares one virtual address space with the host), so a repeat on any tensor with the same key works on
+    the same memory (the kept call holds the first one's storage, so its address cannot be reused by
+    another allocation meanwhile). Built in few operations: it is on every call's path.
     """
     if async_op:
         return None
     for argument in arguments:
-        if type(argument) not in (str, int):
+        kind = type(argument)
+        if kind is not str and kind is not int:
             return None
-    key: list = [name, *arguments]
+    key = (name, *arguments)
     for tensor in tensors:
         if not isinstance(tensor, torch.Tensor) or not tensor.is_contiguous():
             return None
-        key += (tensor.data_ptr(), tensor.dtype, tensor.numel(), tensor.device)
-    return tuple(key)
+        key += (tensor.data_ptr(), tensor.dtype, tensor.numel())
+    return key
 
 
 _ALGORITHM_INDEX = {name: index for index, name in enumerate(ALGORITHMS)}
