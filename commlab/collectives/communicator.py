@@ -230,8 +230,8 @@ class Communicator:
     def _forget(self, bound: BoundProgram) -> None:
         """Release a bound program and drop the replays that run it (they would keep its buffer alive)."""
         bound.release()
-        for key in [k for k, replay in self._replays.items() if replay.bound is bound]:
-            del self._replays[key]
+        for key in [k for k, replay in list(self._replays.items()) if replay.bound is bound]:
+            self._replays.pop(key, None)
 
     def _release_bound(self) -> None:
         for bound in self._bound.values():
@@ -327,16 +327,14 @@ class Communicator:
         replay = self._replays.get(key)
         if replay is None:
             return False
-        if replay.bound.released:
-            del self._replays[key]
-            return False
         if timeout is None:
             timeout = self.timeout
         elif not timeout > 0:
             raise invalid("timeout", timeout, "a positive number of seconds")
         lock = self._lock
         with lock:
-            if self._pending:
+            # nothing pending: no worker is binding (and so releasing) programs while we look
+            if self._pending or replay.bound.released:
                 return False
             sequence = self._calls
             self._calls = sequence + 1
