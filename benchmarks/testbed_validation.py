@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from commlab.testbed.system import BUCKET_SECONDS  # noqa: E402  (after the path is set)
+
 TWO_SWITCHES = """name = "two switches, 2:1 uplink"
 endpoints_forward = false
 {nodes}
@@ -626,7 +628,7 @@ def auto_again(args: argparse.Namespace, scratch: Path, log: Path) -> int:
     report = json.loads(Path(args.json).read_text())
     for number, case in enumerate(c for c in selected(scratch, args) if c["auto"]):
         print(f"== auto again: {case['name']}", flush=True)
-        with Testbed.up(case["topology"], case["rph"], directory=scratch) as testbed:
+        with Testbed.up(case["topology"], case["rph"], scratch, bucket=args.bucket_ms / 1e3) as testbed:
             calibration = scratch / f"auto-{number}.json"
             calibrate(testbed, calibration, log)
             runs = [
@@ -642,6 +644,7 @@ def auto_again(args: argparse.Namespace, scratch: Path, log: Path) -> int:
         stored = next(c for c in report["cases"] if c["name"] == case["name"])
         stored["rows"] = [r for r in stored["rows"] if not r["sweep"]] + rows
         stored["auto_profile"] = json.loads(calibration.read_text())
+        stored["auto_bucket_ms"] = args.bucket_ms
         Path(args.json).write_text(json.dumps(report, indent=1))
     write_report(report, Path(args.out))
     return 0
@@ -697,6 +700,12 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "testbed_validation.json"))
     parser.add_argument("--timeout", type=float, default=500.0, help="seconds per measurement launch")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --json")
+    parser.add_argument(
+        "--bucket-ms",
+        type=float,
+        default=BUCKET_SECONDS * 1e3,
+        help=f"each wire's tbf bucket in ms of its rate (default {BUCKET_SECONDS * 1e3:g})",
+    )
     args = parser.parse_args()
     if args.runs < 2:
         parser.error(f"--runs {args.runs}: at least 2 (the spread between runs is part of the report)")
@@ -735,7 +744,7 @@ def main() -> int:
     for number, case in enumerate(selected(scratch, args)):
         print(f"== {case['name']}, {case['rph']} rank(s) per host", flush=True)
         case_load = os.getloadavg()
-        with Testbed.up(case["topology"], case["rph"], directory=scratch) as testbed:
+        with Testbed.up(case["topology"], case["rph"], scratch, bucket=args.bucket_ms / 1e3) as testbed:
             links = check(testbed, seconds=0.5, pings=20)
             efficiency = statistics.median(min(1.0, r.ratio) for r in links)
             for r in links:
@@ -782,7 +791,7 @@ def main() -> int:
                 {"wire": r.wire, "direction": r.direction, "set": r.set_rate, "measured": r.measured_rate,
                  "ratio": r.ratio} for r in links
             ],
-            "efficiency": efficiency, "rows": rows, "profile": profile_data,
+            "efficiency": efficiency, "rows": rows, "profile": profile_data, "bucket_ms": args.bucket_ms,
             "load_at_start": case_load, "load_at_end": os.getloadavg(),
         })  # fmt: skip
         Path(args.json).write_text(json.dumps(report, indent=1))  # what is done so far, if a later case fails

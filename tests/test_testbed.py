@@ -24,7 +24,7 @@ from commlab.errors import InvalidArgumentError, TopologyError
 from commlab.sim.network.topology_io import parse_topology
 from commlab.testbed import system
 from commlab.testbed.plan import plan_for, topology_toml, with_ranks_per_host
-from commlab.testbed.testbed import Testbed, remove_run
+from commlab.testbed.testbed import Testbed, load, remove_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -160,6 +160,21 @@ def test_unknown_host_and_bad_ranks_per_host_name_what_is_accepted() -> None:
         with_ranks_per_host(parse_topology("switch:n=2"), 0)
 
 
+def test_bucket_is_seconds_of_the_rate_with_a_floor_and_bad_values_are_named() -> None:
+    """5 ms of 1 Gbit/s is 625,000 bytes, 1 ms of 2 Gbit/s 250,000; 1 ms of 1 Gbit/s (125,000) is below
+    two 64 KiB GSO segments, so the veth floor (131,072) holds, and a delay line's TAP floor is 64 KiB.
+    A bucket of 0, below 0, over 1 s or not a number is refused by name."""
+    assert system.bucket_bytes(125e6, 0.005) == 625_000
+    assert system.bucket_bytes(250e6, 0.001) == 250_000
+    assert system.bucket_bytes(125e6) == system.MIN_BUCKET_BYTES == 2 * (64 << 10)  # the default, 1 ms
+    assert system.bucket_bytes(12.5e6, floor=system.TAP_MIN_BUCKET_BYTES) == 64 << 10
+    for bad in (0, -0.001, 2.0, True, "1ms", None):
+        with pytest.raises(InvalidArgumentError, match=r"bucket=.*accepted: seconds in \(0, 1\]"):
+            system.bucket_bytes(125e6, bad)
+    with pytest.raises(InvalidArgumentError, match="bucket="):
+        Testbed.up("switch:n=2", bucket=0)  # refused before anything is built (or root is asked for)
+
+
 def test_without_privileges_a_clear_error() -> None:
     """As root, the capabilities are dropped with setpriv; otherwise the command runs as it is."""
     command = [sys.executable, "-m", "commlab.cli", "testbed", "up", "--topology", "switch:n=2"]
@@ -221,6 +236,29 @@ def test_up_builds_hosts_with_names_addresses_and_shaping(testbeds) -> None:
 
 
 @needs_root
+def test_bucket_reaches_every_wire_direction_and_the_state_file(tmp_path) -> None:
+    """`--bucket-ms 2` on a 1 Gbit/s switch: every tbf (both hosts' eth0, both switch ends) holds
+    250,000 bytes, and a reloaded run knows its bucket."""
+    up = cli(tmp_path, "up", "--topology", "switch:n=2,bandwidth=1Gb/s", "--bucket-ms", "2", "--json")
+    assert up.returncode == 0, up.stderr
+    run = json.loads(up.stdout)["run"]
+    try:
+        testbed = load(run, tmp_path)
+        assert testbed.bucket == 0.002
+        bursts = []
+        for namespace in testbed.namespaces():
+            for qdisc in json.loads(system.tc(namespace, "-j", "qdisc", "show") or "[]"):
+                if qdisc.get("kind") == "tbf":
+                    bursts.append(qdisc["options"]["burst"])
+        assert bursts == [250_000] * 4, bursts
+        bad = cli(tmp_path, "up", "--topology", "switch:n=2", "--bucket-ms", "0")
+        assert bad.returncode == 2 and "bucket=0.0 is not accepted" in bad.stderr
+    finally:
+        assert cli(tmp_path, "down", "--run", run).returncode == 0
+    assert not [n for n in system.namespaces() if n.startswith(run)]
+
+
+@needs_root
 def test_down_removes_a_crashed_run(tmp_path) -> None:
     """A process that builds a testbed and dies without `down` leaves namespaces; down removes them all."""
     code = (
@@ -267,7 +305,7 @@ def test_check_measures_every_wire_direction_within_what_the_shaper_allows(testb
     ]  # fmt: skip
     for r in results:
         size = max(r.set_rate * 0.25, 1 << 20)
-        burst = max(64 << 10, r.set_rate * 0.005)  # what system.shape gives the bucket
+        burst = system.bucket_bytes(r.set_rate)  # what system.shape gives the bucket
         # The receiver's clock starts at the first byte: at most one bucket plus one TCP window (<= 4 MiB)
         # arrive unshaped; the rest cannot beat the set rate however idle the machine is.
         assert 0 < r.measured_rate <= r.set_rate * size / max(size - burst - (4 << 20), 1) or size < 8 << 20

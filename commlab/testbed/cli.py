@@ -32,7 +32,7 @@ def _command(args: argparse.Namespace) -> list[str]:
 def _up(args: argparse.Namespace) -> int:
     from commlab.testbed.testbed import Testbed
 
-    testbed = Testbed.up(args.topology, args.ranks_per_host)
+    testbed = Testbed.up(args.topology, args.ranks_per_host, bucket=args.bucket_ms / 1e3)
     if args.json:
         print(json.dumps({"run": testbed.run, "plan": testbed.plan.to_dict()}, indent=1))
     else:
@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.topology is None:
         testbed = tb.load(args.run_id)
         return launch.run(testbed, command, args.launcher, args.timeout, max_restarts=args.max_restarts)
-    with tb.Testbed.up(args.topology, args.ranks_per_host) as testbed:
+    with tb.Testbed.up(args.topology, args.ranks_per_host, bucket=args.bucket_ms / 1e3) as testbed:
         return launch.run(testbed, command, args.launcher, args.timeout, max_restarts=args.max_restarts)
 
 
@@ -124,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `commlab testbed` on the CLI's subcommands."""
+    from commlab.testbed import system
     from commlab.testbed.launch import DEFAULT_TIMEOUT, LAUNCHERS
 
     parser = sub.add_parser(
@@ -145,6 +146,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "--ranks-per-host",
             default="1",
             help="ranks on every host (1), or one count per host separated by commas ('3,1': uneven hosts)",
+        )
+        p.add_argument(
+            "--bucket-ms",
+            type=float,
+            default=system.BUCKET_SECONDS * 1e3,
+            help=f"each wire's tbf bucket in ms of its rate ({system.BUCKET_SECONDS * 1e3:g}; at least "
+            f"{system.MIN_BUCKET_BYTES >> 10} KiB): what a message may send faster than the wire after idle",
         )
 
     def run_arg(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from commlab.errors import TestbedError
+from commlab.errors import TestbedError, invalid
 
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts /etc/netns/NS/hosts over /etc/hosts
 COMMAND_TIMEOUT = 30.0  # seconds for one ip/tc command; they normally take milliseconds
@@ -108,14 +108,36 @@ def write_hosts_file(namespace: str, entries: list[tuple[str, str]], own: str) -
 LATENCY_FLOOR = 20e-6  # s: a veth pair and a bridge already take about this long; less is not emulated
 
 
-def shape(namespace: str, device: str, rate: float, latency: float) -> None:
-    """Egress of `device`: a token bucket at `rate` bytes/s (tbf), and a netem child delaying by `latency`
-    seconds where that is above LATENCY_FLOOR. Replaces whatever was there.
+BUCKET_SECONDS = 0.001  # the default token bucket: this much of the wire's traffic (see bucket_bytes)
+GSO_SEGMENT = 64 << 10  # the largest packet a veth hands its qdisc (TCP segmentation offload)
+MIN_BUCKET_BYTES = 2 * GSO_SEGMENT  # a veth's bucket at least: a smaller one stalls TCP (bucket_bytes)
+TAP_MIN_BUCKET_BYTES = 64 << 10  # a delay line's TAP devices pass frames <= MTU (no offloads)
 
-    The bucket holds 5 ms of traffic (at least 64 KiB): smaller buckets stall TCP at high rates on a
-    timer-driven qdisc; the queue holds 50 ms, enough for TCP to keep the link busy."""
+
+def bucket_bytes(rate: float, bucket: float = BUCKET_SECONDS, floor: int = MIN_BUCKET_BYTES) -> int:
+    """The tbf bucket (burst) of a wire of `rate` bytes/s: `bucket` seconds of its traffic, at least
+    `floor` bytes. A message that finds the bucket full leaves at the device's speed, not the wire's
+    (a real wire never does), so the bucket is kept small: 1 ms, or two GSO segments (128 KiB) on a veth,
+    where a bucket of one segment stalls TCP (a 64 KiB exchange step at 400 Mbit/s took 6x the wire
+    time). Measured in benchmarks/testbed_bucket.py; docs/design.md, "the tbf bucket"."""
+    if isinstance(bucket, bool) or not isinstance(bucket, (int, float)) or not 0 < bucket <= 1:
+        raise invalid("bucket", bucket, "seconds in (0, 1], e.g. 0.001")
+    return max(floor, round(rate * bucket))
+
+
+def shape(
+    namespace: str,
+    device: str,
+    rate: float,
+    latency: float,
+    bucket: float = BUCKET_SECONDS,
+    floor: int = MIN_BUCKET_BYTES,
+) -> None:
+    """Egress of `device`: a token bucket at `rate` bytes/s (tbf) of `bucket_bytes(rate, bucket, floor)`,
+    and a netem child delaying by `latency` seconds where that is above LATENCY_FLOOR. Replaces whatever
+    was there. The queue holds 50 ms, enough for TCP to keep the link busy."""
     bits = max(8, round(rate * 8))
-    burst = max(64 << 10, round(rate * 0.005))
+    burst = bucket_bytes(rate, bucket, floor)
     tc(namespace, "qdisc", "del", "dev", device, "root", check=False)
     tc(namespace, "qdisc", "add", "dev", device, "root", "handle", "1:", "tbf", "rate", f"{bits}bit",
        "burst", str(burst), "latency", "50ms")  # fmt: skip

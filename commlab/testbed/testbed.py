@@ -59,6 +59,7 @@ class Testbed:
     plan: NetworkPlan
     directory: Path
     relay: bool | None = None  # delay lines: None where the kernel lacks netem, True always, False never
+    bucket: float = system.BUCKET_SECONDS  # each wire's token bucket, in seconds of its rate
 
     # ------------------------------------------------------------------------------------------ names
     @property
@@ -97,21 +98,24 @@ class Testbed:
         ranks_per_host: int | str | Sequence[int] = 1,
         directory: Path | None = None,
         relay: bool | None = None,
+        bucket: float = system.BUCKET_SECONDS,
     ) -> Testbed:
         """Build the emulated cluster of `topology` (a spec, a file, or a Topology) with `ranks_per_host`
         ranks on every host, or one count per host ('3,1', [3, 1]: uneven hosts). On any failure, or
         Ctrl-C, while building, whatever was created is removed again. `relay`: how a wire gets its
         latency: None, by netem where the kernel has it, else by a user-space delay line; True, always by
-        a delay line; False, only by netem (an error without it)."""
+        a delay line; False, only by netem (an error without it). `bucket`: the seconds of its rate each
+        wire's token bucket holds (`system.bucket_bytes`)."""
         if relay not in (None, True, False):
             raise invalid("relay", relay, [None, True, False])
+        system.bucket_bytes(1.0, bucket)  # a bad value fails here, before anything is built
         system.require_root()
         topo = parse_topology(topology) if isinstance(topology, str) else topology
         topo = with_ranks_per_host(topo, ranks_per_host)
         plan = plan_for(topo)
         directory = Path(directory) if directory else state_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        testbed = cls(PREFIX + secrets.token_hex(3), plan, directory, relay)
+        testbed = cls(PREFIX + secrets.token_hex(3), plan, directory, relay, bucket)
         testbed._save(spec=topology if isinstance(topology, str) else topo.name)
         testbed.topology_file.write_text(topology_toml(topo))
         try:
@@ -128,6 +132,7 @@ class Testbed:
             "created": time.time(),
             "pid": os.getpid(),
             "namespaces": self.namespaces(),
+            "bucket": self.bucket,
             "plan": self.plan.to_dict(),
         }
         self.state_file.write_text(json.dumps(state, indent=1))
@@ -156,14 +161,14 @@ class Testbed:
                 system.ip(namespace, "addr", "add", f"{host.address}/16", "dev", HOST_DEVICE)
                 system.ip(namespace, "link", "set", HOST_DEVICE, "up")
                 system.ip(fabric, "link", "set", a_end, "master", self.bridge(wire.b), "up")
-                system.shape(namespace, HOST_DEVICE, wire.rate_ab, wire.latency_ab)
-                system.shape(fabric, a_end, wire.rate_ba, wire.latency_ba)
+                system.shape(namespace, HOST_DEVICE, wire.rate_ab, wire.latency_ab, self.bucket)
+                system.shape(fabric, a_end, wire.rate_ba, wire.latency_ba, self.bucket)
             else:
                 system.ip(fabric, "link", "add", a_end, "type", "veth", "peer", "name", b_end)
                 system.ip(fabric, "link", "set", a_end, "master", self.bridge(wire.a), "up")
                 system.ip(fabric, "link", "set", b_end, "master", self.bridge(wire.b), "up")
-                system.shape(fabric, a_end, wire.rate_ab, wire.latency_ab)
-                system.shape(fabric, b_end, wire.rate_ba, wire.latency_ba)
+                system.shape(fabric, a_end, wire.rate_ab, wire.latency_ab, self.bucket)
+                system.shape(fabric, b_end, wire.rate_ba, wire.latency_ba, self.bucket)
 
     def delayed(self, wire: Wire) -> bool:
         """Whether `wire` is built as a user-space delay line (TAP pair + relay) instead of a veth pair:
@@ -195,8 +200,8 @@ class Testbed:
         else:
             system.ip(fabric, "link", "set", a_dev, "master", self.bridge(wire.a), "up")
             system.ip(fabric, "link", "set", b_dev, "master", self.bridge(wire.b), "up")
-        system.shape(a_ns, a_dev, wire.rate_ab, 0.0)
-        system.shape(b_ns, b_dev, wire.rate_ba, 0.0)
+        system.shape(a_ns, a_dev, wire.rate_ab, 0.0, self.bucket, system.TAP_MIN_BUCKET_BYTES)
+        system.shape(b_ns, b_dev, wire.rate_ba, 0.0, self.bucket, system.TAP_MIN_BUCKET_BYTES)
 
     def _record_relay(self, wire: int, pid: int) -> None:
         """Add a relay's pid to the state file at once, so a crash later in the build still finds it."""
@@ -316,7 +321,8 @@ def load(run: str | None = None, directory: Path | None = None) -> Testbed:
     if run not in known:
         raise invalid("run", run, known or f"a run recorded in {directory} (none is)")
     state = json.loads((directory / f"{run}.json").read_text())
-    return Testbed(run, NetworkPlan.from_dict(state["plan"]), directory)
+    bucket = state.get("bucket", system.BUCKET_SECONDS)
+    return Testbed(run, NetworkPlan.from_dict(state["plan"]), directory, bucket=bucket)
 
 
 def remove_run(run: str, directory: Path | None = None) -> list[str]:
