@@ -467,7 +467,7 @@ def write_report(report: dict, path: Path) -> None:
         lines += [
             f"### {case['name']}, {case['ranks_per_host']} rank(s) per host (`{case['spec']}`)",
             "",
-            f"wire efficiency from the check {case['efficiency']:.1%}.",
+            f"wire efficiency from the check {case['efficiency']:.1%}; tbf bucket {_bucket(case)}.",
             "",
             "| op | size | algorithm | runs (ms) | spread | wire (ms) | error | testbed (ms) | error "
             "| #wrong |",
@@ -585,6 +585,13 @@ def _loads(report: dict) -> str:
     if "load_at_end" in machine:
         text += f", {machine['load_at_end'][0]:.1f} at the end"
     return text
+
+
+def _bucket(case: dict) -> str:
+    """The tbf bucket a network was measured with: stored since --bucket-ms exists, 5 ms before."""
+    if "bucket_ms" not in case:
+        return "5 ms of the wire's rate (the default then)"
+    return f"{case['bucket_ms']:g} ms of the wire's rate (at least 128 KiB on a veth, 64 KiB on a delay line)"
 
 
 def _size(nbytes: int) -> str:
