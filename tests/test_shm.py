@@ -268,7 +268,8 @@ def test_unmatched_message_raises(rank_pools):
 
 def cleanup_and_selection(dead_pid: int) -> dict:
     """A stale segment of a dead creator is swept by the next transport; nothing stays in /dev/shm
-    once every rank has mapped the segment; close() marks the rank CLOSED; $COMMLAB_SHM selects."""
+    once every rank has joined the segment; close() marks the rank CLOSED; $COMMLAB_SHM selects (unset:
+    on, checked in test_shm_join)."""
     rank = dist.get_rank()
     stale = seg.segment_path(dead_pid, 0xABC)
     if rank == 0:
@@ -276,8 +277,9 @@ def cleanup_and_selection(dead_pid: int) -> dict:
             out.write(b"x" * 64)
     dist.barrier()
     transport = SharedMemoryTransport()
-    dist.barrier()  # rank 0 unlinks once every rank has mapped the segment
-    ours = [n for n in os.listdir(seg.SHM_DIR) if n.startswith(f"{seg.PREFIX}{transport.pids[0]}-")]
+    dist.barrier()  # the last rank to join unlinks the segment
+    makers = [f"{seg.PREFIX}{pid}-" for pid in transport.pids]  # whichever rank made it
+    ours = [n for n in os.listdir(seg.SHM_DIR) if any(n.startswith(m) for m in makers)]
     found = {"stale_left": os.path.exists(stale), "ours_left": ours}
     comm = commlab.Communicator(transport)
     values = torch.full((3,), float(rank))

@@ -11,8 +11,10 @@ each header's tag and size are checked against the posted receive (a mismatch ra
 
 Messages of CMA_MIN_BYTES or more travel as a descriptor (tag, size, the sender's address) instead, and
 the receiver copies the bytes straight out of the sender's memory (`cma`, process_vm_readv: one copy
-instead of two); the send completes when the receiver has passed the descriptor. Setup probes whether
-every rank may read every peer; where not, everything goes through the rings.
+instead of two); the send completes when the receiver has passed the descriptor. Each receiver probes
+whether it may read a peer's memory once both have joined and writes its answer beside the pair's tail
+(`Layout.can_read_word`); a long send waits for that answer (it waits for the receiver anyway) and goes
+through the ring where the answer is no. The receiver tells the two forms apart by the header.
 
 A receive may reduce on receipt (`Message.reduce`, `reduces_on_receipt`): the bytes are added into the
 receiving tensor instead of stored in it. From a ring the reduction reads the ring itself (no copy out);
@@ -37,11 +39,15 @@ Ordering: x86-64 keeps stores in order and loads in order, so payload bytes writ
 visible before it; a locked instruction (a lock acquire) after each copy also orders the non-temporal
 stores that large memcpys use.
 
-`SharedMemoryTransport(group)` is collective over the gloo `group` (every rank must make it): the group
-carries the setup (process ids, the host check, the segment's name). `SharedMemoryTransport.over_backend`
-sets up over a raw c10d Backend instead (the torch backend's private gloo; see `shm_setup`). After setup
-nothing travels over the group or backend. `communicator()` picks the transport for a gloo group on one
-host when $COMMLAB_SHM allows (see `shm_enabled`).
+`SharedMemoryTransport(group)` is not collective: each rank joins the group's segment through the group's
+c10d Store on its own (`shm_setup.join_segment`) and writes its process id into the segment; a peer that
+has not joined yet is simply a peer whose messages have not arrived, waited for only by the transfers
+and argument checks that need it, with their deadline (the error then says the peer never joined). So a
+program whose ranks first use their groups in different orders, or that sends between two ranks of a
+bigger group, waits for nothing gloo would not wait for. `SharedMemoryTransport.over_backend` sets up
+collectively over a raw c10d Backend instead (the torch backend's private gloo, made at group creation;
+see `shm_setup`). After setup nothing travels over the group or backend. `communicator()` picks the
+transport for a gloo group on one host unless $COMMLAB_SHM=0 (see `shm_enabled`).
 """
 
 from __future__ import annotations
@@ -62,16 +68,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from commlab.collectives import cma, futex
+from commlab.collectives import cma as cma_module
+from commlab.collectives import futex
 from commlab.collectives import shm_segment as seg
 from commlab.collectives.cost import CostModel
 from commlab.collectives.hosts import host_map_from_env
-from commlab.collectives.shm_setup import BackendChannel, GroupChannel, SetupChannel
+from commlab.collectives.shm_setup import (
+    SETUP_FAILED,
+    BackendChannel,
+    GroupChannel,
+    SetupChannel,
+    absent_key,
+    group_store,
+    join_segment,
+)
 from commlab.collectives.transport import Message, TorchRequest
 from commlab.errors import CollectiveTimeoutError, CommlabError, TransportError, invalid
 
 SHM_ENV = "COMMLAB_SHM"  # 1: use shared memory within a host for gloo groups, 0: never
-DEFAULT_ON = False  # what communicator() does when $COMMLAB_SHM is unset (see benchmarks/collectives.py)
+DEFAULT_ON = True  # what communicator() does when $COMMLAB_SHM is unset (see docs/design.md)
 
 COPY_BYTES = 1 << 20  # a sender publishes its progress at least every this many bytes
 SPIN_S = 50e-6  # the main thread polls without pause this long, when cores are not oversubscribed
@@ -144,8 +159,10 @@ class _Transfer:
         self.data = tensor  # kept alive until the transfer completes
         self.address = tensor.data_ptr()
         self.nbytes = tensor.numel() * tensor.element_size()
-        self.cma = cma  # the receiver reads the bytes from the sender's memory; only a descriptor travels
-        self.footprint = 0 if cma else -(-self.nbytes // 16) * 16  # payload bytes in the ring, padded
+        # a send: it may travel as a descriptor (the receiver then reads the bytes from the sender's memory)
+        # if the receiver says it can read this rank; a receive: set when the header says it came so
+        self.cma = cma
+        self.footprint = -(-self.nbytes // 16) * 16  # payload bytes in the ring, padded (0 for a descriptor)
         self.peer = peer
         self.tag = tag
         self.header = False
@@ -169,9 +186,11 @@ class SharedMemoryTransport:
     `group`: the torch.distributed group (default: the world), which must use gloo; `timeout`: default
     seconds per collective (default: the group's); `ring_bytes`: ring size per ordered pair of ranks (a
     multiple of 16, at least 4096; default `default_ring_bytes`); `cma`: read long messages from the
-    sender's memory where the OS allows (default: yes unless $COMMLAB_SHM_CMA=0); `channel`: what carries
-    the setup instead of `group` (see `shm_setup`; `over_backend` makes one). Raises NotOneHostError
-    if the group's ranks are on several hosts. `close()` releases the segment (also at garbage collection).
+    sender's memory where the OS allows (default: yes unless $COMMLAB_SHM_CMA=0); `channel`: set up
+    collectively over it instead of joining through `group`'s Store (see `shm_setup`; `over_backend` makes
+    one). Joining raises TransportError on a rank that cannot map the group's segment (another host);
+    the collective setup raises NotOneHostError if the ranks are on several hosts. `close()` releases
+    the segment (also at garbage collection).
     """
 
     device_type = "cpu"
@@ -191,6 +210,7 @@ class SharedMemoryTransport:
         *,
         channel: SetupChannel | None = None,
     ) -> None:
+        joining = channel is None
         if channel is None:
             channel = GroupChannel(group)
         elif group is not None:
@@ -220,10 +240,26 @@ class SharedMemoryTransport:
         self._hold_receives = False  # while the argument check is open: receives wait (see `discard`)
         self._tails = [0] * self.size  # my receives' tail counters
         self._mm: mmap.mmap | None = None
-        self.cma = False
+        self._pid = os.getpid()
+        self._known_pids = [0] * self.size
+        self._unprobed = set(range(self.size)) - {self.rank}  # peers not yet told if this rank can read them
         want_cma = (os.environ.get(CMA_ENV, "1") != "0") if cma is None else bool(cma)
-        self.pids, self._started = self._setup(channel)
-        self.cma = self._agree_on_cma(want_cma, channel)
+        self.cma = want_cma and cma_module.AVAILABLE  # this rank reads peers' memory where they allow
+        self._store: dist.Store | None = None
+        self._prefix = ""
+        self._path = ""
+        self._unlinked = False
+        if joining:
+            self._store, self._prefix = group_store(channel.group)
+            self._mm, self._path = join_segment(
+                self._store, self._prefix, self.rank, self.layout.total_bytes, self.default_timeout,
+                channel.describe(),
+            )  # fmt: skip
+            self._map_views()
+        else:
+            self._setup(channel)
+            self._unlinked = True  # rank 0 unlinked it once every rank had mapped it
+        self._join()
 
     @classmethod
     def over_backend(
@@ -253,8 +289,8 @@ class SharedMemoryTransport:
         except (CollectiveTimeoutError, TransportError) as error:
             raise type(error)(f"setting up the shared-memory transport ({what}): {error}") from error
 
-    def _setup(self, channel: SetupChannel) -> tuple[list[int], list[int]]:
-        """Gather pids and host ids over the channel, make or map the segment, then unlink it."""
+    def _setup(self, channel: SetupChannel) -> None:
+        """Collectively: gather pids and host ids over the channel, make or map the segment, unlink it."""
         me = os.getpid()
         host = int.from_bytes(hashlib.blake2b(seg.host_identity(), digest_size=7).digest(), "little")
         mine = torch.tensor([me, seg.start_time(me) or 0, host], dtype=torch.int64)
@@ -265,7 +301,7 @@ class SharedMemoryTransport:
             raise NotOneHostError(
                 f"the ranks of {channel.describe()} are on more than one host: no shared memory"
             )
-        pids, started = [row[0] for row in rows], [row[1] for row in rows]
+        pids = [row[0] for row in rows]
 
         def path_of(token: int) -> str:
             return seg.segment_path(pids[0], token)
@@ -301,44 +337,76 @@ class SharedMemoryTransport:
                 f"shared-memory transport setup failed on ranks {bad}" + (f": {failure}" if failure else "")
             )
         self._path = path_of(int(token[0]))
-        return pids, started
 
     def _map_views(self) -> None:
-        """Views of the mapped segment; this rank's base address goes into its status line (for cma)."""
+        """Views of the mapped segment; this rank's base address (for the cma probe), pid and start time
+        go into its status line."""
         assert self._mm is not None
         self._words = np.frombuffer(self._mm, dtype=np.int64)
         self._ints = np.frombuffer(self._mm, dtype=np.int32)
         self._bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
         self._base_address = self._bytes.data_ptr()
-        self._words[self.layout.base_word(self.rank)] = self._base_address
+        layout, words = self.layout, self._words
+        words[layout.base_word(self.rank)] = self._base_address
+        words[layout.pid_word(self.rank)] = self._pid
+        words[layout.started_word(self.rank)] = seg.start_time(self._pid) or 0
 
-    def _agree_on_cma(self, wanted: bool, channel: SetupChannel) -> bool:
-        """Whether every rank can read every peer's memory (process_vm_readv), agreed over the group.
-
-        Each rank reads each peer's base address from the peer's own mapping of the segment and compares
-        it with the copy in the segment: a real read through the same permission check (ptrace rules,
-        containers) a message would meet.
-        """
-        ok = wanted and cma.AVAILABLE
+    def _join(self) -> None:
+        """Raise this rank's joined flag (after its status line), unlink the file once every rank has
+        joined, and answer the cma question for the peers already there."""
+        words, layout = self._words, self.layout
+        with self._fence:
+            pass
+        words[layout.joined_word(self.rank)] = 1
+        with self._fence:  # store, fence, load: of two ranks joining last, at least one sees both flags
+            pass
+        self._unlink_if_all_joined()
         for peer in range(self.size):
-            if ok and peer != self.rank:
-                word = self.layout.base_word(peer)
-                remote_base = int(self._words[word])
-                probe = np.zeros(1, dtype=np.int64)
-                got = cma.read(self.pids[peer], remote_base + word * 8, probe.ctypes.data, 8)
-                ok = got == 8 and int(probe[0]) == remote_base
-        flags = torch.zeros(self.size, dtype=torch.int64)
-        mine = torch.tensor([int(ok)], dtype=torch.int64)
-        self._group_call("checking cma", channel.allgather(flags, mine))
-        return bool(flags.all())
+            if peer != self.rank:
+                self._probe(peer)
+
+    def _joined(self, rank: int) -> bool:
+        return bool(self._words[self.layout.joined_word(rank)])
+
+    def _unlink_if_all_joined(self) -> None:
+        if not self._unlinked and all(self._joined(r) for r in range(self.size)):
+            seg.unlink(self._path)  # every rank has it mapped: the name is no longer needed
+            self._unlinked = True
+
+    def _probe(self, peer: int) -> None:
+        """Once `peer` has joined: say, beside the tail of the ring peer -> this rank, whether this rank
+        can read `peer`'s memory. A real read through the permission check (ptrace rules, containers) a
+        message would meet: the peer's base address, from the peer's own memory, against its copy here."""
+        if peer not in self._unprobed or not self._joined(peer):
+            return
+        layout, words = self.layout, self._words
+        ok = False
+        if self.cma:
+            word = layout.base_word(peer)
+            remote_base = int(words[word])
+            probe = np.zeros(1, dtype=np.int64)
+            pid = int(words[layout.pid_word(peer)])
+            got = cma_module.read(pid, remote_base + word * 8, probe.ctypes.data, 8)
+            ok = got == 8 and int(probe[0]) == remote_base
+        self._unprobed.discard(peer)
+        self._publish(layout.can_read_word(peer, self.rank), seg.CAN_READ if ok else seg.CANNOT_READ, peer)
+
+    @property
+    def pids(self) -> list[int]:
+        """Each rank's process id (0 for a rank that has not joined yet)."""
+        if self._mm is not None:
+            self._known_pids = [int(self._words[self.layout.pid_word(r)]) for r in range(self.size)]
+        return self._known_pids
 
     def close(self) -> None:
         """Mark this rank CLOSED in the segment and unmap it; later posts raise TransportError."""
         if self._mm is None:
             return
-        if os.getpid() != self.pids[self.rank]:  # a forked child (a data loader worker): not this rank
+        if os.getpid() != self._pid:  # a forked child (a data loader worker): not this rank
             self._mm = None
             return
+        self._unlink_if_all_joined()  # else a rank may still join: its maker unlinks it at exit at the latest
+        self.pids  # noqa: B018 (kept for messages after close)
         self._words[self.layout.status_word(self.rank)] = seg.CLOSED if self._broken is None else seg.FAILED
         if self._broken is None:
             self._broken = "the transport was closed"
@@ -389,8 +457,9 @@ class SharedMemoryTransport:
                     )
                 if not 0 <= m.peer < self.size or m.peer == self.rank:
                     raise invalid("peer", m.peer, f"another rank of 0..{self.size - 1}")
-                cma = self.cma and tensor.numel() * tensor.element_size() >= CMA_MIN_BYTES
-                reduce = m.reduce if queues is self._recvs else None
+                sending = queues is self._sends
+                cma = sending and self.cma and tensor.numel() * tensor.element_size() >= CMA_MIN_BYTES
+                reduce = None if sending else m.reduce
                 if reduce is not None and tensor.dim() != 1:
                     raise invalid("tensor", f"{tensor.dim()}-d", "a 1-d tensor for a reducing receive")
                 transfer = _Transfer(self, tensor, m.peer, m.tag, cma, reduce)
@@ -406,6 +475,9 @@ class SharedMemoryTransport:
 
     def _progress(self) -> bool:
         """Move every queued transfer as far as the rings allow; whether anything moved."""
+        if self._unprobed:  # a peer's long sends wait for this rank's answer (see `_probe`)
+            for peer in list(self._unprobed):
+                self._probe(peer)
         moved = False
         for queue in self._sends.values():
             while queue:
@@ -431,6 +503,13 @@ class SharedMemoryTransport:
         tail_at = layout.tail_word(self.rank, t.peer)
         base = layout.ring_offset(self.rank, t.peer)
         free = ring - (head - int(words[tail_at]))
+        if t.cma and not t.header:  # a descriptor if the receiver can read this rank: wait for its answer
+            answer = int(words[layout.can_read_word(self.rank, t.peer)])
+            if answer == 0:
+                return False
+            t.cma = answer == seg.CAN_READ
+            if t.cma:
+                t.footprint = 0
         if t.cma:
             return self._push_descriptor(t, head, free, base)
         moved = False
@@ -487,12 +566,10 @@ class SharedMemoryTransport:
         return True
 
     def _pull_descriptor(self, t: _Transfer, tail: int, avail: int, base: int) -> bool:
-        """A cma receive: read the bytes from the sender's memory, then pass the descriptor."""
+        """A cma receive (header checked): read the bytes from the sender's memory, pass the descriptor."""
         layout, words, ring = self.layout, self._words, self.layout.ring_bytes
         if avail < 32:
             return False
-        at = (base + tail % ring) // 8
-        self._check_header(t, int(words[at]), int(words[at + 1]), -1 - t.nbytes)
         self._consumed[t.peer] += 1
         address = int(words[(base + (tail + 16) % ring) // 8])
         if t.reduce is None:
@@ -505,8 +582,9 @@ class SharedMemoryTransport:
         t.header = True
         return True
 
-    def _check_header(self, t: _Transfer, tag: int, code: int, expected: int) -> None:
-        if tag == t.tag and code == expected:
+    def _check_header(self, t: _Transfer, tag: int, code: int) -> None:
+        """The header's tag and size (`code`: bytes, or -1 - bytes for a descriptor) must be the receive's."""
+        if tag == t.tag and (code == t.nbytes or code == -1 - t.nbytes):
             return
         self._fail("a message did not match its receive")
         nbytes = -1 - code if code < 0 else code
@@ -517,9 +595,9 @@ class SharedMemoryTransport:
 
     def _read_peer(self, peer: int, remote: int, local: int, nbytes: int) -> None:
         """Copy `nbytes` at `remote` in rank `peer`'s memory to `local` (process_vm_readv: one copy)."""
-        pid = self.pids[peer]
+        pid = int(self._words[self.layout.pid_word(peer)])
         while nbytes > 0:
-            got = cma.read(pid, remote, local, nbytes)
+            got = cma_module.read(pid, remote, local, nbytes)
             if got <= 0:
                 error = ctypes.get_errno()
                 self._fail(f"reading rank {peer}'s memory failed")
@@ -558,7 +636,11 @@ class SharedMemoryTransport:
             if avail < 16:
                 return False
             at = (base + tail % ring) // 8
-            self._check_header(t, int(words[at]), int(words[at + 1]), t.nbytes)
+            code = int(words[at + 1])
+            self._check_header(t, int(words[at]), code)
+            if code < 0:  # a descriptor: the bytes are read from the sender's memory
+                t.cma, t.footprint = True, 0
+                return self._pull_descriptor(t, tail, avail, base)
             self._consumed[t.peer] += 1
             tail += 16
             avail -= 16
@@ -683,9 +765,13 @@ class SharedMemoryTransport:
             if now > deadline:
                 index, peer = waiting_for()[0]
                 self._fail("a transfer timed out")
-                raise CollectiveTimeoutError(
-                    f"{describe(index)} timed out (rank {self.rank}, peer pid {self.pids[peer]})"
+                who = (
+                    f"peer pid {self.pids[peer]}"
+                    if self._joined(peer)
+                    else f"rank {peer} never joined the group's shared-memory transport: it has not "
+                    "made its communicator of this group, or exited before"
                 )
+                raise CollectiveTimeoutError(f"{describe(index)} timed out (rank {self.rank}; {who})")
             idle = now - idle_since
             if idle < spin:
                 continue
@@ -718,20 +804,34 @@ class SharedMemoryTransport:
 
     def _check_peers(self, waiting: list[tuple[int, int]], describe: Callable[[int], str]) -> None:
         """Raise TransportError if a peer waited for has failed, closed or exited."""
+        layout, words = self.layout, self._words
         for index, peer in waiting:
-            state = int(self._words[self.layout.status_word(peer)])
+            state = int(words[layout.status_word(peer)])
+            pid = int(words[layout.pid_word(peer)])
             reason = None
             if state == seg.FAILED:
                 reason = "gave up (its own transfer failed or timed out)"
             elif state == seg.CLOSED:
                 reason = "closed its transport"
-            elif not seg.is_alive(self.pids[peer], self._started[peer]):
+            elif not self._joined(peer):
+                reason = self._absent(peer)
+            elif not seg.is_alive(pid, int(words[layout.started_word(peer)])):
                 reason = "exited"
             if reason is not None:
                 self._fail(f"rank {peer} {reason}")
-                raise TransportError(
-                    f"{describe(index)} failed: rank {peer} (pid {self.pids[peer]}) {reason}"
-                )
+                raise TransportError(f"{describe(index)} failed: rank {peer} (pid {pid}) {reason}")
+
+    def _absent(self, peer: int) -> str | None:
+        """Why `peer`, not joined yet, cannot join (it said so in the Store); None if it said nothing."""
+        if self._store is None:
+            return None
+        key = absent_key(self._prefix, peer)
+        try:
+            if not self._store.check([key]):
+                return None
+            return "cannot join the shared-memory transport: " + self._store.get(key).decode()
+        except RuntimeError:  # the store is gone (its host rank exited): only the deadline is left
+            return None
 
     # ----- the argument check beside the first step (see Communicator) -----
 
@@ -992,11 +1092,13 @@ class SignatureExchange:
 
 
 def shared_memory_transport(group: dist.ProcessGroup | None) -> SharedMemoryTransport | None:
-    """The shared-memory transport of a gloo `group` if $COMMLAB_SHM allows and its ranks share a host.
+    """The shared-memory transport of a gloo `group` unless $COMMLAB_SHM=0 or its ranks are on several hosts.
 
-    Collective over the group; every rank reaches the same answer (the host check is gathered). None for
-    a group of one rank, a non-gloo group, a host map ($COMMLAB_HOSTS, LOCAL_WORLD_SIZE) of several
-    hosts, or a segment that could not be made (a full /dev/shm: a warning says so).
+    Not collective: this rank joins the group's segment through the group's Store (see shm_setup), and
+    every rank reaches the same answer from the same facts: None for a group of one rank, a non-gloo
+    group, a host map ($COMMLAB_HOSTS, LOCAL_WORLD_SIZE) of several hosts, no /dev/shm, or a segment its
+    maker could not make (a full /dev/shm: a warning says so). A rank that finds itself on another host
+    than the segment raises TransportError (the host map must say so).
     """
     if not shm_enabled() or not dist.is_available() or not dist.is_initialized():
         return None  # the caller's TorchTransport says what is missing
@@ -1042,7 +1144,7 @@ def _one_host_or_none(
     except NotOneHostError:
         return None
     except TransportError as error:  # every rank learned it in setup: all fall back together
-        if "setup failed" not in str(error):
+        if SETUP_FAILED not in str(error):
             raise
         warnings.warn(f"commlab: no shared memory ({error}); using gloo", RuntimeWarning, stacklevel=3)
         return None

@@ -1,11 +1,12 @@
 """The shared-memory segment of a SharedMemoryTransport: its layout, naming, creation and cleanup.
 
 A segment is one file in /dev/shm (POSIX shared memory), named `commlab-shm-<creator pid>-<token>`, made
-by the communicator's rank 0 and mapped by every rank. It is unlinked as soon as every rank has mapped it,
-so a run that crashes later leaves nothing behind (the kernel frees the memory with the last mapping); only
-a crash during setup can leave a file, and `sweep_stale` (run by every new transport) removes the files
-whose creator process is gone. Process liveness is judged by /proc/<pid>/stat: the process exists, is not
-a zombie, and has the start time recorded when the transport was made (so a reused pid does not count).
+by one rank of the group (see `shm_setup`) and mapped by every rank. It is unlinked as soon as every rank
+has mapped it (or when its maker exits, if some rank never did), so a run that crashes later leaves
+nothing behind (the kernel frees the memory with the last mapping); only a crash before that can leave a
+file, and `sweep_stale` (run by the maker of every new segment) removes the files whose maker is gone.
+Process liveness is judged by /proc/<pid>/stat: the process exists, is not a zombie, and has the start
+time recorded when the transport was made (so a reused pid does not count).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from commlab.errors import TransportError
 SHM_DIR = "/dev/shm"
 PREFIX = "commlab-shm-"
 
-STATUS_BYTES = 64  # per rank, one cache line: state (RUNNING, CLOSED, FAILED), sleeping flag, doorbell
+STATUS_BYTES = 64  # per rank, one cache line: state, sleeping flag, doorbell, base address, pid, start,
+# joined flag
 GATHER_WORDS = 32  # per rank and parity: a sequence number and up to 31 int64 values (allgather_int64)
 CHANNEL_CTRL_BYTES = 128  # per ordered pair: the head counter (sender's line), the tail counter (receiver's)
 PAGE = 4096
 
 RUNNING, CLOSED, FAILED = 0, 1, 2
+CAN_READ, CANNOT_READ = 1, 2  # a receiver's answer in `Layout.can_read_word`
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,18 @@ class Layout:
         """Index of the address at which a rank mapped the segment (for the cma probe)."""
         return rank * STATUS_BYTES // 8 + 3
 
+    def pid_word(self, rank: int) -> int:
+        """Index of a rank's process id (0 until it joined)."""
+        return rank * STATUS_BYTES // 8 + 4
+
+    def started_word(self, rank: int) -> int:
+        """Index of a rank's process start time (see `start_time`), for telling a reused pid apart."""
+        return rank * STATUS_BYTES // 8 + 5
+
+    def joined_word(self, rank: int) -> int:
+        """Index of a rank's joined flag: 1 once its base address, pid and start time are written."""
+        return rank * STATUS_BYTES // 8 + 6
+
     def doorbell_offset(self, rank: int) -> int:
         """Byte offset of a rank's doorbell, the int32 its peers change (and futex-wake) to wake it."""
         return rank * STATUS_BYTES + 16
@@ -85,6 +100,11 @@ class Layout:
         """Index of the bytes-consumed counter of the ring src -> dst (written by dst only)."""
         return self.head_word(src, dst) + CHANNEL_CTRL_BYTES // 16
 
+    def can_read_word(self, src: int, dst: int) -> int:
+        """Index of dst's answer (on the tail's line, written by dst only) to whether it can read src's
+        memory: 0 not known yet, CAN_READ (src may send long messages as descriptors), CANNOT_READ."""
+        return self.tail_word(src, dst) + 1
+
     def ring_offset(self, src: int, dst: int) -> int:
         return self.data_base + (src * self.size + dst) * self.ring_bytes
 
@@ -94,7 +114,7 @@ def segment_path(creator_pid: int, token: int) -> str:
 
 
 def new_token() -> int:
-    """A random positive 62-bit run id (it names the segment; rank 0 broadcasts it)."""
+    """A random positive 62-bit run id (it names the segment, so names never repeat)."""
     return secrets.randbits(62) | 1
 
 
