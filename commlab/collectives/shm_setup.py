@@ -173,7 +173,7 @@ class GroupChannel:
         return dist.broadcast(tensor, self.global_ranks[0], group=self.group, async_op=True)
 
     def describe(self) -> str:
-        return str(self.group)
+        return f"the gloo group of global ranks {self.global_ranks}"
 
 
 class BackendChannel:
