@@ -56,9 +56,10 @@ def communicator(group: Group = None) -> Communicator:
     if group is None and _runs_on_mpi():
         MPI = sys.modules["mpi4py.MPI"]
         world = MPI.COMM_WORLD  # never freed: no reuse check needed
-        comm = _COMMUNICATORS.get(_world_key(world))
+        key = comm_key(world)
+        comm = _COMMUNICATORS.get(key)
         if comm is None:
-            comm = _COMMUNICATORS[_world_key(world)] = Communicator(MPITransport(world))
+            comm = _COMMUNICATORS[key] = Communicator(MPITransport(world))
         _MPI_DEFAULT[:] = [MPI, comm]
         return comm
     if is_mpi_comm(group):
@@ -110,14 +111,6 @@ def release(group: Group = None) -> None:
 atexit.register(release)
 
 
-def _world_key(world: Any) -> tuple[str, int]:
-    """COMM_WORLD's key in `_COMMUNICATORS` (its handle, as `comm_key` gives), computed once."""
-    if not _WORLD_KEY:
-        _WORLD_KEY.append(comm_key(world))
-    return _WORLD_KEY[0]
-
-
-_WORLD_KEY: list[tuple[str, int]] = []
 _MPI_DEFAULT: list = []  # [mpi4py.MPI, COMM_WORLD's Communicator] once `communicator(None)` found MPI's
 
 

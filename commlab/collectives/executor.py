@@ -361,15 +361,6 @@ def _post(bound: BoundStep, transport: Transport, tag_base: int, persistent: boo
     return transport.post(_tagged(bound.sends, tag_base), recvs)
 
 
-def _apply(bound: BoundStep, reducer: Reducer) -> None:
-    """After a step's transfers: reduce (or copy) what landed in scratch into the buffer."""
-    for dst, src, reduce in bound.applies:
-        if reduce:
-            reducer(dst, src)
-        else:
-            dst.copy_(src)
-
-
 def run(
     bound: BoundProgram,
     transport: Transport,
@@ -434,7 +425,7 @@ def _run_steps(
                 name = label() if callable(label) else label
                 raise type(error)(f"{name}, rank {plan.rank}, step {k}: {error}") from error
             in_flight[k] = None
-            for dst, src, reduce in step.applies:  # (inlined _apply: this loop is the call's hot path)
+            for dst, src, reduce in step.applies:  # after the wait: reduce or copy what landed in scratch
                 if reduce:
                     reducer(dst, src)
                 else:
