@@ -82,6 +82,8 @@ AUTO_SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]  # auto
 # The delay network's latency-bound cases (rows marked "latency", judged apart from the wire-bound ones).
 LATENCY_ALGORITHMS = ["ring", "tree", "halving_doubling", "recursive_doubling", "direct"]
 LATENCY_SIZES = [4 << 10, 16 << 10, 64 << 10]
+LARGE_SWEEP = 16 << 20  # the auto sweeps' ring and hierarchical rows from this size up are reported apart
+# (issue 18: the simulator predicts both within 5%), not among the validation rows
 
 
 # ------------------------------------------------------------------------------------------ in the ranks
@@ -234,7 +236,7 @@ def predict(topology_file: Path, rows: list[dict], profiles: dict, calibration) 
     model = calibration.cost_model(p, hosts=hosts)
     predictions = {}
     for row in rows:
-        if row["sweep"]:
+        if row["sweep"] and row["algorithm"] == "auto":  # auto's rows: its pick is predicted by name
             continue
         key = (row["op"], row["algorithm"], row["size"])
         segments = resolve(row["op"], row["resolved"], p, row["size"], model, 0, hosts).segments
@@ -299,6 +301,65 @@ def auto_cases(case: dict) -> list[dict]:
             "now": now, "now_ratio": None if now_time is None else now_time / flat[best],
         })  # fmt: skip
     return found
+
+
+def large_sweep_rows(case: dict) -> list[tuple[int, dict, dict]]:
+    """(size, ring row, hierarchical row) of the auto sweep at >= LARGE_SWEEP where both were timed and
+    predicted: the sizes at which issue 18 asks the simulator to predict both within 5%."""
+    found = []
+    for size in sorted({r["size"] for r in case["rows"] if r["sweep"] and r["size"] >= LARGE_SWEEP}):
+        pair = [
+            next(
+                (r for r in case["rows"] if r["sweep"] and r["size"] == size and r["algorithm"] == name), None
+            )
+            for name in ("ring", "hierarchical")
+        ]
+        if all(r is not None and r.get("predicted") for r in pair):
+            found.append((size, pair[0], pair[1]))
+    return found
+
+
+def large_sweep_section(report: dict) -> list[str]:
+    """The report's table of hierarchical against ring at >= 16 MiB, measured and predicted (testbed)."""
+    cases = [(case, large_sweep_rows(case)) for case in report["cases"] if case["ranks_per_host"] != 1]
+    cases = [(case, rows) for case, rows in cases if rows]
+    if not cases:
+        return []
+    errors = [
+        _error(r["predicted"]["testbed"], central(r["measured"])) for _, rows in cases for _, *pair in rows
+        for r in pair
+    ]  # fmt: skip
+    lines = [
+        "",
+        "## Hierarchical against ring at >= 16 MiB",
+        "",
+        "The auto sweep's allreduce at 16 and 64 MiB on the layouts with several ranks on a host, predicted "
+        "like the validation rows (testbed profile, flow fidelity; not among the validation rows above). "
+        f"Prediction error over these rows: median {statistics.median(errors):.1%}, max {max(errors):.1%} "
+        "(issue 18 asks for both algorithms within 5%).",
+        "",
+        "| network | size | ring measured (ms) | predicted | error | hierarchical measured (ms) | predicted "
+        "| error | ring / hierarchical measured | predicted |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case, rows in cases:
+        for size, ring, hier in rows:
+            cells = []
+            for r in (ring, hier):
+                measured, predicted = central(r["measured"]), r["predicted"]["testbed"]
+                cells += [
+                    f"{measured * 1e3:.1f}",
+                    f"{predicted * 1e3:.1f}",
+                    f"{(predicted - measured) / measured:+.1%}",
+                ]
+            ratio = central(ring["measured"]) / central(hier["measured"])
+            predicted_ratio = ring["predicted"]["testbed"] / hier["predicted"]["testbed"]
+            lines.append(
+                f"| {case['name']} | {_size(size)} | "
+                + " | ".join(cells)
+                + f" | {ratio:.2f}x | {predicted_ratio:.2f}x |"
+            )
+    return lines
 
 
 def auto_now(case: dict, size: int) -> str:
@@ -449,6 +510,7 @@ def write_report(report: dict, path: Path) -> None:
                 f"{c['auto_time'] / c['best_time']:.3f} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
                 f"{c['now']} | {'not timed' if again is None else f'{again:.3f}'} |"
             )
+    lines += large_sweep_section(report)
     lines += [
         "",
         "## Link check (`commlab testbed check`)",
@@ -663,19 +725,24 @@ def repredict(report: dict) -> None:
     from commlab.sim.network.profile import Profile
 
     for case in report["cases"]:
-        with tempfile.TemporaryDirectory() as scratch:
-            topology = Path(scratch) / "topology.toml"
-            topology.write_text(case["topology"])
-            loaded = Calibration.from_dict(case["profile"], case["name"])
-            profiles = {
-                "wire": Profile(efficiency=case["efficiency"], name="wire"),
-                "testbed": dataclasses.replace(
-                    Profile.from_calibration(loaded), efficiency=case["efficiency"]
-                ),
-            }
-            predicted = predict(topology, case["rows"], profiles, loaded)
-        for row in case["rows"]:
-            row["predicted"] = predicted.get((row["op"], row["algorithm"], row["size"]))
+        # the sweep rows under the profile they ran with (--auto-only measures them again with a new one)
+        for rows, data in (
+            ([r for r in case["rows"] if not r["sweep"]], case["profile"]),
+            ([r for r in case["rows"] if r["sweep"]], case.get("auto_profile") or case["profile"]),
+        ):
+            with tempfile.TemporaryDirectory() as scratch:
+                topology = Path(scratch) / "topology.toml"
+                topology.write_text(case["topology"])
+                loaded = Calibration.from_dict(data, case["name"])
+                profiles = {
+                    "wire": Profile(efficiency=case["efficiency"], name="wire"),
+                    "testbed": dataclasses.replace(
+                        Profile.from_calibration(loaded), efficiency=case["efficiency"]
+                    ),
+                }
+                predicted = predict(topology, rows, profiles, loaded)
+            for row in rows:
+                row["predicted"] = predicted.get((row["op"], row["algorithm"], row["size"]))
 
 
 def main() -> int:
