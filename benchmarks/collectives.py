@@ -13,9 +13,11 @@ It prints one table and the two targets of the performance work:
 and, for `shm`, the targets of the shared-memory transport:
   3. at sizes >= 1 MiB the best commlab algorithm reaches >= 3x the native (gloo) busbw;
   4. at sizes >= 4 MiB the best commlab busbw is >= 0.5x one core's memcpy bandwidth;
-every row also prints busbw as a fraction of memcpy. It writes everything (every row and sample, the
-machine) to JSON. With the argument check on (the default) every sweep also times `auto` with the check
-off, interleaved (`commlab bench --check-off-row`), and prints the ratio (chk/off) and target
+every row also prints busbw as a fraction of memcpy, and the header the memcpy rate per core while every
+core copies at once (the memory bus the ranks share; docs/design.md, the bound on this host). It
+writes everything (every row and sample, the machine) to JSON. With the argument check on (the
+default) every sweep also times `auto` with the check off, interleaved (`commlab bench
+--check-off-row`), and prints the ratio (chk/off) and target
   5. at 4 KiB `auto` with the check takes <= 1.10x `auto` without it;
 `--no-arg-check` times every commlab row without the check.
 """
@@ -53,6 +55,43 @@ def memcpy_bandwidth(nbytes: int = 64 << 20, repeats: int = 7) -> dict:
             dst.copy_(src)
         samples.append((time.perf_counter() - start) / 5)
     return {"bytes": nbytes, "gbps": nbytes / statistics.median(samples) / 1e9, "samples_s": samples}
+
+
+def _copy_at_once(nbytes: int, repeats: int, start, results) -> None:
+    torch.set_num_threads(1)
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start.wait()
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src)
+        samples.append((time.perf_counter() - began) / 5)
+    results.put(nbytes / statistics.median(samples) / 1e9)
+
+
+def memcpy_all_cores(nbytes: int = 64 << 20, repeats: int = 7) -> dict:
+    """Copy bandwidth per core while every core copies at once (one process per core).
+
+    The ranks of a collective on one host copy and reduce at the same time, so this, not one core's
+    memcpy, is the rate each of them can have when the memory bus is the limit (on the 2-core
+    development VM each of two copies got ~0.66x of one alone)."""
+    import multiprocessing
+
+    cores = len(os.sched_getaffinity(0))
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(cores), context.Queue()
+    workers = [
+        context.Process(target=_copy_at_once, args=(nbytes, repeats, start, results)) for _ in range(cores)
+    ]
+    for worker in workers:
+        worker.start()
+    rates = [results.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    return {"cores": cores, "bytes": nbytes, "gbps_per_core": statistics.mean(rates), "rates": rates}
 
 
 def run_bench(backend: str, ranks: int, args: argparse.Namespace) -> dict:
@@ -164,6 +203,7 @@ def main() -> None:
         print("note: fewer than 5 repeats; medians of at least 5 are the standard here", file=sys.stderr)
 
     memcpy = memcpy_bandwidth()
+    memcpy["all_cores"] = memcpy_all_cores()
     runs, summary = [], []
     for backend in args.backends.split(","):
         for ranks in (int(n) for n in args.ranks.split(",")):
@@ -179,6 +219,12 @@ def main() -> None:
         f"{cpu}, {cores} cores, load {load}; commlab's argument check {'on' if args.arg_check else 'off'}"
     )
     print(f"# memcpy (1 thread, {memcpy['bytes'] >> 20} MiB): {memcpy['gbps']:.2f} GB/s")
+    shared = memcpy["all_cores"]
+    print(
+        f"# memcpy with all {shared['cores']} cores copying at once: "
+        f"{shared['gbps_per_core']:.2f} GB/s per core "
+        f"({shared['gbps_per_core'] / memcpy['gbps']:.2f}x of one alone: the memory bus the ranks share)"
+    )
     print(
         f"# {'backend':>7} {'ranks':>5} {'size':>9} {'native us':>10} {'native busbw':>12} {'best':>18}"
         f" {'busbw':>7} {'ratio':>6} {'/memcpy':>7} {'auto':>18} {'auto us':>9} {'auto/native':>11}"
