@@ -497,3 +497,27 @@ def test_uninitialized_torch_distributed_is_a_clear_error():
         pytest.skip("a process group exists in this process")
     with pytest.raises(CommlabError, match="init_process_group"):
         commlab.all_reduce(torch.ones(3))
+
+
+def test_default_group_replaced_gets_a_new_communicator():
+    """`communicator(None)` keeps torch's default group's Communicator for a fast lookup; after
+    destroy_process_group and a new init_process_group the default group is a new object, and the next
+    call must run on it (a stale Communicator would talk over the destroyed group). In a fresh process:
+    it owns the default group."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.distributed as dist, commlab; from commlab.collectives import api; "
+        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1); "
+        "first = api.communicator(None); assert api.communicator(None) is first; "
+        "x = torch.ones(3); commlab.all_reduce(x); "
+        "dist.destroy_process_group(); "
+        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1); "
+        "second = api.communicator(None); "
+        "assert second is not first and second.transport.group is dist.group.WORLD; "
+        "commlab.all_reduce(x); print(x.tolist()); commlab.release(); dist.destroy_process_group()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["[1.0,", "1.0,", "1.0]"]

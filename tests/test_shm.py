@@ -90,6 +90,36 @@ def test_messages_many_times_the_ring(rank_pools, world_size, cma):
     assert not failures, "\n".join(failures)
 
 
+def reductions_on_one_buffer(numel: int) -> list[str]:
+    """One tensor reduced again and again with a different reduction each call: its bound program (and
+    the transport's prepared transfers, whose receives reduce on receipt) is the same every call, so each
+    call must bring its own reducer. Integer-valued float32 inputs: every order of the sums is exact."""
+    rank = dist.get_rank()
+    comm = commlab.Communicator(SharedMemoryTransport(ring_bytes=1 << 16))
+    x = torch.empty(numel)
+    failures = []
+    for call, op in enumerate(["sum", "max", "sum", "min", "prod", "max", "sum"]):
+        gen = torch.Generator().manual_seed(call * 10 + rank)
+        values = torch.randint(-3, 4, (numel,), generator=gen).to(torch.float32)
+        x.copy_(values)  # the same storage every call
+        for algorithm in ["ring", "recursive_doubling"]:
+            ref = values.clone()
+            dist.all_reduce(ref, op=getattr(dist.ReduceOp, "PRODUCT" if op == "prod" else op.upper()))
+            x.copy_(values)
+            commlab.all_reduce(x, op=op, algorithm=algorithm, group=comm)
+            if not torch.equal(x, ref):
+                failures.append(f"call {call} {op} {algorithm}: {int((x != ref).sum())} wrong")
+    comm.transport.close()
+    return failures
+
+
+@pytest.mark.parametrize("numel", [1001, 100_003])  # through the rings; read from the sender (cma)
+def test_reductions_change_on_one_buffer(rank_pools, numel):
+    results = rank_pools(3).run(reductions_on_one_buffer, numel)
+    failures = [f for per_rank in results for f in per_rank]
+    assert not failures, "\n".join(failures)
+
+
 def point_to_point() -> list[str]:
     """Empty, odd-sized and ring-wrapping messages straight through the transport, in both directions
     at once, every dtype's bytes intact (bfloat16 included)."""

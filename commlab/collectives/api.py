@@ -51,6 +51,8 @@ def communicator(group: Group = None) -> Communicator:
         if not _dist_initialized() and not MPI.Is_finalized():
             return comm
         _MPI_DEFAULT.clear()
+    if group is None and _DIST_DEFAULT and dist.group.WORLD is _DIST_DEFAULT[0]:  # torch's default group
+        return _DIST_DEFAULT[1]
     if isinstance(group, Communicator):
         return group
     if group is None and _runs_on_mpi():
@@ -78,6 +80,8 @@ def communicator(group: Group = None) -> Communicator:
     if comm is None or (group is None and comm.transport.group is not dist.group.WORLD):
         comm = Communicator(shared_memory_transport(group) or TorchTransport(group))
         _COMMUNICATORS[key] = comm
+    if group is None and comm.transport.group is not None:
+        _DIST_DEFAULT[:] = [comm.transport.group, comm]
     return comm
 
 
@@ -89,6 +93,7 @@ def release(group: Group = None) -> None:
     process whose group is destroyed during finalization: "terminate called without an active exception").
     """
     _MPI_DEFAULT.clear()
+    _DIST_DEFAULT.clear()
     if group is None:
         comms = list(_COMMUNICATORS.values())
         _COMMUNICATORS.clear()
@@ -112,6 +117,7 @@ atexit.register(release)
 
 
 _MPI_DEFAULT: list = []  # [mpi4py.MPI, COMM_WORLD's Communicator] once `communicator(None)` found MPI's
+_DIST_DEFAULT: list = []  # [torch's default group, its Communicator] while that group is the default
 
 
 def _dist_initialized() -> bool:

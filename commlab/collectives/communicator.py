@@ -166,7 +166,7 @@ class Communicator:
         self.choices: dict[tuple, tuple] = {}  # api's resolved (algorithm, segments, pieces, signature)
         self.persistent = callable(getattr(transport, "prepare", None))
         # reducing receives land reduced in the buffer where the transport can (see executor)
-        self.fuse_reduce = bool(getattr(transport, "reduces_on_receipt", False)) and not self.persistent
+        self.fuse_reduce = bool(getattr(transport, "reduces_on_receipt", False))
         self._exchange: Any = None  # the transport's signature exchange, made on first use
         self._scratch: dict[tuple, Any] = {}  # scratch per (dtype, device); argument-check buffers
 

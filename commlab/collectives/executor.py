@@ -313,7 +313,9 @@ class BoundProgram:
         if prepare is not None:
             for bound in self.steps:
                 if bound.sends or bound.recvs:
-                    bound.handle = prepare(_tagged(bound.sends, tag_base), _tagged(bound.recvs, tag_base))
+                    bound.handle = prepare(
+                        _tagged(bound.sends, tag_base), _tagged(bound.recvs, tag_base), bound.fused
+                    )
 
     @property
     def persistent(self) -> bool:
@@ -351,7 +353,7 @@ def _post(bound: BoundStep, transport: Transport, tag_base: int, persistent: boo
     for payload, sources in bound.gathers:
         torch.cat(sources, out=payload)
     if persistent:
-        return transport.start(bound.handle) if bound.handle is not None else None  # type: ignore[attr-defined]
+        return transport.start(bound.handle, reducer) if bound.handle is not None else None  # type: ignore[attr-defined]
     if not bound.sends and not bound.recvs:
         return None
     recvs = [

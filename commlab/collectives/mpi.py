@@ -222,13 +222,18 @@ class MPITransport:
             raise TransportError(f"MPI could not post a transfer: {error.Get_error_string()}") from error
         return requests
 
-    def prepare(self, sends: list[Message], recvs: list[Message]) -> PersistentStep:
+    def prepare(
+        self, sends: list[Message], recvs: list[Message], fused: list[bool] | None = None
+    ) -> PersistentStep:
         """Persistent requests for a step that repeats (MPI_Recv_init/Send_init; see executor.BoundProgram).
 
         Their tags are fixed, so every call of a program reuses them: messages between a pair with one
         tag match in the order they are sent, and calls on a communicator run one at a time in one order
-        on every rank, so a call's message never meets another call's receive.
+        on every rank, so a call's message never meets another call's receive. `fused` must not flag a
+        receive: MPI's land whole, in scratch (the MPI transport does not reduce on receipt).
         """
+        if fused and any(fused):
+            raise invalid("fused", fused, "no reducing receives (MPITransport.reduces_on_receipt is False)")
         MPI = self._MPI
         comm, modulus = self.comm, self.max_tag + 1
         try:
@@ -243,8 +248,9 @@ class MPITransport:
         step.statuses = [MPI.Status() for _ in handles]
         return step
 
-    def start(self, step: PersistentStep) -> PersistentStep:
-        """Start a prepared step's transfers (one MPI_Startall); wait for them with `wait_all`."""
+    def start(self, step: PersistentStep, reducer: object = None) -> PersistentStep:
+        """Start a prepared step's transfers (one MPI_Startall); wait for them with `wait_all`.
+        (`reducer` is for transports that reduce on receipt; MPI's receives land in scratch.)"""
         if step.abandoned:
             raise TransportError("a transfer of this step timed out earlier: the MPI transport is unusable")
         try:

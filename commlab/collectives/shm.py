@@ -24,6 +24,10 @@ cache instead of a whole message's scratch from DRAM (and no scratch is written 
 is measured (benchmarks/shm_bandwidth.py): smaller pieces pay a system call and a torch add per piece
 (~6 us each), larger ones fall out of the caches.
 
+A bound program (executor.BoundProgram) prepares its steps once (`prepare`: the messages checked, the
+transfer objects made) and starts them each call (`start`, with the call's reducer), as MPI's persistent
+requests do; `post` checks and makes them afresh, for one-off transfers.
+
 Progress happens in the calling thread: posting and every wait move every posted transfer as far as the
 rings allow (as an MPI progress engine does), so a wait never blocks a transfer another step needs.
 Waiting polls the counters: on the main thread a short spin (none when the host runs more ranks than it has
@@ -143,7 +147,7 @@ class _Transfer:
 
     __slots__ = (
         "address", "cma", "data", "done", "footprint", "header", "nbytes", "peer", "reduce", "release",
-        "tag", "transport",
+        "tag", "transport", "wants_cma",
     )  # fmt: skip
 
     def __init__(
@@ -161,7 +165,7 @@ class _Transfer:
         self.nbytes = tensor.numel() * tensor.element_size()
         # a send: it may travel as a descriptor (the receiver then reads the bytes from the sender's memory)
         # if the receiver says it can read this rank; a receive: set when the header says it came so
-        self.cma = cma
+        self.cma = self.wants_cma = cma
         self.footprint = -(-self.nbytes // 16) * 16  # payload bytes in the ring, padded (0 for a descriptor)
         self.peer = peer
         self.tag = tag
@@ -169,6 +173,14 @@ class _Transfer:
         self.done = 0  # footprint bytes moved
         self.release = 0  # a cma send: the tail the receiver must pass (it has read the bytes); then 0
         self.reduce = reduce  # a receive that reduces into `data` instead of overwriting it
+
+    def reset(self, reduce: Callable[[torch.Tensor, torch.Tensor], None] | None) -> None:
+        """Make a prepared transfer new again for its next start (see `SharedMemoryTransport.prepare`)."""
+        self.cma = self.wants_cma
+        self.footprint = -(-self.nbytes // 16) * 16
+        self.header = False
+        self.done = self.release = 0
+        self.reduce = reduce
 
     @property
     def complete(self) -> bool:
@@ -178,6 +190,23 @@ class _Transfer:
         self.transport.wait_all(
             [self], time.monotonic() + timeout, lambda _: f"transfer with rank {self.peer}"
         )
+
+
+def _reduce_marker(tensor: torch.Tensor, incoming: torch.Tensor) -> None:
+    """Stands for the call's reducer in a prepared receive until `start` gives the real one."""
+    raise AssertionError("a prepared reducing receive ran without the call's reducer")
+
+
+class _Prepared:
+    """A step's transfers made once (`SharedMemoryTransport.prepare`): receives first, then sends."""
+
+    __slots__ = ("flags", "recvs", "reduces", "transfers")
+
+    def __init__(self, transfers: list[_Transfer], recvs: int, fused: list[bool]) -> None:
+        self.transfers = transfers
+        self.recvs = recvs
+        self.flags = fused + [False] * (len(transfers) - recvs)  # per transfer: reduces on receipt
+        self.reduces = any(fused)
 
 
 class SharedMemoryTransport:
@@ -227,6 +256,7 @@ class SharedMemoryTransport:
         self.hosts = host_map_from_env(self.global_ranks)
         self.default_timeout = float(timeout) if timeout is not None else channel.timeout
         self.layout = seg.Layout(self.size, ring)
+        self._index_pairs()
         spare = self.size <= _cores()  # spinning or yielding only helps where every rank has a core
         self.spin, self.yield_s = (SPIN_S, YIELD_S) if spare else (0.0, 0.0)
         self._broken: str | None = None
@@ -434,6 +464,20 @@ class SharedMemoryTransport:
             if peer != self.rank:
                 self._ring(peer)
 
+    def _index_pairs(self) -> None:
+        """Every counter and ring offset of this rank's pairs, looked up once (the hot path indexes lists
+        instead of recomputing the layout's offsets: a few microseconds per call)."""
+        layout, rank, peers = self.layout, self.rank, range(self.size)
+        self._ring_bytes = layout.ring_bytes
+        self._out_head = [layout.head_word(rank, p) for p in peers]  # my rings to each peer
+        self._out_tail = [layout.tail_word(rank, p) for p in peers]
+        self._out_ring = [layout.ring_offset(rank, p) for p in peers]
+        self._out_can_read = [layout.can_read_word(rank, p) for p in peers]
+        self._in_head = [layout.head_word(p, rank) for p in peers]  # each peer's ring to me
+        self._in_tail = [layout.tail_word(p, rank) for p in peers]
+        self._in_ring = [layout.ring_offset(p, rank) for p in peers]
+        self._sleeping = [layout.waiting_word(p) for p in peers]
+
     def _check_usable(self) -> None:
         if self._broken is not None:
             raise TransportError(
@@ -445,33 +489,76 @@ class SharedMemoryTransport:
     def post(self, sends: list[Message], recvs: list[Message]) -> list[_Transfer]:
         """Queue the receives and sends of one step and move what can move now (small sends complete)."""
         self._check_usable()
-        out = []
-        for messages, queues in ((recvs, self._recvs), (sends, self._sends)):
-            for m in messages:
-                tensor = m.tensor
-                if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                    raise invalid(
-                        "tensor",
-                        f"{tensor.device} contiguous={tensor.is_contiguous()}",
-                        "contiguous CPU tensors",
-                    )
-                if not 0 <= m.peer < self.size or m.peer == self.rank:
-                    raise invalid("peer", m.peer, f"another rank of 0..{self.size - 1}")
-                sending = queues is self._sends
-                cma = sending and self.cma and tensor.numel() * tensor.element_size() >= CMA_MIN_BYTES
-                reduce = None if sending else m.reduce
-                if reduce is not None and tensor.dim() != 1:
-                    raise invalid("tensor", f"{tensor.dim()}-d", "a 1-d tensor for a reducing receive")
-                transfer = _Transfer(self, tensor, m.peer, m.tag, cma, reduce)
-                queue = queues.get(m.peer)
-                if queue is None:
-                    queue = queues[m.peer] = deque()
-                queue.append(transfer)
-                out.append(transfer)
-                if queues is self._sends:
-                    self._posted[m.peer] += 1
+        out = [self._transfer(m, False, m.reduce) for m in recvs]
+        out += [self._transfer(m, True, None) for m in sends]
+        self._queue(out, len(recvs))
         self._progress()
         return out
+
+    def _transfer(self, m: Message, sending: bool, reduce: Callable | None) -> _Transfer:
+        """A checked transfer of message `m` (ValueError-style errors name the bad argument)."""
+        tensor = m.tensor
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise invalid(
+                "tensor", f"{tensor.device} contiguous={tensor.is_contiguous()}", "contiguous CPU tensors"
+            )
+        if not 0 <= m.peer < self.size or m.peer == self.rank:
+            raise invalid("peer", m.peer, f"another rank of 0..{self.size - 1}")
+        cma = sending and self.cma and tensor.numel() * tensor.element_size() >= CMA_MIN_BYTES
+        if reduce is not None and tensor.dim() != 1:
+            raise invalid("tensor", f"{tensor.dim()}-d", "a 1-d tensor for a reducing receive")
+        return _Transfer(self, tensor, m.peer, m.tag, cma, reduce)
+
+    def _queue(self, transfers: list[_Transfer], recvs: int) -> None:
+        """Append transfers (the first `recvs` receives, then sends) to their peers' queues."""
+        for index, transfer in enumerate(transfers):
+            peer = transfer.peer
+            queues = self._recvs if index < recvs else self._sends
+            queue = queues.get(peer)
+            if queue is None:
+                queue = queues[peer] = deque()
+            queue.append(transfer)
+            if index >= recvs:
+                self._posted[peer] += 1
+
+    # ----- persistent steps: checked once, started each call (the executor's bound programs) -----
+
+    def prepare(
+        self, sends: list[Message], recvs: list[Message], fused: list[bool] | None = None
+    ) -> _Prepared:
+        """A step's transfers checked and made once, for `start` to run again each call.
+
+        `fused[i]`: receive i reduces into its tensor (with the reducer given to `start`) instead of
+        overwriting it. What a call then costs is resetting and queueing its transfers: no argument
+        checks, no new objects (as MPI's persistent requests do for the MPI transport).
+        """
+        fused = fused or [False] * len(recvs)
+        if len(fused) != len(recvs):
+            raise invalid("fused", len(fused), f"one flag per receive ({len(recvs)})")
+        marker = _reduce_marker
+        transfers = [
+            self._transfer(m, False, marker if f else None) for m, f in zip(recvs, fused, strict=True)
+        ]
+        transfers += [self._transfer(m, True, None) for m in sends]
+        return _Prepared(transfers, len(recvs), list(fused))
+
+    def start(
+        self, step: _Prepared, reducer: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    ) -> list[_Transfer]:
+        """Queue a prepared step's transfers afresh and move what can move now; wait with `wait_all`."""
+        self._check_usable()
+        if reducer is None and step.reduces:
+            raise invalid("reducer", None, "the call's reduction, for a step with reducing receives")
+        transfers = step.transfers
+        for transfer, fused in zip(transfers, step.flags, strict=True):
+            transfer.reset(reducer if fused else None)
+        self._queue(transfers, step.recvs)
+        self._progress()
+        return transfers
+
+    def release(self, step: _Prepared) -> None:
+        """Forget a prepared step (its tensors are no longer held)."""
+        step.transfers, step.flags = [], []
 
     def _progress(self) -> bool:
         """Move every queued transfer as far as the rings allow; whether anything moved."""
@@ -497,14 +584,13 @@ class SharedMemoryTransport:
 
     def _push(self, t: _Transfer) -> bool:
         """Write what fits of a send into its ring; publish the head after each piece."""
-        layout, words = self.layout, self._words
-        ring = layout.ring_bytes
-        head = self._heads[t.peer]
-        tail_at = layout.tail_word(self.rank, t.peer)
-        base = layout.ring_offset(self.rank, t.peer)
+        words, ring, peer = self._words, self._ring_bytes, t.peer
+        head = self._heads[peer]
+        tail_at = self._out_tail[peer]
+        base = self._out_ring[peer]
         free = ring - (head - int(words[tail_at]))
         if t.cma and not t.header:  # a descriptor if the receiver can read this rank: wait for its answer
-            answer = int(words[layout.can_read_word(self.rank, t.peer)])
+            answer = int(words[self._out_can_read[peer]])
             if answer == 0:
                 return False
             t.cma = answer == seg.CAN_READ
@@ -536,18 +622,18 @@ class SharedMemoryTransport:
             head += n
             free -= n
             moved, pieces = True, pieces + 1
-            self._publish(layout.head_word(self.rank, t.peer), head, t.peer)
+            self._publish(self._out_head[peer], head, peer)
         if moved:
             if not pieces:  # only the header went: publish it
-                self._publish(layout.head_word(self.rank, t.peer), head, t.peer)
-            self._heads[t.peer] = head
+                self._publish(self._out_head[peer], head, peer)
+            self._heads[peer] = head
         return moved
 
     def _push_descriptor(self, t: _Transfer, head: int, free: int, base: int) -> bool:
         """A cma send: post [tag, -1 - bytes][address, 0]; complete once the receiver's tail passes it."""
-        layout, words, ring = self.layout, self._words, self.layout.ring_bytes
+        words, ring = self._words, self._ring_bytes
         if t.header:
-            if int(words[layout.tail_word(self.rank, t.peer)]) < t.release:
+            if int(words[self._out_tail[t.peer]]) < t.release:
                 return False
             t.release = 0
             return True
@@ -560,14 +646,14 @@ class SharedMemoryTransport:
         words[at] = t.address
         words[at + 1] = 0
         head += 32
-        self._publish(layout.head_word(self.rank, t.peer), head, t.peer)
+        self._publish(self._out_head[t.peer], head, t.peer)
         self._heads[t.peer] = head
         t.header, t.release = True, head
         return True
 
     def _pull_descriptor(self, t: _Transfer, tail: int, avail: int, base: int) -> bool:
         """A cma receive (header checked): read the bytes from the sender's memory, pass the descriptor."""
-        layout, words, ring = self.layout, self._words, self.layout.ring_bytes
+        words, ring = self._words, self._ring_bytes
         if avail < 32:
             return False
         self._consumed[t.peer] += 1
@@ -577,7 +663,7 @@ class SharedMemoryTransport:
         else:
             self._read_and_reduce(t, address)
         tail += 32
-        self._publish(layout.tail_word(t.peer, self.rank), tail, t.peer)
+        self._publish(self._in_tail[t.peer], tail, t.peer)
         self._tails[t.peer] = tail
         t.header = True
         return True
@@ -622,12 +708,11 @@ class SharedMemoryTransport:
 
     def _pull(self, t: _Transfer) -> bool:
         """Copy out what has arrived of a receive; publish the tail after each piece."""
-        layout, words = self.layout, self._words
-        ring = layout.ring_bytes
-        tail = self._tails[t.peer]
-        head_at = layout.head_word(t.peer, self.rank)
-        tail_at = layout.tail_word(t.peer, self.rank)
-        base = layout.ring_offset(t.peer, self.rank)
+        words, ring, peer = self._words, self._ring_bytes, t.peer
+        tail = self._tails[peer]
+        head_at = self._in_head[peer]
+        tail_at = self._in_tail[peer]
+        base = self._in_ring[peer]
         avail = int(words[head_at]) - tail
         if t.cma:
             return self._pull_descriptor(t, tail, avail, base)
@@ -670,7 +755,7 @@ class SharedMemoryTransport:
 
     def _copy_in(self, base: int, at: int, src: int, n: int) -> None:
         """memcpy n bytes from address `src` into the ring at `base`, position `at` (wrapping)."""
-        ring = self.layout.ring_bytes
+        ring = self._ring_bytes
         first = min(n, ring - at)
         _memmove(self._base_address + base + at, src, first)
         if first < n:
@@ -678,7 +763,7 @@ class SharedMemoryTransport:
 
     def _copy_out(self, base: int, at: int, dst: int, n: int) -> None:
         """memcpy n bytes from the ring at `base`, position `at` (wrapping), to address `dst`."""
-        ring = self.layout.ring_bytes
+        ring = self._ring_bytes
         first = min(n, ring - at)
         _memmove(dst, self._base_address + base + at, first)
         if first < n:
@@ -690,8 +775,8 @@ class SharedMemoryTransport:
         Ring positions and piece ends are multiples of 16 bytes (only a message's last piece ends
         sooner, on an element), so both parts of a wrapped piece hold whole elements.
         """
-        ring, size, dtype = self.layout.ring_bytes, t.data.element_size(), t.data.dtype
-        ring_start = self.layout.ring_offset(t.peer, self.rank)
+        ring, size, dtype = self._ring_bytes, t.data.element_size(), t.data.dtype
+        ring_start = self._in_ring[t.peer]
         first = min(n, ring_start + ring - at)
         element = t.done // size
         t.reduce(t.data[element : element + first // size], self._bytes[at : at + first].view(dtype))
@@ -712,7 +797,7 @@ class SharedMemoryTransport:
         self._words[word] = value
         with self._fence:
             pass
-        if self._words[self.layout.waiting_word(peer)]:
+        if self._words[self._sleeping[peer]]:
             self._ring(peer)
 
     def _ring(self, peer: int) -> None:
