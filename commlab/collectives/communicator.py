@@ -22,6 +22,7 @@ import torch
 
 from commlab.collectives.algorithms import ALGORITHMS, build_schedule
 from commlab.collectives.calibration import Calibration, active_profile, as_calibration
+from commlab.collectives.check_exchange import check_exchange_mode, exchange_direct
 from commlab.collectives.cost import DEFAULT_COST_MODEL, CostModel
 from commlab.collectives.executor import (
     DEFAULT_WINDOW,
@@ -143,6 +144,8 @@ class Communicator:
         self.hosts = _host_map(hosts if hosts is not None else getattr(transport, "hosts", None), self.size)
         self.timeout = float(timeout) if timeout is not None else transport.default_timeout
         self.check = check
+        # gloo's argument check: 'direct' (one round) or 'native' (gloo's ring allgather), see check_signature
+        self.check_exchange = check_exchange_mode(self.hosts)
         self.calibration: Calibration | None = None
         if cost_model is None:
             backend = getattr(transport, "backend", None)
@@ -446,19 +449,32 @@ class Communicator:
         return verify
 
     def check_signature(self, call: Call, deadline: float, tag_base: int) -> None:
-        """Allgather every rank's call signature; any difference raises CollectiveMismatchError."""
+        """Allgather every rank's call signature; any difference raises CollectiveMismatchError.
+
+        On a transport with a native allgather (gloo) the exchange is `check_exchange`: 'native', gloo's
+        own allgather (a ring of p-1 round trips, cheapest on one host), or 'direct', one round of
+        point-to-point messages to and from every peer on the call's first check tag (`tag_base`; across
+        hosts one network round trip instead of p-1). Elsewhere a Bruck allgather through the executor.
+        """
         send, table = self._check_buffers(len(call.signature), call.buffer.device)
         if send.device.type == "cpu":
             send.numpy()[:] = call.signature
         else:
             send.copy_(torch.tensor(call.signature, dtype=torch.int64))
         native = getattr(self.transport, "allgather_int64", None)
-        if native is not None:  # one native call instead of ceil(lg p) point-to-point rounds
+        if native is not None:  # one native call (or one direct round) instead of ceil(lg p) rounds
+            direct = self.check_exchange == "direct" and send.device.type == "cpu"
             try:
-                native(send, table, deadline)
+                if direct:
+                    exchange_direct(self.transport, send, table, deadline, tag_base)
+                else:
+                    native(send, table, deadline)
             except (CollectiveTimeoutError, TransportError) as error:
+                if direct:  # its receives may still land in these buffers: the next check takes new ones
+                    self._scratch.pop(("check buffers", send.numel(), send.device), None)
                 peers = ", ".join(f"rank {r}" for r in range(self.size) if r != self.rank)
-                where = f"{call.label} argument check (an allgather with {peers}), rank {self.rank}"
+                how = "a direct exchange" if direct else "an allgather"
+                where = f"{call.label} argument check ({how} with {peers}), rank {self.rank}"
                 raise type(error)(f"{where}: {error}") from error
         else:
             width = send.numel()
