@@ -261,9 +261,10 @@ def test_route_latency_counted_once_and_the_argument_check_priced_as_a_ring_allg
     """Two hosts of one rank on a switch with 2 ms per link (a 4 ms route). A profile calibrated there (one
     rank per host) has fits that already hold the route's latency: its 10 ms alpha is the whole one-way
     message, so a 2-rank ring allreduce of 8 bytes (2 steps, one message each) takes 2 x 10 ms, not
-    2 x (10 + 4) ms. gloo's argument check is a native ring allgather of the 8-int64 signatures: on 2 ranks
-    one step, whose message crosses the route twice (gloo's ready notice, then the data): 2 x 4 ms,
-    whatever the profile (gloo's native call does not pay commlab's software)."""
+    2 x (10 + 4) ms. gloo's argument check across hosts is the direct exchange of the 8-int64 signatures
+    (on 2 ranks one step, as gloo's ring allgather would be), whose message crosses the route twice (gloo's
+    ready notice, then the data): 2 x 4 ms, whatever the profile (the check does not pay commlab's
+    calibrated per-step software; tests/test_check_exchange.py prices 4 ranks)."""
     topology = parse_topology("switch:n=2,bandwidth=1Gb/s,latency=2ms")
     one_step = Level(2, LinkFit((Segment(math.inf, 10e-3, 0.0),)), 0.0, (("float32", 0.0),))
     calibration = Calibration("gloo", {2: one_step}, inter_host=one_step, hosts="2x1")

@@ -19,6 +19,9 @@ from commlab.collectives.communicator import Communicator
 from commlab.collectives.hosts import HostMap
 from commlab.collectives.transport import TorchTransport
 from commlab.errors import CollectiveMismatchError, CollectiveTimeoutError, InvalidArgumentError
+from commlab.sim.network.collective import argument_check_time, simulate_collective
+from commlab.sim.network.profile import Profile
+from commlab.sim.network.topology_io import parse_topology
 
 
 def _direct_communicator(timeout: float | None = None) -> Communicator:
@@ -109,3 +112,21 @@ def test_the_mode_follows_the_host_map_and_the_environment():
     assert check_exchange_mode(HostMap.parse("2x2"), {CHECK_EXCHANGE_ENV: "auto"}) == "direct"
     with pytest.raises(InvalidArgumentError, match=CHECK_EXCHANGE_ENV + ".*direct"):
         check_exchange_mode(HostMap.flat(2), {CHECK_EXCHANGE_ENV: "ring"})
+
+
+def test_the_simulator_prices_the_check_as_the_runtime_runs_it():
+    """4 ranks, one per host, on a switch with 2 ms per link (4 ms per route). Across hosts the runtime
+    uses the direct exchange: one round, whose messages cross the route twice (gloo's ready notice, then
+    the data): 2 x 4 ms. On one host (a host map of one host) it is gloo's ring: p-1 = 3 such rounds.
+    The signatures' wire time (64 B per message at 100 Mbit/s: 5 us, at most 3 in a row on a link) is
+    within rel=1e-2 of these; every fidelity must agree."""
+    topology = parse_topology("switch:n=4,bandwidth=100Mb/s,latency=2ms")
+    for fidelity in ("analytic", "congestion", "flow"):
+        assert argument_check_time(topology, 4, fidelity, Profile()) == pytest.approx(2 * 4e-3, rel=1e-2)
+        on_one_host = argument_check_time(topology, 4, fidelity, Profile(), HostMap.flat(4))
+        assert on_one_host == pytest.approx(3 * 2 * 4e-3, rel=1e-2)
+        assert argument_check_time(topology, 2, fidelity, Profile()) == pytest.approx(2 * 4e-3, rel=1e-2)
+        assert argument_check_time(topology, 1, fidelity, Profile()) == 0.0
+    checked = simulate_collective("allreduce", "ring", topology, 4096, argument_check=True)
+    plain = simulate_collective("allreduce", "ring", topology, 4096)
+    assert checked.time - plain.time == pytest.approx(2 * 4e-3, rel=1e-2)

@@ -201,7 +201,7 @@ def simulate_collective(
         result = simulate(schedule, topology, nbytes, dtype=dtype, fidelity=fidelity, profile=profile)
     if not argument_check:
         return result
-    check = argument_check_time(topology, p, fidelity, profile)
+    check = argument_check_time(topology, p, fidelity, profile, hosts)
     return dataclasses.replace(
         result,
         time=result.time + check,
@@ -212,22 +212,34 @@ def simulate_collective(
     )
 
 
-def argument_check_time(topology: Topology, world_size: int, fidelity: str, profile: Profile) -> float:
-    """Seconds gloo's argument check takes before a call's first step: one native gloo allgather of every
-    rank's signature (`SIGNATURE_INTS` int64), which gloo runs as a ring of p-1 steps. Each step's message
-    crosses its route twice, as gloo's point-to-point does (the receiver's ready notice, then the data:
-    a 4 KiB exchange measured 10.6 ms on 2 ms links, 2.65 one-way trips of 4 ms); the native call's own
-    CPU time (tens of us, C++) is left out, and so is the profile's software cost: commlab's calibrated
-    per-step costs are Python's, which the native call does not pay (priced with them the check came out
-    1-3 ms too slow per call on the 1 Gbit/s testbed). Why at all: on 2 ms links the check measured about
-    30 ms per call on 4 ranks, which a profile calibrated with the check off cannot contain."""
+def argument_check_time(
+    topology: Topology, world_size: int, fidelity: str, profile: Profile, hosts: HostMap | None = None
+) -> float:
+    """Seconds gloo's argument check takes before a call's first step, as the runtime does it
+    (`check_exchange.check_exchange_mode`): on one host gloo's native allgather of every rank's signature
+    (`SIGNATURE_INTS` int64), a ring of p-1 steps; across hosts (`hosts`, default the topology's host
+    map) the direct exchange, one round in which every rank sends its signature to every peer at once.
+    Each message crosses its route twice, as gloo's point-to-point does (the receiver's ready notice, then
+    the data: a 4 KiB exchange measured 10.6 ms on 2 ms links, 2.65 one-way trips of 4 ms), once per
+    round: p-1 rounds for the ring, one for the direct exchange (measured on 4 hosts with 2 ms links:
+    +28 ms per call for the ring, +10 ms direct, `benchmarks/check_cost.py`). The closed form (analytic)
+    prices the direct allgather's p-1 messages one after another, so one round is its time over p-1.
+    Left out: the check's CPU time (tens of us: gloo's C++, or the 2(p-1) operations the direct exchange
+    posts from Python) and the profile's software cost: commlab's calibrated per-step costs are its
+    schedule's, which the check does not pay (priced with them the ring came out 1-3 ms too slow per
+    call on the 1 Gbit/s testbed). Why at all: on 2 ms links the ring measured about 30 ms per call on 4
+    ranks, which a profile calibrated with the check off cannot contain."""
     if world_size < 2:
         return 0.0
-    schedule = build_array_schedule("allgather", "ring", world_size, None, 1, None)
+    if hosts is None:
+        hosts = topology.host_map(world_size)
+    direct = hosts.num_hosts > 1
+    rounds = 1 if direct else world_size - 1
+    schedule = build_array_schedule("allgather", "direct" if direct else "ring", world_size, None, 1, None)
     nbytes = world_size * SIGNATURE_INTS * 8
     wire = Profile(efficiency=profile.efficiency)
-    ring = simulate(schedule, topology, nbytes, dtype="float64", fidelity=fidelity, profile=wire)
-    if ring.routed is None:  # the closed form
-        return 2 * ring.time
-    notice = float(ring.routed.routes.latency[ring.routed.msg_pair].max(initial=0.0))
-    return ring.time + (world_size - 1) * notice  # each of the p-1 steps waits for a ready notice first
+    exchange = simulate(schedule, topology, nbytes, dtype="float64", fidelity=fidelity, profile=wire)
+    if exchange.routed is None:  # the closed form: p-1 messages in a row, each crossing twice
+        return 2 * exchange.time * rounds / (world_size - 1)
+    notice = float(exchange.routed.routes.latency[exchange.routed.msg_pair].max(initial=0.0))
+    return exchange.time + rounds * notice  # each round waits for a ready notice first
