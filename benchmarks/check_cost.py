@@ -1,9 +1,9 @@
 """What gloo's argument check costs per call: check off, native ring allgather, direct exchange.
 
     python benchmarks/check_cost.py                        # loopback, 2 and 4 ranks (COMMLAB_SHM=0)
-    commlab testbed up --topology switch:n=4,bandwidth=100Mb/s,latency=2ms
-    commlab testbed run -- python benchmarks/check_cost.py --calls 20
-    commlab testbed down
+    python benchmarks/check_cost.py --ranks --testbed switch:n=4,bandwidth=100Mb/s,latency=2ms \
+        switch:n=2,bandwidth=100Mb/s,latency=2ms          # the delay network, 4 and 2 hosts (root)
+    commlab testbed run -- python benchmarks/check_cost.py --calls 20   # on a testbed already up
 
 Every rank runs `commlab.all_reduce` of --bytes (float32) on gloo's TCP transport (never shared memory)
 in three modes, interleaved trial by trial in a rotating order: the check off, the check by gloo's
@@ -12,7 +12,8 @@ point-to-point to and from every peer; `Communicator.check_exchange`). A sample 
 --calls calls after a barrier, divided by --calls; rank 0 prints the median of --repeats samples per
 mode, each check's cost over the check off, and gloo's own all_reduce for scale. Which exchange the
 runtime's rule picks for this group's host map is printed too. Under torchrun the script measures;
-without it, it launches torchrun on this host for each of --ranks (loopback).
+without it, it launches torchrun on this host for each of --ranks (loopback), then `commlab testbed run
+--topology` for each --testbed. Run time: about 1.5 minutes loopback (2 cores), 1 minute both testbeds.
 """
 
 from __future__ import annotations
@@ -82,13 +83,25 @@ def measure(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def launch(args: argparse.Namespace, rest: list[str]) -> None:
-    """Loopback: torchrun on this host for each rank count, gloo over TCP (COMMLAB_SHM=0)."""
+def worker_args(args: argparse.Namespace, calls: int, repeats: int) -> list[str]:
+    """The measuring ranks' command line."""
+    return [os.path.abspath(__file__), "--bytes", str(args.bytes), "--algorithm", args.algorithm,
+            "--calls", str(calls), "--repeats", str(repeats)]  # fmt: skip
+
+
+def launch(args: argparse.Namespace) -> None:
+    """Loopback: torchrun on this host for each of --ranks, gloo over TCP (COMMLAB_SHM=0); then each
+    --testbed topology, built for the one command by `commlab testbed run --topology` (needs root)."""
     env = dict(os.environ, COMMLAB_SHM="0", OMP_NUM_THREADS="1")
     env.pop("COMMLAB_HOSTS", None)
     for ranks in args.ranks:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-        subprocess.run([*command, __file__, *rest], env=env, check=True, timeout=600)
+        command += worker_args(args, args.calls, args.repeats)
+        subprocess.run(command, env=env, check=True, timeout=600)
+    for topology in args.testbed:
+        command = [sys.executable, "-m", "commlab.cli", "testbed", "run", "--topology", topology, "--"]
+        command += ["python", *worker_args(args, args.testbed_calls, args.repeats)]
+        subprocess.run(command, env=env, check=True, timeout=600)
 
 
 def main() -> None:
@@ -97,18 +110,22 @@ def main() -> None:
     )
     parser.add_argument("--bytes", type=int, default=4096)
     parser.add_argument("--algorithm", default="auto")
-    parser.add_argument("--calls", type=int, default=200, help="calls per sample")
+    parser.add_argument("--calls", type=int, default=200, help="calls per sample (loopback, or in ranks)")
     parser.add_argument("--repeats", type=int, default=7, help="samples per mode (median)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="loopback rank counts")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[2, 4], help="loopback rank counts")
+    parser.add_argument(
+        "--testbed",
+        nargs="*",
+        default=[],
+        metavar="TOPOLOGY",
+        help="also on these emulated clusters, e.g. switch:n=4,bandwidth=100Mb/s,latency=2ms (root)",
+    )
+    parser.add_argument("--testbed-calls", type=int, default=20, help="calls per sample on a testbed")
     args = parser.parse_args()
     if "RANK" in os.environ:
         measure(args)
     else:
-        rest = [a for a in sys.argv[1:]]
-        if "--ranks" in rest:  # the workers do not need it
-            index = rest.index("--ranks")
-            rest = rest[:index] + rest[index + 1 + len(args.ranks) :]
-        launch(args, rest)
+        launch(args)
 
 
 if __name__ == "__main__":
