@@ -252,3 +252,26 @@ def test_ring_beats_halving_doubling_only_where_bandwidth_dominates() -> None:
         "halving_doubling", "allreduce", 16, 1e10, DEFAULT_COST_MODEL
     )
     assert ratio == pytest.approx(1.0, rel=1e-3)
+
+
+def test_flat_schedules_across_hosts_gain_nothing_from_concurrent_messages() -> None:
+    """A calibrated gain for concurrent messages (measured on a host) must not make a flat schedule's
+    messages between hosts faster than their host's one link: 3 + 1 ranks, direct allreduce (its three
+    messages per phase at once) costs the same under concurrency 1.45 as under 1, while on one host the
+    gain still applies (there the ranks' copies run on several cores)."""
+    from dataclasses import replace
+
+    from commlab.collectives.hosts import HostMap
+
+    inside = CostModel(alpha=1e-4, beta=1e-10, concurrency=2.0)
+    flat = CostModel(alpha=5e-4, beta=8e-9, gamma=1e-10, concurrency=1.45, intra=inside, inter=inside)
+    hosts = HostMap.parse("3,1")
+    direct = ALGORITHMS["direct"]
+    n = 64 << 20
+    across = direct.cost("allreduce", 4, n, flat, hosts=hosts)
+    assert flat.flat_across_hosts().concurrency == 1.0
+    assert across == direct.cost("allreduce", 4, n, replace(flat, concurrency=1.0), hosts=hosts)
+    # the wire-bound part alone: 2 phases x 3 messages of n/4 bytes one after another at beta
+    assert across >= 2 * 3 * (n / 4) * flat.beta
+    one_host = direct.cost("allreduce", 4, n, flat)
+    assert one_host < direct.cost("allreduce", 4, n, replace(flat, concurrency=1.0))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from commlab.errors import invalid
 
@@ -79,8 +79,19 @@ class CostModel:
 
     def flat_across_hosts(self) -> CostModel:
         """The model a flat schedule spanning hosts is priced by: this one where it was measured across
-        hosts (`intra` set), else the level between hosts."""
-        return self if self.intra is not None else self.between_hosts()
+        hosts (`intra` set), else the level between hosts; either with no gain from concurrent messages
+        (concurrency 1).
+
+        Why no gain: a flat schedule's concurrent messages between hosts leave and enter each host by its
+        one link, so k of them at once move no faster than one after another, whatever a calibration's
+        fan measured on the host. On 3 + 1 ranks over 1 Gbit/s (the emulated cluster, 2026-12-07) a fan of
+        one rank reaches two local peers beside the remote one, the calibration measured a gain of 1.45
+        at 4 ranks (1.0 in an earlier run of the same layout), and `direct` came out priced 22% under
+        its wire floor (660 ms for 64 MiB against the 840 ms that 1.5 n bytes each way over one 1 Gbit/s
+        link take); auto took it at 256 KiB - 64 MiB, 1.1-1.46x slower than the fastest measured
+        algorithm (docs/testbed-validation.md)."""
+        level = self if self.intra is not None else self.between_hosts()
+        return level if level.concurrency == 1 else replace(level, concurrency=1.0)
 
     def gain(self, messages: float, steps: float) -> float:
         """The bandwidth gain of a step of messages / steps concurrent messages: min(k, concurrency), >= 1."""
