@@ -808,6 +808,8 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp())
     log = Path(args.json).with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
+    if not args.only and not args.auto_only:  # a full run: its log alone (partial runs add to the last)
+        log.write_text("")
     if args.auto_only:
         return auto_again(args, scratch, log)
     report = {"cases": [], "machine": {"cores": os.cpu_count(), "load": os.getloadavg()}}
