@@ -811,6 +811,11 @@ class SharedMemoryTransport:
 
     def wait_all(self, requests: list[_Transfer], deadline: float, describe: Callable[[int], str]) -> None:
         """Progress until every request is complete; raise on a dead or failed peer or past `deadline`."""
+        for request in requests:
+            if not request.complete:
+                break
+        else:  # all done already (small sends, and receives that arrived while posting): no poll to set up
+            return
         self._check_usable()
         self._poll(
             self._progress,
