@@ -42,34 +42,32 @@ CHECK_AT = 4 << 10  # target 5: the argument check's cost at this size
 CHECK_OFF = "auto:check-off"  # commlab bench's row of auto with check=False (--check-off-row)
 
 
-def memcpy_bandwidth(nbytes: int = 64 << 20, repeats: int = 7) -> dict:
-    """Single-thread copy bandwidth (bytes copied / s; each byte is read once and written once)."""
+def _copy_samples(nbytes: int, repeats: int, ready=None) -> list[float]:
+    """Seconds per copy of `nbytes` (one thread), `repeats` samples of 5 copies each; `ready`, if given,
+    is a barrier waited at once the buffers are touched (so several processes copy together)."""
     torch.set_num_threads(1)
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
+    if ready is not None:
+        ready.wait()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(5):
             dst.copy_(src)
         samples.append((time.perf_counter() - start) / 5)
+    return samples
+
+
+def memcpy_bandwidth(nbytes: int = 64 << 20, repeats: int = 7) -> dict:
+    """Single-thread copy bandwidth (bytes copied / s; each byte is read once and written once)."""
+    samples = _copy_samples(nbytes, repeats)
     return {"bytes": nbytes, "gbps": nbytes / statistics.median(samples) / 1e9, "samples_s": samples}
 
 
 def _copy_at_once(nbytes: int, repeats: int, start, results) -> None:
-    torch.set_num_threads(1)
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start.wait()
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        for _ in range(5):
-            dst.copy_(src)
-        samples.append((time.perf_counter() - began) / 5)
-    results.put(nbytes / statistics.median(samples) / 1e9)
+    results.put(nbytes / statistics.median(_copy_samples(nbytes, repeats, start)) / 1e9)
 
 
 def memcpy_all_cores(nbytes: int = 64 << 20, repeats: int = 7) -> dict:

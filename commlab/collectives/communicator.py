@@ -471,7 +471,7 @@ class Communicator:
                     native(send, table, deadline)
             except (CollectiveTimeoutError, TransportError) as error:
                 if direct:  # its receives may still land in these buffers: the next check takes new ones
-                    self._scratch.pop(("check buffers", send.numel(), send.device), None)
+                    self._scratch.pop(_check_key(send.numel(), send.device), None)
                 peers = ", ".join(f"rank {r}" for r in range(self.size) if r != self.rank)
                 how = "a direct exchange" if direct else "an allgather"
                 where = f"{call.label} argument check ({how} with {peers}), rank {self.rank}"
@@ -495,7 +495,7 @@ class Communicator:
 
     def _check_buffers(self, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's signature and the table of all ranks' (int64), kept per (width, device)."""
-        key = ("check buffers", width, device)
+        key = _check_key(width, device)
         buffers = self._scratch.get(key)
         if buffers is None:
             buffers = (
@@ -618,3 +618,8 @@ def describe_signatures(rows: list[list[int]]) -> str:
             ranks = ", ".join(f"rank {r}: {show(field, v)}" for r, v in enumerate(values))
             parts.append(f"{name}: {ranks}")
     return "; ".join(parts)
+
+
+def _check_key(width: int, device: torch.device) -> tuple:
+    """The scratch key of the argument check's buffers of `width` values on `device`."""
+    return ("check buffers", width, device)

@@ -165,21 +165,20 @@ class _Transfer:
         self.nbytes = tensor.numel() * tensor.element_size()
         # a send: it may travel as a descriptor (the receiver then reads the bytes from the sender's memory)
         # if the receiver says it can read this rank; a receive: set when the header says it came so
-        self.cma = self.wants_cma = cma
-        self.footprint = -(-self.nbytes // 16) * 16  # payload bytes in the ring, padded (0 for a descriptor)
+        self.wants_cma = cma
         self.peer = peer
         self.tag = tag
+        self.reset(reduce)
+
+    def reset(self, reduce: Callable[[torch.Tensor, torch.Tensor], None] | None) -> None:
+        """The transfer as first posted (and a prepared one again at each start: `prepare`).
+
+        `reduce`: a receive that reduces into `data` instead of overwriting it."""
+        self.cma = self.wants_cma
+        self.footprint = -(-self.nbytes // 16) * 16  # payload bytes in the ring, padded (0 for a descriptor)
         self.header = False
         self.done = 0  # footprint bytes moved
         self.release = 0  # a cma send: the tail the receiver must pass (it has read the bytes); then 0
-        self.reduce = reduce  # a receive that reduces into `data` instead of overwriting it
-
-    def reset(self, reduce: Callable[[torch.Tensor, torch.Tensor], None] | None) -> None:
-        """Make a prepared transfer new again for its next start (see `SharedMemoryTransport.prepare`)."""
-        self.cma = self.wants_cma
-        self.footprint = -(-self.nbytes // 16) * 16
-        self.header = False
-        self.done = self.release = 0
         self.reduce = reduce
 
     @property
@@ -970,12 +969,9 @@ class SharedMemoryTransport:
 
     def _skip(self, peer: int, target: int, skipping: list[int]) -> bool:
         """Pass, unread, what has arrived of the messages from `peer` up to its `target`-th."""
-        layout, words = self.layout, self._words
+        words, ring = self._words, self._ring_bytes
         tail = self._tails[peer]
-        head_at = layout.head_word(peer, self.rank)
-        tail_at = layout.tail_word(peer, self.rank)
-        ring = layout.ring_bytes
-        base = layout.ring_offset(peer, self.rank)
+        head_at, tail_at, base = self._in_head[peer], self._in_tail[peer], self._in_ring[peer]
         moved = False
         while True:
             avail = int(words[head_at]) - tail
@@ -1040,7 +1036,7 @@ class SharedMemoryTransport:
         with self._fence:
             pass
         for peer in range(self.size):
-            if peer != self.rank and words[layout.waiting_word(peer)]:
+            if peer != self.rank and words[self._sleeping[peer]]:
                 self._ring(peer)
 
     def _gather_finish(self, width: int, deadline: float) -> np.ndarray:
