@@ -306,6 +306,13 @@ class BoundProgram:
         self.plan = plan
         self.buffer, self.scratch = buffer, scratch
         self.steps = [BoundStep(step, buffer, scratch) for step in plan.steps]
+        # the steps `run` posts right before it waits for each step (a static order: `posting_order`);
+        # `posts_after_first`: the same without step 0, for a run that posts step 0 before its check
+        posts: list[list[int]] = [[] for _ in plan.steps]
+        for index, waited in enumerate(posting_order(plan.steps, plan.window)):
+            posts[waited].append(index)
+        self.posts = tuple(tuple(p) for p in posts)
+        self.posts_after_first = (self.posts[0][1:], *self.posts[1:]) if posts else ()
         prepare = getattr(transport, "prepare", None) if transport is not None else None
         self.transport = transport if prepare is not None else None
         self.tag_base = tag_base
@@ -402,30 +409,25 @@ def _run_steps(
     verify: Callable[[Any], None] | None,
     in_flight: list,
 ) -> None:
-    plan = bound.plan
     persistent = bound.persistent
     wait = getattr(transport, "wait_all", wait_all)
     steps = bound.steps
-    count = len(steps)
-    window = plan.window
-    posted = 0
+    posts = bound.posts
     if verify is not None:
-        if count:
+        if steps:
             in_flight[0] = _post(steps[0], transport, tag_base, persistent, reducer)
-            posted = 1
-        verify(in_flight[0] if count else None)
-    for k in range(count):
-        while posted < count and posted - k < window and steps[posted].step.after < k:
-            in_flight[posted] = _post(steps[posted], transport, tag_base, persistent, reducer)
-            posted += 1
-        step = steps[k]
+            posts = bound.posts_after_first
+        verify(in_flight[0] if steps else None)
+    for k, step in enumerate(steps):
+        for index in posts[k]:
+            in_flight[index] = _post(steps[index], transport, tag_base, persistent, reducer)
         requests = in_flight[k]
         if requests is not None:
             try:
                 wait(requests, deadline, step.describe)
             except (CollectiveTimeoutError, TransportError) as error:
                 name = label() if callable(label) else label
-                raise type(error)(f"{name}, rank {plan.rank}, step {k}: {error}") from error
+                raise type(error)(f"{name}, rank {bound.plan.rank}, step {k}: {error}") from error
             in_flight[k] = None
             for dst, src, reduce in step.applies:  # after the wait: reduce or copy what landed in scratch
                 if reduce:
