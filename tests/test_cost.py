@@ -275,3 +275,20 @@ def test_flat_schedules_across_hosts_gain_nothing_from_concurrent_messages() -> 
     assert across >= 2 * 3 * (n / 4) * flat.beta
     one_host = direct.cost("allreduce", 4, n, flat)
     assert one_host < direct.cost("allreduce", 4, n, replace(flat, concurrency=1.0))
+
+
+def test_pieces_are_sized_by_the_largest_message() -> None:
+    """`pieces_for` cuts a schedule's largest message, not its chunk, into pieces of about piece_bytes:
+    halving-doubling's first step sends half the buffer (2 of p = 4 chunks) to one peer, the ring one
+    chunk per message; so at 16 MiB and 1 MiB pieces the ring takes 4 pieces, halving-doubling 8, and
+    both stop at MAX_PIECES. One rank, or piece_bytes 0, means no slicing."""
+    from commlab.collectives.tuning import MAX_PIECES, pieces_for
+
+    mib = 1 << 20
+    assert pieces_for("allreduce", "ring", 4, 16 * mib, 1, mib) == 4
+    assert pieces_for("allreduce", "halving_doubling", 4, 16 * mib, 1, mib) == 8
+    assert pieces_for("allreduce", "halving_doubling", 4, 4 * mib, 1, mib) == 2
+    assert pieces_for("allreduce", "halving_doubling", 4, 1024 * mib, 1, mib) == MAX_PIECES
+    assert pieces_for("allreduce", "ring", 4, mib, 1, mib) == 1
+    assert pieces_for("allreduce", "halving_doubling", 1, 16 * mib, 1, mib) == 1
+    assert pieces_for("allreduce", "halving_doubling", 4, 16 * mib, 1, 0) == 1
