@@ -226,7 +226,8 @@ RETRIES: list[int] = []
 
 def predict(topology_file: Path, rows: list[dict], profiles: dict, calibration) -> dict:
     """Every validation row's simulated time under each profile, with the pipeline segments the ranks
-    chose (the runtime's `resolve` under the testbed's calibrated model and host map)."""
+    ran (recorded in the row; for rows measured before they were recorded, the runtime's `resolve` under
+    the testbed's calibrated model and host map)."""
     from commlab.collectives.tuning import resolve
     from commlab.sim import simulate_collective
     from commlab.sim.network.topology_io import parse_topology
@@ -240,7 +241,9 @@ def predict(topology_file: Path, rows: list[dict], profiles: dict, calibration) 
         if row["sweep"] and row["algorithm"] == "auto":  # auto's rows: its pick is predicted by name
             continue
         key = (row["op"], row["algorithm"], row["size"])
-        segments = resolve(row["op"], row["resolved"], p, row["size"], model, 0, hosts).segments
+        segments = row.get("segments")  # what the ranks ran (recorded since 2026-12-08)
+        if segments is None:  # an older row: what this tree's `resolve` would choose under its profile
+            segments = resolve(row["op"], row["resolved"], p, row["size"], model, 0, hosts).segments
         predictions[key] = {
             name: simulate_collective(
                 row["op"],

@@ -314,11 +314,13 @@ def run_size(size: int, ranks: Ranks, config: BenchConfig) -> list[dict]:
         if name == "native":
             continue
         seconds = median[name]
-        resolved = name
-        if name in ("auto", AUTO_CHECK_OFF):
-            comm = ranks.comm
-            model = comm.cost_model_for(getattr(torch, config.dtype))
-            resolved = resolve(op, "auto", world, nbytes, model, comm.piece_bytes, comm.hosts).algorithm
+        # what the call ran: auto's pick, and the pipeline segments and pieces of every row (what a
+        # simulation of the row must run; docs/testbed-validation.md predicts with them)
+        comm = ranks.comm
+        model = comm.cost_model_for(getattr(torch, config.dtype))
+        asked = "auto" if name in ("auto", AUTO_CHECK_OFF) else name
+        choice = resolve(op, asked, world, nbytes, model, comm.piece_bytes, comm.hosts)
+        resolved = choice.algorithm
         row = {
             "op": op,
             "size": nbytes,
@@ -328,6 +330,8 @@ def run_size(size: int, ranks: Ranks, config: BenchConfig) -> list[dict]:
             "root": config.root if info.rooted else -1,
             "algorithm": name,
             "resolved": resolved,
+            "segments": choice.segments,
+            "pieces": choice.pieces,
             "iters": iters,
             "time_us": seconds * 1e6,
             "algbw": nbytes / seconds / 1e9,
