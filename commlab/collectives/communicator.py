@@ -111,7 +111,7 @@ class Communicator:
     `calibration.Calibration` or the path of a `commlab calibrate` file) gives a model per dtype, else the
     active calibration of the transport's backend ($COMMLAB_PROFILE, else the profile shipped for gloo or
     mpi), else the transport's `cost_model`, else `cost.DEFAULT_COST_MODEL`. Every rank must use the same
-    profile (see `calibration`). Chunks larger than `piece_bytes` are
+    profile (see `calibration`). Messages larger than `piece_bytes` are
     sliced so transfers overlap reductions (default: the transport's `piece_bytes`, else
     `tuning.DEFAULT_PIECE_BYTES`; 0 turns slicing off); `window` is how many steps the executor keeps in
     flight. Scratch space is kept per dtype and reused across calls (`release_scratch()` frees it).

@@ -5,7 +5,8 @@ algorithm times for the op and world size (`calibration.AlgorithmTimes`), else t
 alpha-beta-gamma cost formula. Pipeline `segments` belong to an
 algorithm's schedule (trees, chains) and come from its formula too. `pieces` slice every chunk of a
 schedule into independent copies run step-major (`schedule.subdivide`), so the executor overlaps one
-slice's reduction with the next one's transfer; a chunk is sliced into pieces of about `piece_bytes`.
+slice's reduction with the next one's transfer; the schedule's largest message is cut into pieces of
+about `piece_bytes` (`pieces_for`).
 Every decision depends only on (op, algorithm, world size, bytes, host map) and the communicator's
 settings, so all ranks reach the same one without talking (and the argument check would catch it if they
 did not).
