@@ -713,6 +713,7 @@ def auto_again(args: argparse.Namespace, scratch: Path, log: Path) -> int:
         rows = [
             {"op": same[0]["op"], "algorithm": same[0]["algorithm"], "resolved": same[0]["resolved"],
              "size": same[0]["size"], "sweep": True, "measured": [r["time_us"] * 1e-6 for r in same],
+             "segments": same[0].get("segments"), "pieces": same[0].get("pieces"),
              "wrong": sum(r["wrong"] for r in same), "predicted": None}
             for same in zip(*runs, strict=True)
         ]  # fmt: skip
@@ -863,6 +864,7 @@ def main() -> int:
             rows.append({
                 "op": first["op"], "algorithm": first["algorithm"], "resolved": first["resolved"],
                 "size": first["size"], "sweep": first["sweep"], "latency": first.get("latency", False),
+                "segments": first.get("segments"), "pieces": first.get("pieces"),
                 "measured": [r["time_us"] * 1e-6 for r in same],
                 "wrong": sum(r["wrong"] for r in same), "predicted": predicted.get(key),
             })  # fmt: skip

@@ -138,6 +138,23 @@ def test_step_cost_makes_one_step_of_many_messages_cheaper_than_many_steps() -> 
     )
 
 
+def test_a_segment_whose_alpha_is_below_the_step_pays_its_alpha_per_step() -> None:
+    """The step is measured on small messages and capped only by their segments' alpha; a large-size
+    segment with a smaller alpha (a fit's intercept) pays that alpha per step and nothing per message,
+    so every segment's one-message step is its fitted time, and small messages keep their own split."""
+    from commlab.calibrate.profile import step_latency
+
+    link = LinkFit((Segment(65536.0, 9e-3, 8e-8), Segment(math.inf, 6e-3, 8e-8)))
+    # small fan steps of 3 messages: 9.2 ms against 9 ms for one, so the step is 8.9 ms (not capped at 6)
+    step = step_latency({"4096": 9.2e-3}, {"4096": 9e-3}, 3, link)
+    assert step == pytest.approx(8.9e-3)
+    model = PiecewiseCostModel.of(link, 0.0, step=step)
+    assert model.time(3, 3 * 4096, steps=1) == pytest.approx(8.9e-3 + 3 * 0.1e-3 + 3 * 4096 * 8e-8)
+    assert model.time(1, 1 << 20) == pytest.approx(link.time(1 << 20))  # large: the fitted time
+    assert model.time(2, 2 << 20, steps=1) == pytest.approx(6e-3 + 2 * (1 << 20) * 8e-8)
+    assert model.time(1, 4096) == pytest.approx(link.time(4096))
+
+
 def test_simulator_charges_the_step_cost_once_per_step(tmp_path) -> None:
     link = LinkFit((Segment(math.inf, 100e-6, 0.0),))
     levels = {p: Level(p, link, 0.0, (("float32", 0.0),), 0.0, 0.0, 70e-6) for p in (2, 3, 4)}

@@ -44,15 +44,18 @@ def step_latency(fan: dict, ring: dict, messages: int, link: LinkFit) -> float:
     """The part of a message's alpha paid once per step, from small-message steps of one message (`ring`)
     and of `messages` messages (`fan`), both seconds per step by size: with a step costing S + k x A for k
     messages, A = (fan - ring) / (k - 1) and S = ring - A. The median over the sizes, kept within
-    0..(the link's smallest alpha) so no message is priced below zero; 0 without fan measurements."""
-    samples = []
+    0..(the smallest alpha of the link's segments that price those sizes), so no message of those sizes is
+    priced below zero; 0 without fan measurements. (A segment of other sizes whose alpha is below the
+    step pays its alpha per step: `PiecewiseCostModel.of`.)"""
+    samples, alphas = [], []
     for size, fan_time in fan.items():
         if size in ring:
             per_message = (float(fan_time) - float(ring[size])) / (messages - 1)
             samples.append(float(ring[size]) - per_message)
+            alphas.append(link.segment(float(size)).alpha)
     if not samples:
         return 0.0
-    return min(max(0.0, statistics.median(samples)), min(s.alpha for s in link.segments))
+    return min(max(0.0, statistics.median(samples)), min(alphas))
 
 
 def concurrency_gain(fan: dict, ring: dict, messages: int, link: LinkFit, step: float) -> float:

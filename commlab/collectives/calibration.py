@@ -294,6 +294,12 @@ class PiecewiseCostModel(CostModel):
     segments: tuple[Segment, ...] = ()
     gamma_curve: RateCurve | None = None  # gamma by the size reduced at once (a message's); else `gamma`
     measured: AlgorithmTimes | None = None  # measured algorithm times of this world size (for `auto`)
+    segment_steps: tuple[float, ...] = ()  # the step paid by a step of each segment's messages (`of`)
+
+    def segment_index(self, size: float) -> int:
+        """The index of the segment that prices a message of `size` bytes."""
+        index = bisect.bisect_left([s.max_bytes for s in self.segments], size)
+        return min(index, len(self.segments) - 1)
 
     def measured_choice(self, op: str, nbytes: float, among: tuple[str, ...]) -> str | None:
         """The fastest measured algorithm of `among` for `op` at `nbytes`, or None where not measured."""
@@ -304,11 +310,12 @@ class PiecewiseCostModel(CostModel):
             return super().time(messages, moved, reduced, steps)
         steps = messages if steps is None else steps
         size = moved / messages
-        index = bisect.bisect_left([s.max_bytes for s in self.segments], size)
-        seg = self.segments[min(index, len(self.segments) - 1)]
+        index = self.segment_index(size)
+        seg = self.segments[index]
+        step = self.segment_steps[index] if self.segment_steps else self.step
         bandwidth = moved * seg.beta / self.gain(messages, steps)
         gamma = self.gamma if self.gamma_curve is None or not reduced else self.gamma_curve.at(size)
-        return steps * self.step + messages * seg.alpha + bandwidth + reduced * gamma
+        return steps * step + messages * seg.alpha + bandwidth + reduced * gamma
 
     @classmethod
     def of(
@@ -324,11 +331,23 @@ class PiecewiseCostModel(CostModel):
         """The model of a fitted link (plus `extra_latency` per message) and a reduction cost (by size
         where a curve is given), with `step` of each segment's alpha charged per step instead of per
         message (so a one-message step still costs the fitted alpha), and the bandwidth gain of concurrent
-        messages."""
-        step = min([step, *(s.alpha for s in link.segments)])
-        segments = tuple(Segment(s.max_bytes, s.alpha - step + extra_latency, s.beta) for s in link.segments)
+        messages.
+
+        A segment whose alpha is below `step` pays its whole alpha per step and nothing per message (its
+        step is min(step, alpha)), so each segment's one-message step is still its fitted time. Why per
+        segment, not one step capped by the smallest alpha: the step is measured on small messages, and a
+        large-size segment's alpha is a fit's intercept, not a latency; capped by it (6.4 ms against the
+        8.9 ms measured on the delay network's 4 ranks, 2026-12-08) the difference was charged to every
+        small message of a step, and direct's three concurrent messages came out 33% too slow."""
+        steps = tuple(min(step, s.alpha) for s in link.segments)
+        segments = tuple(
+            Segment(s.max_bytes, s.alpha - own + extra_latency, s.beta)
+            for s, own in zip(link.segments, steps, strict=True)
+        )
         last = segments[-1]
-        return cls(last.alpha, last.beta, gamma, step, concurrency, segments, gamma_curve, measured)
+        return cls(
+            last.alpha, last.beta, gamma, steps[-1], concurrency, segments, gamma_curve, measured, steps
+        )
 
 
 @dataclass(frozen=True)
@@ -341,7 +360,7 @@ class Level:
     gamma: tuple[tuple[str, float], ...]
     clone: float = 0.0  # seconds per byte of a tensor clone (fresh allocation), p ranks at once
     copy: float = 0.0  # seconds per byte of a copy into an existing tensor
-    step: float = 0.0  # seconds of the link's alpha paid once per step, not per message (<= every alpha)
+    step: float = 0.0  # seconds of the link's alpha paid once per step, not per message (see `of`)
     concurrency: float = 1.0  # bandwidth gain of concurrent messages of one rank (fan-out), >= 1
     gamma_curves: tuple[tuple[str, RateCurve], ...] = ()  # gamma by size, per dtype (where measured)
     clone_curve: RateCurve | None = None  # clone and copy costs by size (where measured)

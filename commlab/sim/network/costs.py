@@ -81,7 +81,7 @@ def message_costs(
         index = np.minimum(np.searchsorted(bounds, msg_bytes[mine], side="left"), len(model.segments) - 1)
         alpha[mine] = np.array([s.alpha for s in model.segments])[index]
         beta[mine] = np.array([s.beta for s in model.segments])[index]
-        step[mine] = model.step
+        step[mine] = np.array(model.segment_steps or [model.step] * len(model.segments))[index]
         concurrency[mine] = model.concurrency
     wire = routed.routes.bandwidth[routed.msg_pair] * profile.efficiency
     crossing = np.zeros(len(msg_bytes), bool) if between_hosts is None else np.asarray(between_hosts, bool)
