@@ -599,7 +599,11 @@ def reading(report: dict, summary: dict) -> list[str]:
         "the direct exchange, one round), which the calibration, measured with the check off, does not "
         "hold; on the delay network the ring was about 30 ms of a 50-100 ms call, the direct exchange is "
         "about 10 ms. (4) and (5) took the latency-bound median error from 24% to 12.6% on a loaded run's "
-        "data (--repredict).",
+        "data (--repredict). (6) A level's per-step latency (measured on small messages) is capped per "
+        "segment of its fit, no longer by the smallest alpha of any segment: capped by a large-size fit's "
+        "intercept (6.4-6.9 ms against 8.7-8.9 ms measured on the delay network's 4 ranks) the difference "
+        "was charged to every small message of a step, and direct's three messages per step came out 33% "
+        "too slow (latency-bound median 12.2% before, 5.8% after, 2026-12-08).",
         f"- auto, judged by the measured time of the algorithm it picked (median of the runs; its own call's "
         "time where it picked one outside the sweep, `direct`) against the fastest measured algorithm at "
         f"each size: {auto['within_5pct']} of {auto['cases']} within 5% (target >= 95%: not met). The "
