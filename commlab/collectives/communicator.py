@@ -355,7 +355,7 @@ class Communicator:
                 call = replay.call
                 try:
                     deadline = time.monotonic() + timeout
-                    tag_base = (sequence % self.tag_calls) * _TAG_WINDOW + _CHECK_TAGS
+                    tag_base = self._tag_base(sequence) + _CHECK_TAGS
                     run(replay.bound, self.transport, replay.reducer, deadline, tag_base, call.describe)
                 except CollectiveTimeoutError as error:
                     raise CollectiveTimeoutError(f"{error} [timeout {timeout:g} s]") from error
@@ -365,13 +365,17 @@ class Communicator:
                 self._pending -= 1
         return True
 
+    def _tag_base(self, sequence: int) -> int:
+        """The first tag of call number `sequence`'s window (its argument check's, then its steps')."""
+        return (sequence % self.tag_calls) * _TAG_WINDOW
+
     def _execute(
         self, call: Call, sequence: int, timeout: float, check: bool, bound: BoundProgram | None = None
     ) -> BoundProgram:
         """Run one call on this thread: the argument check, then the bound program (made unless given:
         a replay's); then the call's `finish`. Returns the bound program (for `run` to keep)."""
         deadline = time.monotonic() + timeout
-        tag_base = (sequence % self.tag_calls) * _TAG_WINDOW
+        tag_base = self._tag_base(sequence)
         try:
             plan = self.program(call) if bound is None else bound.plan
             verify = None
