@@ -138,7 +138,7 @@ def pieces_for(
     chunks' pieces. The pipeline's cost where a step changes peers is about one such message (the next
     step's pieces cannot start before the first piece of this one has landed), so it is the message that
     must be small. Measured on the emulated cluster (4 hosts x 1 rank, 1 Gbit/s, 16 MiB allreduce,
-    median of 5 interleaved, several runs): halving-doubling 225-229 ms with 2 MiB messages, 218-222 with
+    median of 5 interleaved, several runs): halving-doubling 225-229 ms with 2 MiB messages, 218-226 with
     1 MiB, 216-219 with 512 KiB, against the ring's 212-214 with any of them (docs/design.md, "Pieces").
     """
     if world_size == 1 or piece_bytes <= 0:
