@@ -347,35 +347,27 @@ class Communicator:
         try:
             if replay.before is not None:
                 replay.before()
-            if check is None:
-                check = self.check
-            if check and self.size > 1:
-                self._execute(replay.call, sequence, timeout, True, replay.bound)
-            else:  # _execute's path without the check: the call's reducer and label were looked up once
-                call = replay.call
-                try:
-                    deadline = time.monotonic() + timeout
-                    tag_base = self._tag_base(sequence) + _CHECK_TAGS
-                    run(replay.bound, self.transport, replay.reducer, deadline, tag_base, call.describe)
-                except CollectiveTimeoutError as error:
-                    raise CollectiveTimeoutError(f"{error} [timeout {timeout:g} s]") from error
-                call.finish()
+            check = self.check if check is None else check
+            self._execute(replay.call, sequence, timeout, check, replay.bound, replay.reducer)
         finally:
             with lock:
                 self._pending -= 1
         return True
 
-    def _tag_base(self, sequence: int) -> int:
-        """The first tag of call number `sequence`'s window (its argument check's, then its steps')."""
-        return (sequence % self.tag_calls) * _TAG_WINDOW
-
     def _execute(
-        self, call: Call, sequence: int, timeout: float, check: bool, bound: BoundProgram | None = None
+        self,
+        call: Call,
+        sequence: int,
+        timeout: float,
+        check: bool,
+        bound: BoundProgram | None = None,
+        reducer: Reducer | None = None,
     ) -> BoundProgram:
         """Run one call on this thread: the argument check, then the bound program (made unless given:
-        a replay's); then the call's `finish`. Returns the bound program (for `run` to keep)."""
+        a replay's), reducing with `reducer` (None: the call's, looked up); then the call's `finish`.
+        Returns the bound program (for `run` to keep)."""
         deadline = time.monotonic() + timeout
-        tag_base = self._tag_base(sequence)
+        tag_base = (sequence % self.tag_calls) * _TAG_WINDOW
         try:
             plan = self.program(call) if bound is None else bound.plan
             verify = None
@@ -385,7 +377,8 @@ class Communicator:
                     self.check_signature(call, deadline, tag_base)
             if bound is None:
                 bound = self.bound(call, plan)
-            reducer = REDUCERS[call.reduce_op or "sum"]
+            if reducer is None:
+                reducer = REDUCERS[call.reduce_op or "sum"]
             run(bound, self.transport, reducer, deadline, tag_base + _CHECK_TAGS, call.describe, verify)
         except CollectiveTimeoutError as error:
             raise CollectiveTimeoutError(f"{error} [timeout {timeout:g} s]") from error
