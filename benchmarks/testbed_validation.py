@@ -603,7 +603,14 @@ def reading(report: dict, summary: dict) -> list[str]:
         "segment of its fit, no longer by the smallest alpha of any segment: capped by a large-size fit's "
         "intercept (6.4-6.9 ms against 8.7-8.9 ms measured on the delay network's 4 ranks) the difference "
         "was charged to every small message of a step, and direct's three messages per step came out 33% "
-        "too slow (latency-bound median 12.2% before, 5.8% after, 2026-12-08).",
+        "too slow (latency-bound median 12.2% before, 5.8% after, 2026-12-08). (7) The argument check's "
+        "direct exchange pays the host's software too, priced like a schedule's messages (its 2(p-1) "
+        "operations go through the same executor; `argument_check_time`): the check cost 1.8-3.5 ms per "
+        "call on 4 hosts x 1 rank and 1.0-2.1 ms on 2 x 2 (the same calls with it on and off, 256 KiB - "
+        "2 MiB), which the wire alone priced at under 10 us; on the stored runs of 2026-12-08 02:07 "
+        "(--repredict) the wire-bound median went from 6.0% to 4.4% (4 x 1: 12.6% to 4.4%), the "
+        "latency-bound median from 5.1% to 4.0%, the max from 34.6% to 46.8% (2 x 2 ring at 1 MiB, "
+        "predicted 35% high before).",
         f"- auto, judged by the measured time of the algorithm it picked (median of the runs; its own call's "
         "time where it picked one outside the sweep, `direct`) against the fastest measured algorithm at "
         f"each size: {auto['within_5pct']} of {auto['cases']} within 5% (target >= 95%: not met). The "

@@ -257,20 +257,23 @@ def test_calibrate_across_two_emulated_hosts(tmp_path) -> None:
     assert choose("allreduce", 4, 16 << 20, model, HostMap.parse("3,1")).predicted_time > 0
 
 
-def test_route_latency_counted_once_and_the_argument_check_priced_as_a_ring_allgather() -> None:
+def test_route_latency_counted_once_and_the_argument_check_priced_as_a_message_of_the_profile() -> None:
     """Two hosts of one rank on a switch with 2 ms per link (a 4 ms route). A profile calibrated there (one
     rank per host) has fits that already hold the route's latency: its 10 ms alpha is the whole one-way
     message, so a 2-rank ring allreduce of 8 bytes (2 steps, one message each) takes 2 x 10 ms, not
-    2 x (10 + 4) ms. gloo's argument check across hosts is the direct exchange of the 8-int64 signatures
-    (on 2 ranks one step, as gloo's ring allgather would be), whose message crosses the route twice (gloo's
-    ready notice, then the data): 2 x 4 ms, whatever the profile (the check does not pay commlab's
-    calibrated per-step software; tests/test_check_exchange.py prices 4 ranks)."""
+    2 x (10 + 4) ms. gloo's argument check across hosts is the direct exchange of the signatures (on 2
+    ranks one step of one message each way). Uncalibrated, its message crosses the route twice (gloo's
+    ready notice, then the data): 2 x 4 ms. Calibrated, it is one message of the profile, posted through
+    the same executor as a schedule's, whose fit already holds both trips: 10 ms (were the notice added
+    again, 14 ms; were the software left out, 8 ms). The call's launch is not paid twice."""
     topology = parse_topology("switch:n=2,bandwidth=1Gb/s,latency=2ms")
-    one_step = Level(2, LinkFit((Segment(math.inf, 10e-3, 0.0),)), 0.0, (("float32", 0.0),))
+    one_step = Level(2, LinkFit((Segment(math.inf, 10e-3, 0.0),)), 1e-3, (("float32", 0.0),))
     calibration = Calibration("gloo", {2: one_step}, inter_host=one_step, hosts="2x1")
     assert calibration.levels_include_wire
-    check = 2 * 4e-3  # two crossings (the 64-byte signature's wire time, under 1 us, is within rel=1e-2)
-    for profile, steps in ((Profile.from_calibration(calibration), 2 * 10e-3), (Profile(), 2 * 4e-3)):
+    # the signature's wire time (a few dozen bytes at 1 Gbit/s, under 1 us) is within rel=1e-2
+    calibrated = Profile.from_calibration(calibration)
+    cases = ((calibrated, 2 * 10e-3 + 1e-3, 10e-3), (Profile(), 2 * 4e-3, 2 * 4e-3))
+    for profile, steps, check in cases:
         plain = simulate_collective("allreduce", "ring", topology, 8, profile=profile, fidelity="flow")
         assert plain.time == pytest.approx(steps, rel=1e-3)  # calibrated: was 2 x 14 ms (latency twice)
         checked = simulate_collective(

@@ -219,16 +219,24 @@ def argument_check_time(
     (`check_exchange.check_exchange_mode`): on one host gloo's native allgather of every rank's signature
     (`SIGNATURE_INTS` int64), a ring of p-1 steps; across hosts (`hosts`, default the topology's host
     map) the direct exchange, one round in which every rank sends its signature to every peer at once.
+
     Each message crosses its route twice, as gloo's point-to-point does (the receiver's ready notice, then
     the data: a 4 KiB exchange measured 10.6 ms on 2 ms links, 2.65 one-way trips of 4 ms), once per
     round: p-1 rounds for the ring, one for the direct exchange (measured on 4 hosts with 2 ms links:
     +28 ms per call for the ring, +10 ms direct, `benchmarks/check_cost.py`). The closed form (analytic)
     prices the direct allgather's p-1 messages one after another, so one round is its time over p-1.
-    Left out: the check's CPU time (tens of us: gloo's C++, or the 2(p-1) operations the direct exchange
-    posts from Python) and the profile's software cost: commlab's calibrated per-step costs are its
-    schedule's, which the check does not pay (priced with them the ring came out 1-3 ms too slow per
-    call on the 1 Gbit/s testbed). Why at all: on 2 ms links the ring measured about 30 ms per call on 4
-    ranks, which a profile calibrated with the check off cannot contain."""
+
+    Under a calibrated profile the direct exchange also pays the host's software, priced like any
+    message of a schedule (`costs.message_costs`): its 2(p-1) operations are posted from Python through
+    the same transport and executor wait as a schedule's, one step of p-1 messages each way, which is
+    what the calibration's `fan p` measures. Measured on the emulated cluster (1 Gbit/s, no delay; the
+    same ring and halving-doubling calls with the check on and off, 256 KiB - 2 MiB, two launches each):
+    the check cost 1.8-3.5 ms per call on 4 hosts x 1 rank and 1.0-2.1 ms on 2 hosts x 2 ranks, where the
+    wire alone prices it at under 10 us; priced so, 2.7 and 1.8 ms. Where the profile's fits were
+    measured across the wire itself (one rank per host, `levels_include_wire`) they already hold the ready
+    notice's trip (a ring step on 2 ms links measured 8.7-8.9 ms, two trips of 4 ms and the software), so
+    it is not added again. The native ring on one host runs in gloo's C++ and pays none of commlab's
+    per-step software: there only the wire (and its notices) counts."""
     if world_size < 2:
         return 0.0
     if hosts is None:
@@ -237,9 +245,16 @@ def argument_check_time(
     rounds = 1 if direct else world_size - 1
     schedule = build_array_schedule("allgather", "direct" if direct else "ring", world_size, None, 1, None)
     nbytes = world_size * SIGNATURE_INTS * 8
-    wire = Profile(efficiency=profile.efficiency)
-    exchange = simulate(schedule, topology, nbytes, dtype="float64", fidelity=fidelity, profile=wire)
+    calibrated = direct and fidelity != "analytic" and profile.calibration is not None
+    priced = profile if calibrated else Profile(efficiency=profile.efficiency)
+    exchange = simulate(schedule, topology, nbytes, dtype="float64", fidelity=fidelity, profile=priced)
     if exchange.routed is None:  # the closed form: p-1 messages in a row, each crossing twice
         return 2 * exchange.time * rounds / (world_size - 1)
     notice = float(exchange.routed.routes.latency[exchange.routed.msg_pair].max(initial=0.0))
-    return exchange.time + rounds * notice  # each round waits for a ready notice first
+    if not calibrated:
+        return exchange.time + rounds * notice  # each round waits for a ready notice first
+    # the call's launch and the API's copies are its own, paid once: only the exchange's steps count here
+    own = profile.for_run(world_size, "float64").launch
+    own += profile.local_copy_time("allgather", nbytes, world_size)
+    in_fits = profile.calibration.levels_include_wire
+    return exchange.time - own + (0.0 if in_fits else notice)
