@@ -80,6 +80,7 @@ ALLREDUCE = ["auto", "ring", "tree", "halving_doubling", "recursive_doubling", "
 SIZES = {"allreduce": [1 << 20, 2 << 20, 4 << 20, 8 << 20], "reduce_scatter": [2 << 20, 8 << 20]}
 SIZES["allgather"] = SIZES["reduce_scatter"]
 AUTO_SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]  # auto judged over 64 KiB..64 MiB
+TIMED_SIZES = AUTO_SIZES[:-1]  # where the calibration times the algorithms (64 MiB: 16 MiB's choice holds)
 # The delay network's latency-bound cases (rows marked "latency", judged apart from the wire-bound ones).
 LATENCY_ALGORITHMS = ["ring", "tree", "halving_doubling", "recursive_doubling", "direct"]
 LATENCY_SIZES = [4 << 10, 16 << 10, 64 << 10]
@@ -185,11 +186,14 @@ def launch(testbed, command: list[str], timeout: float, log: Path, env: dict | N
     return done
 
 
-def calibrate(testbed, path: Path, log: Path) -> None:
+def calibrate(testbed, path: Path, log: Path, timed: bool = False) -> None:
     """`commlab calibrate` run through `commlab testbed run`: the hosts' software costs, and with ranks
-    on several hosts the intra-host and rails levels (quick settings, float32, messages up to 2 MiB)."""
-    command = ["commlab", "calibrate", "--quick", "--no-algorithms", "--dtypes", "float32", "-e", "4M",
-               "--no-progress", "-o", str(path)]  # fmt: skip
+    on several hosts the intra-host and rails levels (quick settings, float32, messages up to 4 MiB).
+    `timed` (the networks auto is judged on): also every algorithm timed on the testbed's host map at
+    TIMED_SIZES, which auto then decides by on that map (docs/calibration.md)."""
+    algorithms = ["--algorithm-sizes", ",".join(f"{s >> 10}K" for s in TIMED_SIZES)] if timed else []
+    command = ["commlab", "calibrate", "--quick", *(algorithms or ["--no-algorithms"]), "--dtypes",
+               "float32", "-e", "4M", "--no-progress", "-o", str(path)]  # fmt: skip
     done = launch(testbed, command, 400, log)
     if done.returncode != 0:
         raise RuntimeError(f"calibration on the testbed failed; see {log}")
@@ -622,15 +626,18 @@ def reading(report: dict, summary: dict) -> list[str]:
             for c in auto_cases(case)
             if not c["ok"]
         )
-        + ". At these sizes (10-60 ms per call) the candidates' measured times are within the run-to-run "
-        "spread of each other, and the calibrated per-step costs (measured minutes earlier, at a different "
-        "load) order the doubling algorithms differently from the measurement.",
+        + ". auto decides by the algorithm times its calibration measured on the same host map (at "
+        "64 KiB - 16 MiB, one call per sample, minutes before the sweep; the formulas where a profile has "
+        "none): where the candidates' times lie within the run-to-run spread of each other, the two "
+        "measurements can order them differently. With the formulas alone (their tie rule, docs/design.md) "
+        "the full run of 2026-12-08 03:47 picked within 5% in 14 of 18 cases, the one of 02:07 in 11.",
         _latency_reading(summary),
     ] + (
         [
             "- The auto sweeps were measured again after the full run (`--auto-only`: a new calibration "
-            "on each network, 3 samples of 4 calls per size up to 1 MiB, of 1 call above, twice); the "
-            "first run's sweeps (2 samples of 1 call) had auto within 5% in 4 of 12 cases, mostly noise."
+            "on each network, with its algorithms timed on the network's host map, then 3 samples of 4 "
+            "calls per size up to 1 MiB, of 1 call above, in --runs launches); the other rows are the "
+            "full run's."
         ]
         if any("auto_profile" in case for case in report["cases"])
         else []
@@ -716,7 +723,7 @@ def auto_again(args: argparse.Namespace, scratch: Path, log: Path) -> int:
         print(f"== auto again: {case['name']}", flush=True)
         with Testbed.up(case["topology"], case["rph"], scratch, bucket=args.bucket_ms / 1e3) as testbed:
             calibration = scratch / f"auto-{number}.json"
-            calibrate(testbed, calibration, log)
+            calibrate(testbed, calibration, log, timed=True)
             runs = [
                 measure(testbed, args.quick, True, calibration, args.timeout, log, True)
                 for _ in range(args.runs)
@@ -732,6 +739,7 @@ def auto_again(args: argparse.Namespace, scratch: Path, log: Path) -> int:
         stored["rows"] = [r for r in stored["rows"] if not r["sweep"]] + rows
         stored["auto_profile"] = json.loads(calibration.read_text())
         stored["auto_bucket_ms"] = args.bucket_ms
+        repredict(report)  # the new sweep rows under their profile (the others come out as they were)
         Path(args.json).write_text(json.dumps(report, indent=1))
     write_report(report, Path(args.out))
     return 0
@@ -847,7 +855,7 @@ def main() -> int:
                 )
             calibration = scratch / f"testbed-{number}.json"
             t = time.monotonic()
-            calibrate(testbed, calibration, log)
+            calibrate(testbed, calibration, log, timed=case["auto"])
             print(f"   calibrated in {time.monotonic() - t:.0f} s: {calibration}", flush=True)
             runs = []
             for attempt in range(args.runs):

@@ -522,3 +522,27 @@ def test_ranks_crowding_the_cores_post_a_round_at_its_messages_per_rank() -> Non
         return simulate_collective("allreduce", "tree", local(4), 4096, segments=1, profile=profile).time
 
     assert tree_time(2) < tree_time(64)  # two receives in a step: one alpha each when ranks share cores
+
+
+def test_algorithm_sizes_option(capsys) -> None:
+    """--algorithm-sizes sets where the algorithms are timed (what the testbed's calibration uses to time
+    them at the sizes auto is judged at); a bad list is a clear error naming the option."""
+    import argparse
+
+    from commlab.calibrate.cli import add_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["calibrate", "--quick", "--algorithm-sizes", "64K,1M,16M"])
+    assert config_from_args(args, None).algorithm_sizes() == [64 << 10, 1 << 20, 16 << 20]
+    args = parser.parse_args(["calibrate", "--quick", "--no-algorithms", "--algorithm-sizes", "64K"])
+    assert config_from_args(args, None).algorithm_sizes() == []
+    assert config_from_args(parser.parse_args(["calibrate", "--quick"]), None).algorithm_sizes() == [
+        1 << 10,
+        16 << 10,
+        256 << 10,
+        1 << 20,
+    ]
+    for bad in ("1M,64K", "64K,64K", "64Q"):
+        assert main(["calibrate", "--algorithm-sizes", bad]) == 2
+        assert "--algorithm-sizes" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from commlab.calibrate.measure import host_schedules
-from commlab.collectives.algorithms import ALGORITHMS
+from commlab.collectives.algorithms import ALGORITHMS, algorithms_for
 from commlab.collectives.calibration import Calibration, Level, LinkFit, Segment, default_profile_path
 from commlab.collectives.cost import CostModel
 from commlab.collectives.hosts import HostMap
@@ -121,6 +121,42 @@ def test_auto_across_hosts_breaks_ties_by_fewer_messages() -> None:
     assert choose("allreduce", 4, n, model).algorithm == "halving_doubling"  # one host: no tie rule
     slow = CostModel(1e-3, 12e-3 / n, inter=CostModel(1e-3, 12e-3 / n))
     assert choose("allreduce", 4, n, slow, hosts).algorithm == "halving_doubling"
+
+
+def test_auto_across_hosts_takes_the_times_measured_on_that_host_map() -> None:
+    """A 2x2 calibration whose 4-rank level holds algorithm times measured across those hosts: at 1 MiB
+    ring 10 ms, hierarchical 12 ms, tree 20 ms. The formulas (flat rings 8 ns/B, one host 1 ns/B, rails
+    16 ns/B) price hierarchical cheapest, but on the map the times were taken on (2x2) auto takes the
+    measured fastest, the ring, with the segments and time its formula gives on that map. On another
+    map (4x1), or asked about one host, those times do not apply: the formulas decide (hierarchical, or
+    on one host the flat cheapest), as without them."""
+    import dataclasses
+
+    from commlab.collectives.calibration import AlgorithmTimes
+
+    cal = across_hosts()
+    timed = {"ring": ((1 << 20, 10e-3),), "hierarchical": ((1 << 20, 12e-3),), "tree": ((1 << 20, 20e-3),)}
+    four = dataclasses.replace(cal.levels[4], algorithms=AlgorithmTimes({"allreduce": timed}))
+    cal = dataclasses.replace(cal, levels={**cal.levels, 4: four})
+    hosts, n = HostMap.parse("2x2"), 1 << 20
+    plain = across_hosts().cost_model(4, hosts=hosts)
+    assert choose("allreduce", 4, n, plain, hosts).algorithm == "hierarchical"
+    model = cal.cost_model(4, hosts=hosts)
+    picked = choose("allreduce", 4, n, model, hosts)
+    assert picked.algorithm == "ring"
+    assert picked.predicted_time == pytest.approx(ALGORITHMS["ring"].cost("allreduce", 4, n, model, 1, hosts))
+    assert choose("allreduce", 4, 4 * n, model, hosts).algorithm == "ring"  # beyond: the nearest size holds
+    from commlab.calibrate.tune import decision_table
+
+    table = decision_table(cal, "allreduce", 4, max_bytes=n, hosts=hosts)
+    assert table[-1]["algorithm"] == "ring" and table[-1]["source"] == "measured"  # `commlab tune --show`
+    other = HostMap.uniform(4, 1)
+    assert cal.cost_model(4, hosts=other).measured_choice("allreduce", n, ("ring", "tree")) is None
+    assert decision_table(cal, "allreduce", 4, max_bytes=n, hosts=other)[-1]["source"] == "formulas"
+    one_host = Calibration("gloo", {**across_hosts().levels, 4: four})  # the same times taken on one host
+    assert one_host.cost_model(4).measured_choice("allreduce", n, ("ring", "tree")) == "ring"
+    assert one_host.cost_model(4, hosts=hosts).measured_choice("allreduce", n, ("ring", "tree")) is None
+    assert cal.cost_model(4).measured_choice("allreduce", n, ("ring", "tree")) is None
 
 
 def test_calibrate_schedules_across_hosts() -> None:
@@ -234,15 +270,17 @@ needs_root = pytest.mark.skipif(
 def test_calibrate_across_two_emulated_hosts(tmp_path) -> None:
     """`commlab testbed run -- commlab calibrate` on 2 uneven hosts (3 + 1 ranks) writes the intra-host
     levels (2 and 3 ranks) and the rails level, with the host map the launcher gave ($COMMLAB_HOSTS, since
-    the hosts' LOCAL_WORLD_SIZE differ); auto then has three levels. (2 x 2 is calibrated the same way
-    by benchmarks/testbed_validation.py; its variants are checked above.)"""
+    the hosts' LOCAL_WORLD_SIZE differ); auto then has three levels. Every algorithm, the topology-aware
+    ones included, is timed on all 4 ranks of that map (not on sub-groups), and auto on that map takes the
+    measured fastest; on another map it prices by the formulas. (2 x 2 is calibrated the same way by
+    benchmarks/testbed_validation.py; its variants are checked above.)"""
     from commlab.testbed.testbed import Testbed
 
     out = tmp_path / "testbed.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COMMLAB_TESTBED_DIR": str(tmp_path)}
     with Testbed.up("switch:n=2,bandwidth=1Gb/s", "3,1", directory=tmp_path) as testbed:
-        command = ["commlab", "calibrate", "--quick", "--no-algorithms", "--dtypes", "float32", "-e", "64K",
-                   "--no-progress", "-o", str(out)]  # fmt: skip
+        command = ["commlab", "calibrate", "--quick", "--algorithm-sizes", "4K,64K", "--dtypes", "float32",
+                   "-e", "64K", "--no-progress", "-o", str(out)]  # fmt: skip
         done = subprocess.run(
             [sys.executable, "-m", "commlab.cli", "testbed", "run", "--run", testbed.run, "--timeout", "200",
              "--", *command],
@@ -255,6 +293,14 @@ def test_calibrate_across_two_emulated_hosts(tmp_path) -> None:
     model = cal.cost_model(4, hosts=HostMap.parse("3,1"))
     assert model.intra is not None and model.inter is not None
     assert choose("allreduce", 4, 16 << 20, model, HostMap.parse("3,1")).predicted_time > 0
+    timed = cal.levels[4].algorithms
+    assert timed is not None and set(cal.levels) == {2, 3, 4} and cal.levels[2].algorithms is None
+    assert set(timed.times["allreduce"]) == set(algorithms_for("allreduce", topology_aware=True))
+    assert all([n for n, _ in points] == [4 << 10, 64 << 10] for points in timed.times["allreduce"].values())
+    fastest = timed.fastest("allreduce", 64 << 10)
+    assert choose("allreduce", 4, 64 << 10, model, HostMap.parse("3,1")).algorithm == fastest
+    elsewhere = cal.cost_model(4, hosts=HostMap.parse("2x2"))
+    assert elsewhere.measured_choice("allreduce", 64 << 10, ("ring",)) is None
 
 
 def test_route_latency_counted_once_and_the_argument_check_priced_as_a_message_of_the_profile() -> None:

@@ -58,6 +58,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="do not time the algorithms themselves (then auto ranks them by the fitted formulas alone)",
     )
+    parser.add_argument(
+        "--algorithm-sizes",
+        default=None,
+        metavar="SIZES",
+        help="total sizes at which the algorithms are timed, comma-separated (1K,64K,4M; default 1 KiB x "
+        "4^i up to -e, quick 16^i)",
+    )
     parser.add_argument("--json", action="store_true", help="print the profile instead of the report")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for any one call (300)")
@@ -78,6 +85,14 @@ def config_from_args(args: argparse.Namespace, launched: str | None) -> Calibrat
     ):
         if given is not None:
             values[key] = given
+    if args.algorithm_sizes is not None:
+        try:
+            sizes = [parse_size(part) for part in args.algorithm_sizes.split(",") if part.strip()]
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            raise invalid("--algorithm-sizes", args.algorithm_sizes, f"sizes like 64K,1M ({error})") from None
+        if not sizes or sizes != sorted(set(sizes)):
+            raise invalid("--algorithm-sizes", args.algorithm_sizes, "increasing sizes, e.g. 64K,1M,4M")
+        values["timed_sizes"] = sizes
     if args.dtypes is not None:
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         for name in dtypes:

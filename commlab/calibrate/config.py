@@ -32,6 +32,7 @@ class CalibrateConfig:
     timeout: float = 300.0
     progress: bool = True
     algorithms: bool = True  # also time every algorithm of every op (auto's measured decisions)
+    timed_sizes: list[int] | None = None  # where the algorithms are timed (None: `algorithm_sizes`' rule)
 
     def sizes(self) -> list[int]:
         sizes, size = [], self.min_bytes
@@ -50,10 +51,13 @@ class CalibrateConfig:
         ]
 
     def algorithm_sizes(self) -> list[int]:
-        """Total sizes at which every algorithm is timed: 1 KiB x 4^i (quick: x 16^i) up to the largest
-        message, and the largest message itself ([] with algorithms off)."""
+        """Total sizes at which every algorithm is timed: `timed_sizes` where given (--algorithm-sizes),
+        else 1 KiB x 4^i (quick: x 16^i) up to the largest message, and the largest message itself ([]
+        with algorithms off)."""
         if not self.algorithms:
             return []
+        if self.timed_sizes is not None:
+            return list(self.timed_sizes)
         factor, size, sizes = (16 if self.quick else 4), 1 << 10, []
         while size <= self.max_bytes:
             sizes.append(size)

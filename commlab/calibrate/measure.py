@@ -430,20 +430,28 @@ def api_call(op: str, algorithm: str, comm: Communicator, size: int) -> Callable
 
 
 def algorithm_variants(
-    comm: Communicator | None, model: CostModel, piece_bytes: int, p: int, size: int
+    comm: Communicator | None,
+    model: CostModel,
+    piece_bytes: int,
+    p: int,
+    size: int,
+    hosts: HostMap | None = None,
 ) -> list[tuple[str, str, Variant]]:
     """(op, algorithm, variant) for every algorithm of every op through commlab's API on `comm` (ranks
     0..p-1; None on the others, whose variants are idle) at total `size` bytes, with the segments and
     pieces a call resolves to under `model` and `piece_bytes` (the same on every rank, so every rank lists
     the same variants); algorithms whose programs coincide (ring, direct and halving-doubling allreduce on
-    2 ranks...) share one variant, timed once."""
+    2 ranks...) share one variant, timed once. With `hosts` spanning several hosts the topology-aware
+    algorithms are timed too, on that host map."""
+    across = hosts is not None and hosts.num_hosts > 1
     programs: dict[tuple, Variant] = {}
     result = []
     for op in OPS:
         root = 0 if op in ROOTED_OPS else None
-        for name in algorithms_for(op, topology_aware=False):  # one host: the flat algorithms
-            choice = resolve(op, name, p, size, model, piece_bytes)
-            schedule = subdivide(build_schedule(op, name, p, root, choice.segments), choice.pieces)
+        for name in algorithms_for(op, topology_aware=across):
+            choice = resolve(op, name, p, size, model, piece_bytes, hosts if across else None)
+            built = build_schedule(op, name, p, root, choice.segments, hosts if across else None)
+            schedule = subdivide(built, choice.pieces)
             key = (schedule.num_chunks, schedule.steps)
             if key not in programs:
                 call = None if comm is None else api_call(op, name, comm, size)
@@ -455,10 +463,16 @@ def algorithm_variants(
 def measure_algorithms(group: Group, config: CalibrateConfig, calibration: Calibration) -> dict:
     """Every algorithm of every op timed through commlab's API on p = 2..N ranks (sub-groups) at the
     config's algorithm sizes (float32 sums; `calibration` picks pipeline segments as a call would):
-    {p: {op: {algorithm: {size: seconds per call}}}}, medians over passes, the same on every rank."""
+    {p: {op: {algorithm: {size: seconds per call}}}}, medians over passes, the same on every rank.
+
+    Where the ranks span hosts only p = N is timed, on the launcher's host map and with the topology-aware
+    algorithms among the rest: the first ranks of a host map are not a layout anyone runs, and what a call
+    costs across hosts depends on the whole map (`Calibration.cost_model` uses these times for that map
+    only)."""
     runner = Runner(group, config)
     sizes = config.algorithm_sizes()
-    levels = list(range(2, group.world + 1))
+    hosts = group.hosts if group.hosts is not None and group.hosts.num_hosts > 1 else None
+    levels = [group.world] if hosts is not None else list(range(2, group.world + 1))
     comms: dict[int, Communicator | None] = {}
     for p in levels:  # collective: every rank takes part in forming every sub-group
         transport = group.subgroup(p)
@@ -467,7 +481,7 @@ def measure_algorithms(group: Group, config: CalibrateConfig, calibration: Calib
     mine = [float(comms[p].piece_bytes) if comms[p] is not None else 0.0 for p in levels]
     shared = group.max_all(torch.tensor(mine, dtype=torch.float64)).tolist()
     piece_bytes = {p: int(b) for p, b in zip(levels, shared, strict=True)}
-    models = {p: calibration.cost_model(p) for p in levels}
+    models = {p: calibration.cost_model(p, hosts=hosts) for p in levels}
     progress = Progress(group.rank == 0 and config.progress, len(sizes) * config.passes)
     samples: dict[tuple[int, str, str, int], list[float]] = {}
     try:
@@ -477,7 +491,7 @@ def measure_algorithms(group: Group, config: CalibrateConfig, calibration: Calib
                 rows = [
                     (p, *row)
                     for p in levels
-                    for row in algorithm_variants(comms[p], models[p], piece_bytes[p], p, size)
+                    for row in algorithm_variants(comms[p], models[p], piece_bytes[p], p, size, hosts)
                 ]
                 unique = list({id(v): v for *_, v in rows}.values())
                 seconds = dict(zip((id(v) for v in unique), runner.time_variants(unique), strict=True))

@@ -48,8 +48,8 @@ def decision_table(
     while size <= max_bytes:
         choice = choose(op, world_size, size, model, hosts)
         across = hosts is not None and hosts.num_hosts > 1
-        flat = algorithms_for(op, topology_aware=False)
-        measured = not across and model.measured_choice(op, size, flat) is not None
+        names = algorithms_for(op, topology_aware=across)
+        measured = world_size > 1 and model.measured_choice(op, size, names) is not None
         source = "measured" if measured else "formulas"
         if rows and rows[-1]["algorithm"] == choice.algorithm and rows[-1]["source"] == source:
             rows[-1]["max_bytes"] = size

@@ -443,16 +443,24 @@ class Calibration:
 
         With `hosts` spanning several hosts and a calibration measured across hosts (`inter_host`), the
         model is three-level (see `CostModel`): itself the flat level of `world_size` ranks as measured
-        across hosts, `intra` the level of one host's ranks, `inter` the rails between hosts."""
+        across hosts, `intra` the level of one host's ranks, `inter` the rails between hosts.
+
+        The measured algorithm times (`Level.algorithms`) come with the model only where they were taken on
+        the layout asked about: on one host for a calibration on one host; for one across hosts, on the
+        same host map (`hosts.spec() == self.hosts`), since a call across hosts costs what the whole map
+        makes it cost."""
         level = self.level(world_size)
         across = hosts is not None and hosts.num_hosts > 1 and self.inter_host is not None
-        model = _level_model(level, dtype, level.algorithms if level.world_size == world_size else None)
+        spans = hosts is not None and hosts.num_hosts > 1
+        taken_here = hosts.spec() == self.hosts if spans else self.hosts is None  # the layout timed on
+        measured = level.algorithms if level.world_size == world_size and taken_here else None
+        model = _level_model(level, dtype, measured)
         if not across:
             return model
         assert self.inter_host is not None and hosts is not None
         intra = _level_model(self.host_level(max(hosts.max_local, 2)), dtype)
         inter = _level_model(self.inter_host, dtype)
-        return dataclasses.replace(model, measured=None, intra=intra, inter=inter)
+        return dataclasses.replace(model, intra=intra, inter=inter)
 
     def to_dict(self) -> dict:
         return {

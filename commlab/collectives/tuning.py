@@ -11,9 +11,10 @@ Every decision depends only on (op, algorithm, world size, bytes, host map) and 
 settings, so all ranks reach the same one without talking (and the argument check would catch it if they
 did not).
 
-Across hosts (a host map of several hosts) `auto` also weighs the topology-aware algorithms, every
-algorithm priced by its formula at the model's two levels (`CostModel.inter` between hosts): measured
-algorithm times come from one host and do not say what crossing hosts costs. There the candidates
+Across hosts (a host map of several hosts) `auto` also weighs the topology-aware algorithms. Where the
+profile was calibrated across hosts on this same host map with its algorithms timed (`commlab testbed run
+-- commlab calibrate`, or any launcher), the measured times decide there too; otherwise every algorithm is
+priced by its formula at the model's two levels (`CostModel.inter` between hosts), and the candidates
 predicted within TIE_TOLERANCE of the cheapest are a tie, decided for the fewest messages on the
 critical path (see `choose` and docs/design.md, "auto across hosts").
 """
@@ -75,8 +76,9 @@ def choose(
     hosts: HostMap | None = None,
 ) -> Choice:
     """The cheapest algorithm for `op` on `world_size` ranks moving `nbytes` per rank: the fastest measured
-    one where the model holds measurements of this op (a calibrated profile) and the ranks share a host,
-    else by the formulas (topology-aware algorithms included when `hosts` spans several hosts).
+    one where the model holds measurements of this op (a calibrated profile's, taken on this layout: one
+    host, or this host map; `Calibration.cost_model`), else by the formulas (topology-aware algorithms
+    included when `hosts` spans several hosts).
 
     Across hosts, of the algorithms predicted within TIE_TOLERANCE of the cheapest, the one with the
     fewest messages on its critical path (`critical_messages`), then the cheapest: per-message and
@@ -85,10 +87,11 @@ def choose(
     algorithms it cannot tell apart the one with fewer messages carries less of what it misses."""
     across = _spans_hosts(hosts)
     names = algorithms_for(op, topology_aware=across)
-    measured = model.measured_choice(op, nbytes, names) if world_size > 1 and not across else None
+    measured = model.measured_choice(op, nbytes, names) if world_size > 1 else None
     if measured is not None:
-        segments = segments_for(measured, op, world_size, nbytes, model)
-        return Choice(measured, segments, ALGORITHMS[measured].cost(op, world_size, nbytes, model, segments))
+        segments = segments_for(measured, op, world_size, nbytes, model, hosts)
+        time = ALGORITHMS[measured].cost(op, world_size, nbytes, model, segments, hosts)
+        return Choice(measured, segments, time)
     candidates = []
     for name in names:
         segments = segments_for(name, op, world_size, nbytes, model, hosts)
