@@ -629,8 +629,11 @@ def reading(report: dict, summary: dict) -> list[str]:
         + ". auto decides by the algorithm times its calibration measured on the same host map (at "
         "64 KiB - 16 MiB, one call per sample, minutes before the sweep; the formulas where a profile has "
         "none): where the candidates' times lie within the run-to-run spread of each other, the two "
-        "measurements can order them differently. With the formulas alone (their tie rule, docs/design.md) "
-        "the full run of 2026-12-08 03:47 picked within 5% in 14 of 18 cases, the one of 02:07 in 11.",
+        "measurements can order them differently. Four sweeps on 2026-12-08: by the formulas alone (their "
+        "tie rule, docs/design.md) the full runs of 02:07 and 03:47 picked within 5% in 11 and 14 of 18 "
+        "cases (worst pick 1.50x and 1.40x the fastest), by the measured times the sweeps of 04:09 and "
+        "04:41 in 16 and 10 (worst 1.21x and 1.24x): at <= 1 MiB neither orders candidates whose times "
+        "differ by less than the spread between runs.",
         _latency_reading(summary),
     ] + (
         [

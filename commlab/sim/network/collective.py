@@ -236,7 +236,8 @@ def argument_check_time(
     measured across the wire itself (one rank per host, `levels_include_wire`) they already hold the ready
     notice's trip (a ring step on 2 ms links measured 8.7-8.9 ms, two trips of 4 ms and the software), so
     it is not added again. The native ring on one host runs in gloo's C++ and pays none of commlab's
-    per-step software: there only the wire (and its notices) counts."""
+    per-step software: there only the wire (and its notices) counts, as under the closed form (analytic
+    fidelity), which prices the wire alone."""
     if world_size < 2:
         return 0.0
     if hosts is None:
