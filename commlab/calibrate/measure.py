@@ -443,15 +443,14 @@ def algorithm_variants(
     the same variants); algorithms whose programs coincide (ring, direct and halving-doubling allreduce on
     2 ranks...) share one variant, timed once. With `hosts` spanning several hosts the topology-aware
     algorithms are timed too, on that host map."""
-    across = hosts is not None and hosts.num_hosts > 1
+    hosts = hosts if hosts is not None and hosts.num_hosts > 1 else None  # one host: the flat algorithms
     programs: dict[tuple, Variant] = {}
     result = []
     for op in OPS:
         root = 0 if op in ROOTED_OPS else None
-        for name in algorithms_for(op, topology_aware=across):
-            choice = resolve(op, name, p, size, model, piece_bytes, hosts if across else None)
-            built = build_schedule(op, name, p, root, choice.segments, hosts if across else None)
-            schedule = subdivide(built, choice.pieces)
+        for name in algorithms_for(op, topology_aware=hosts is not None):
+            choice = resolve(op, name, p, size, model, piece_bytes, hosts)
+            schedule = subdivide(build_schedule(op, name, p, root, choice.segments, hosts), choice.pieces)
             key = (schedule.num_chunks, schedule.steps)
             if key not in programs:
                 call = None if comm is None else api_call(op, name, comm, size)

@@ -450,8 +450,8 @@ class Calibration:
         same host map (`hosts.spec() == self.hosts`), since a call across hosts costs what the whole map
         makes it cost."""
         level = self.level(world_size)
-        across = hosts is not None and hosts.num_hosts > 1 and self.inter_host is not None
         spans = hosts is not None and hosts.num_hosts > 1
+        across = spans and self.inter_host is not None
         taken_here = hosts.spec() == self.hosts if spans else self.hosts is None  # the layout timed on
         measured = level.algorithms if level.world_size == world_size and taken_here else None
         model = _level_model(level, dtype, measured)
